@@ -1,0 +1,101 @@
+"""Reference models by name: ``build(name, num_classes=..., **kw)``.
+
+* ``vgg16``     VGG16 with GroupNorm for 3x32x32 (the paper's CIFAR model, Table 5). The classifier
+                Linear(512,512)-Linear(512,512)-Linear(512,C) is marked to stay dense, as in the paper.
+* ``cnn28``     a compact CNN for 1x28x28 (Fashion-MNIST / MNIST / FEMNIST). The first conv has one
+                input channel, where the tensor form would be capped at rank 1, so it stays dense
+                (160 parameters) -- ours.
+* ``mlp``       784-256-C, the paper's pFedPara model.
+* ``char_lstm`` the paper's Shakespeare model: embedding 8, 2-layer LSTM 256, Linear(256, vocab).
+                The embedding stays dense (it is a lookup table).
+
+``build`` returns a dense model; factorise it with :func:`fedpara.convert`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from .convert import keep_dense
+
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG16(nn.Module):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, groups: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in VGG16_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.GroupNorm(min(groups, v), v), nn.ReLU(inplace=True)]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = keep_dense(nn.Sequential(
+            nn.Linear(512, 512), nn.ReLU(inplace=True),
+            nn.Linear(512, 512), nn.ReLU(inplace=True),
+            nn.Linear(512, num_classes)))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, 32, 32) -> (B, C)
+        return self.classifier(self.features(x).flatten(1))
+
+
+class CNN28(nn.Module):
+    def __init__(self, num_classes: int = 10, width: int = 32, hidden: int = 256) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            keep_dense(nn.Conv2d(1, width // 2, 3, padding=1)), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(width // 2, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(
+            nn.Linear(width * 7 * 7, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 1, 28, 28) -> (B, C)
+        return self.classifier(self.features(x).flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, num_classes: int = 10, in_features: int = 784, hidden: int = 256) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, ...) -> (B, C)
+        return self.fc2(self.fc1(x.flatten(1)).relu())
+
+
+class CharLSTM(nn.Module):
+    def __init__(self, num_classes: int = 80, embed: int = 8, hidden: int = 256, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, embed)
+        self.lstm = nn.LSTM(embed, hidden, layers, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T) int64 -> (B, vocab) logits of the next char
+        out, _ = self.lstm(self.embed(x))
+        return self.head(out[:, -1])
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"vgg16": VGG16, "cnn28": CNN28, "mlp": MLP,
+                                               "char_lstm": CharLSTM}
+# char_lstm: 80-character windows of token ids (LEAF Shakespeare)
+INPUT_SHAPES = {"vgg16": (3, 32, 32), "cnn28": (1, 28, 28), "mlp": (1, 28, 28), "char_lstm": (80,)}
+
+
+def build(name: str, num_classes: int = 10, **kw) -> nn.Module:
+    """A dense reference model by name (see the module docstring)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    return MODELS[name](num_classes=num_classes, **kw)
+
+
+def example_input(name: str, batch: int = 2, num_classes: int = 10):
+    """A valid input batch for a model name (random; for tests, export and benchmarks)."""
+    import torch
+    if name == "char_lstm":
+        return torch.randint(0, num_classes, (batch, INPUT_SHAPES[name][0]))
+    return torch.randn(batch, *INPUT_SHAPES[name])

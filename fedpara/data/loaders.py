@@ -1,0 +1,190 @@
+"""Entry points used by the CLI, the edge client and the coordinator.
+
+- :func:`load_client_data` ``(spec) -> (TensorDataset, info)``: client ``spec.index``'s train shard.
+- :func:`load_test_data` ``(spec) -> TensorDataset``: the full test split, for the server.
+- :func:`load_client_test` ``(spec) -> TensorDataset``: the client's personalised test split
+  (pFedPara), same class distribution as its train shard (natural roles for Shakespeare).
+
+A client computes its shard from the train *labels* alone (see :mod:`.partition`) and converts
+only its own rows to float. ``limit`` caps every returned dataset with a seeded subset.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from . import cifar, fashion_mnist, shakespeare
+from .partition import local_test_indices, partition
+from .spec import DataSpec, as_spec
+from .synthetic import make_synthetic
+
+log = logging.getLogger(__name__)
+
+_TEST_TAG = 1 << 20  # RNG stream for capping the server test split (client streams use index)
+
+Labels = Callable[[DataSpec, str], np.ndarray]
+Loader = Callable[[DataSpec, str, "np.ndarray | None"], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """How to read one labelled image dataset: labels alone (cheap), and selected rows."""
+
+    labels: Labels
+    load: Loader
+    num_classes: Callable[[DataSpec], int]
+    input_shape: Callable[[DataSpec], tuple[int, ...]]
+
+
+def _synthetic_n(spec: DataSpec, split: str) -> int:
+    return spec.n if split == "train" else max(spec.n // 4, spec.classes)
+
+
+def _synthetic_load(spec: DataSpec, split: str, indices):
+    x, y = make_synthetic(_synthetic_n(spec, split), spec.shape, spec.classes, split)
+    return (x, y) if indices is None else (x[indices], y[indices])
+
+
+def _cifar_classes(spec: DataSpec) -> int:
+    counts = cifar.FORMATS[spec.name].num_classes  # first kind is the default label
+    return counts[spec.label] if spec.label else next(iter(counts.values()))
+
+
+SOURCES: dict[str, ImageSource] = {
+    "fashion-mnist": ImageSource(
+        labels=lambda s, split: fashion_mnist.read_labels(split, s.path),
+        load=lambda s, split, idx: fashion_mnist.load_fashion_mnist(split, s.path, idx),
+        num_classes=lambda s: fashion_mnist.NUM_CLASSES,
+        input_shape=lambda s: fashion_mnist.INPUT_SHAPE,
+    ),
+    "cifar10": ImageSource(
+        labels=lambda s, split: cifar.read_cifar_labels(s.name, split, s.path, s.label),
+        load=lambda s, split, idx: cifar.load_cifar(s.name, split, s.path, idx, s.label),
+        num_classes=_cifar_classes,
+        input_shape=lambda s: cifar.INPUT_SHAPE,
+    ),
+    "synthetic": ImageSource(
+        labels=lambda s, split: _synthetic_load(s, split, None)[1].numpy(),
+        load=_synthetic_load,
+        num_classes=lambda s: s.classes,
+        input_shape=lambda s: tuple(s.shape),
+    ),
+}
+SOURCES["cifar100"] = SOURCES["cifar10"]
+
+
+def _cap(indices: np.ndarray, limit: int | None, seed: int, tag: int) -> np.ndarray:
+    """A seeded, sorted subset of at most ``limit`` indices."""
+    if limit is None or len(indices) <= limit:
+        return indices
+    rng = np.random.default_rng([seed, tag])
+    return np.sort(rng.choice(indices, size=limit, replace=False))
+
+
+def _source(spec: DataSpec) -> ImageSource:
+    return SOURCES[spec.name]
+
+
+def client_indices(spec: DataSpec | str) -> np.ndarray:
+    """Client ``spec.index``'s train indices (before ``limit``), from the train labels alone."""
+    spec = as_spec(spec)
+    labels = _source(spec).labels(spec, "train")
+    return partition(labels, spec.partition, spec.clients, spec.index, spec.seed)
+
+
+def load_client_data(spec: DataSpec | str) -> tuple[TensorDataset, dict]:
+    """Client ``spec.index``'s train shard and an info dict (sizes, classes, shapes, spec)."""
+    spec = as_spec(spec)
+    if spec.name == "shakespeare":
+        return _shakespeare_client(spec)
+    source = _source(spec)
+    labels = source.labels(spec, "train")
+    idx = partition(labels, spec.partition, spec.clients, spec.index, spec.seed)
+    idx = _cap(idx, spec.limit, spec.seed, spec.index)
+    x, y = source.load(spec, "train", idx)
+    num_classes = source.num_classes(spec)
+    info = {
+        "name": spec.name,
+        "spec": str(spec),
+        "client": spec.index,
+        "clients": spec.clients,
+        "partition": spec.partition,
+        "seed": spec.seed,
+        "num_samples": len(y),
+        "num_classes": num_classes,
+        "input_shape": tuple(source.input_shape(spec)),
+        "class_counts": np.bincount(y.numpy(), minlength=num_classes).tolist(),
+    }
+    log.info("client %d/%d: %d %s samples (%s)", spec.index, spec.clients, len(y), spec.name,
+             spec.partition)
+    return TensorDataset(x, y), info
+
+
+def load_test_data(spec: DataSpec | str) -> TensorDataset:
+    """The full test split (capped by ``limit``), for the server's global evaluation."""
+    spec = as_spec(spec)
+    if spec.name == "shakespeare":
+        x, y, _ = shakespeare.load_shakespeare("test", spec.path, limit=spec.limit, seed=spec.seed)
+        return TensorDataset(x, y)
+    source = _source(spec)
+    idx = None
+    if spec.limit is not None:
+        n = len(source.labels(spec, "test"))
+        idx = _cap(np.arange(n), spec.limit, spec.seed, _TEST_TAG)
+    x, y = source.load(spec, "test", idx)
+    return TensorDataset(x, y)
+
+
+def load_client_test(spec: DataSpec | str) -> TensorDataset:
+    """Client ``spec.index``'s personalised test split (pFedPara local evaluation)."""
+    spec = as_spec(spec)
+    if spec.name == "shakespeare":
+        roles = _shakespeare_roles(spec)
+        x, y, _ = shakespeare.load_shakespeare("test", spec.path, roles=roles,
+                                               limit=spec.limit, seed=spec.seed)
+        return TensorDataset(x, y)
+    source = _source(spec)
+    train_labels = source.labels(spec, "train")
+    test_labels = source.labels(spec, "test")
+    shard = partition(train_labels, spec.partition, spec.clients, spec.index, spec.seed)
+    size = spec.test_size or max(len(test_labels) // spec.clients, 1)
+    if spec.limit is not None:
+        size = min(size, spec.limit)
+    idx = local_test_indices(train_labels[shard], test_labels, seed=spec.seed,
+                             index=spec.index, size=size)
+    x, y = source.load(spec, "test", idx)
+    return TensorDataset(x, y)
+
+
+def _shakespeare_roles(spec: DataSpec) -> list[str]:
+    roles = shakespeare.eligible_roles(spec.path, min_samples=2)
+    return shakespeare.assign_roles(roles, spec.clients, spec.index, spec.seed)
+
+
+def _shakespeare_client(spec: DataSpec) -> tuple[TensorDataset, dict]:
+    roles = _shakespeare_roles(spec)
+    x, y, used = shakespeare.load_shakespeare("train", spec.path, roles=roles,
+                                              limit=spec.limit, seed=spec.seed)
+    info = {
+        "name": spec.name,
+        "spec": str(spec),
+        "client": spec.index,
+        "clients": spec.clients,
+        "partition": spec.partition,
+        "seed": spec.seed,
+        "num_samples": len(y),
+        "num_classes": shakespeare.VOCAB_SIZE,
+        "vocab_size": shakespeare.VOCAB_SIZE,
+        "seq_len": shakespeare.SEQ_LEN,
+        "input_shape": (shakespeare.SEQ_LEN,),
+        "roles": used,
+    }
+    log.info("client %d/%d: %d shakespeare windows from %d roles", spec.index, spec.clients,
+             len(y), len(used))
+    return TensorDataset(x, y), info

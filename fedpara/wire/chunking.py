@@ -1,0 +1,247 @@
+"""Chunking: split an envelope into MQTT-sized frames and put it back together (issue 3, item 4).
+
+Brokers cap packet sizes (Mosquitto 2.1: 2,000,000 bytes; EMQX: 1 MB; AWS IoT: 128 KB), so
+every message travels as chunk frames, even one that fits (count = 1), so receivers have one
+path. Frame layout (little-endian, 70-byte header)::
+
+    0   4   magic b"FPWC"
+    4   1   chunk format version (1)
+    5   1   flags (0)
+    6   16  message id (random)
+    22  4   index (0-based)
+    26  4   count (>= 1)
+    30  8   total message length T
+    38  32  sha256 of the whole message
+    70  ..  payload: bytes [index * P, min(T, (index + 1) * P)) with P = ceil(T / count)
+
+The split is canonical (P is derived from T and count), so each frame's payload length is
+checked on arrival, before it is stored. The reassembled message is checked against the digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from .accounting import mqtt_publish_bytes
+from .protocol import Limits, WireError
+
+CHUNK_MAGIC = b"FPWC"
+CHUNK_VERSION = 1
+_HEADER = struct.Struct("<4sBB16sIIQ32s")
+CHUNK_HEADER_BYTES = _HEADER.size  # 70
+
+
+@dataclass(frozen=True)
+class Chunk:
+    message_id: bytes
+    index: int
+    count: int
+    total: int
+    digest: bytes
+    payload: bytes
+
+
+def _piece(total: int, count: int, index: int) -> tuple[int, int]:
+    """(offset, length) of piece index in the canonical split of total bytes into count pieces."""
+    per = -(-total // count)
+    start = index * per
+    return start, min(total, start + per) - start
+
+
+def parse_chunk(frame: bytes | bytearray | memoryview, *, max_message_bytes: int = 1 << 62,
+                max_chunks: int = 1 << 32) -> Chunk:
+    """Validate one frame's header against itself and the limits. WireError if malformed."""
+    try:
+        buf = memoryview(frame).cast("B")
+    except TypeError:
+        raise WireError(f"chunk frame must be bytes, got {type(frame).__name__}") from None
+    if len(buf) < CHUNK_HEADER_BYTES:
+        raise WireError(f"chunk frame too short ({len(buf)} bytes, header is {CHUNK_HEADER_BYTES})")
+    magic, version, flags, mid, index, count, total, digest = _HEADER.unpack_from(buf)
+    if magic != CHUNK_MAGIC:
+        raise WireError(f"bad chunk magic {bytes(magic)!r} (expected {CHUNK_MAGIC!r})")
+    if version != CHUNK_VERSION or flags:
+        raise WireError(f"unsupported chunk version {version} / flags 0x{flags:02x}")
+    if total > max_message_bytes:
+        raise WireError(f"chunked message declares {total} bytes, the limit is {max_message_bytes}")
+    if not 1 <= count <= max_chunks or index >= count:
+        raise WireError(f"bad chunk index {index} / count {count} (limit {max_chunks} chunks)")
+    _, last_len = _piece(total, count, count - 1)
+    if last_len <= 0 and not (total == 0 and count == 1):
+        raise WireError(f"chunk count {count} impossible for {total} bytes")
+    _, length = _piece(total, count, index)
+    if len(buf) - CHUNK_HEADER_BYTES != length:
+        raise WireError(f"chunk {index}/{count}: payload is {len(buf) - CHUNK_HEADER_BYTES} "
+                        f"bytes, expected {length}")
+    return Chunk(bytes(mid), index, count, total, bytes(digest), bytes(buf[CHUNK_HEADER_BYTES:]))
+
+
+def max_chunk_payload(max_packet: int, topic: str | bytes, *, qos: int = 1, protocol: int = 4,
+                      properties_len: int = 0) -> int:
+    """Largest message slice per frame so the whole PUBLISH packet is <= max_packet bytes."""
+    def size(n: int) -> int:
+        return mqtt_publish_bytes(topic, CHUNK_HEADER_BYTES + n, qos=qos, protocol=protocol,
+                                  properties_len=properties_len)
+
+    n = max_packet - size(0)  # upper bound: the remaining-length varint can only grow
+    while n > 0 and size(n) > max_packet:
+        n -= 1
+    if n <= 0:
+        raise ValueError(f"max_packet {max_packet} leaves no room for payload on topic {topic!r}")
+    return n
+
+
+def split(data: bytes | bytearray | memoryview, max_packet: int, topic: str | bytes, *,
+          qos: int = 1, protocol: int = 4, properties_len: int = 0,
+          message_id: bytes | None = None) -> list[bytes]:
+    """Chunk frames for data such that each PUBLISH on topic is at most max_packet bytes."""
+    buf = memoryview(data).cast("B")
+    per_max = max_chunk_payload(max_packet, topic, qos=qos, protocol=protocol,
+                                properties_len=properties_len)
+    total = len(buf)
+    count = max(1, -(-total // per_max))
+    if count >= 1 << 32:
+        raise ValueError(f"{total} bytes need {count} chunks, more than the format allows")
+    mid = os.urandom(16) if message_id is None else message_id
+    if len(mid) != 16:
+        raise ValueError("message_id must be 16 bytes")
+    digest = hashlib.sha256(buf).digest()
+    frames = []
+    for index in range(count):
+        start, length = _piece(total, count, index)
+        frames.append(_HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, 0, mid, index, count, total, digest)
+                      + buf[start:start + length])
+    return frames
+
+
+class _Partial:
+    __slots__ = ("count", "total", "digest", "pieces", "held", "seen")
+
+    def __init__(self, chunk: Chunk, now: float) -> None:
+        self.count, self.total, self.digest = chunk.count, chunk.total, chunk.digest
+        self.pieces: dict[int, bytes] = {}
+        self.held = 0
+        self.seen = now
+
+
+class Reassembler:
+    """Collects chunk frames from any number of senders; returns each complete message once.
+
+    Tolerates reordering and duplicates (QoS 1 redelivers). A partial message expires after
+    timeout_s without a new chunk; the oldest partial is evicted when more than max_messages are
+    open or more than max_partial_bytes are held. Ids of completed messages are remembered for
+    remember_s (default: timeout_s) so late duplicates are dropped. Not thread-safe: feed it from
+    one thread. Counters: completed, duplicates, expired, evicted, rejected.
+    """
+
+    def __init__(self, timeout_s: float = 60.0, max_partial_bytes: int = 256 << 20,
+                 max_messages: int = 64, *, max_message_bytes: int = Limits().max_message_bytes,
+                 max_chunks: int = 1 << 16, remember_s: float | None = None,
+                 max_remembered: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+        for name, value in (("timeout_s", timeout_s), ("max_partial_bytes", max_partial_bytes),
+                            ("max_messages", max_messages), ("max_message_bytes", max_message_bytes),
+                            ("max_chunks", max_chunks), ("max_remembered", max_remembered)):
+            if not value > 0:
+                raise ValueError(f"Reassembler.{name} must be > 0, got {value!r}")
+        self.timeout_s = timeout_s
+        self.max_partial_bytes = max_partial_bytes
+        self.max_messages = max_messages
+        self.max_message_bytes = max_message_bytes
+        self.max_chunks = max_chunks
+        self.remember_s = timeout_s if remember_s is None else remember_s
+        self.max_remembered = max_remembered
+        self.clock = clock
+        self._partials: OrderedDict[bytes, _Partial] = OrderedDict()  # oldest activity first
+        self._done: OrderedDict[bytes, float] = OrderedDict()  # completed id -> when
+        self.partial_bytes = 0
+        self.completed = self.duplicates = self.expired = self.evicted = self.rejected = 0
+
+    @property
+    def partial_messages(self) -> int:
+        return len(self._partials)
+
+    def expire(self) -> int:
+        """Drop partial messages idle for timeout_s and forget old completed ids; returns drops."""
+        now = self.clock()
+        dropped = 0
+        while self._partials:
+            mid, p = next(iter(self._partials.items()))
+            if now - p.seen < self.timeout_s:
+                break
+            self._drop(mid)
+            dropped += 1
+        self.expired += dropped
+        while self._done and (now - next(iter(self._done.values())) >= self.remember_s
+                              or len(self._done) > self.max_remembered):
+            self._done.popitem(last=False)
+        return dropped
+
+    def _drop(self, mid: bytes) -> None:
+        p = self._partials.pop(mid)
+        self.partial_bytes -= p.held
+
+    def _evict_oldest(self, keep: bytes) -> bool:
+        for mid in self._partials:
+            if mid != keep:
+                self._drop(mid)
+                self.evicted += 1
+                return True
+        return False
+
+    def _finish(self, mid: bytes, data: bytes, digest: bytes) -> bytes:
+        if hashlib.sha256(data).digest() != digest:
+            self.rejected += 1
+            raise WireError(f"message {mid.hex()}: reassembled bytes do not match the digest")
+        self._done[mid] = self.clock()
+        self.completed += 1
+        return data
+
+    def add(self, frame: bytes | bytearray | memoryview) -> bytes | None:
+        """Feed one frame; returns the whole message when this frame completes it, else None."""
+        try:
+            chunk = parse_chunk(frame, max_message_bytes=self.max_message_bytes,
+                                max_chunks=self.max_chunks)
+        except WireError:
+            self.rejected += 1
+            raise
+        self.expire()
+        mid = chunk.message_id
+        if mid in self._done:
+            self.duplicates += 1
+            return None
+        if chunk.count == 1:
+            return self._finish(mid, chunk.payload, chunk.digest)
+        p = self._partials.get(mid)
+        if p is None:
+            if chunk.total > self.max_partial_bytes:
+                self.rejected += 1
+                raise WireError(f"message {mid.hex()} of {chunk.total} bytes exceeds "
+                                f"max_partial_bytes {self.max_partial_bytes}")
+            while len(self._partials) >= self.max_messages:
+                self._evict_oldest(keep=mid)
+            p = self._partials[mid] = _Partial(chunk, self.clock())
+        elif (p.count, p.total, p.digest) != (chunk.count, chunk.total, chunk.digest):
+            self.rejected += 1
+            raise WireError(f"message {mid.hex()}: chunk {chunk.index} disagrees with earlier "
+                            "chunks on count, length or digest")
+        if chunk.index in p.pieces:
+            self.duplicates += 1
+            return None
+        p.pieces[chunk.index] = chunk.payload
+        p.held += len(chunk.payload)
+        p.seen = self.clock()
+        self._partials.move_to_end(mid)
+        self.partial_bytes += len(chunk.payload)
+        while self.partial_bytes > self.max_partial_bytes and self._evict_oldest(keep=mid):
+            pass
+        if len(p.pieces) < p.count:
+            return None
+        self._drop(mid)
+        data = b"".join(p.pieces[i] for i in range(p.count))
+        return self._finish(mid, data, p.digest)

@@ -1,0 +1,251 @@
+"""The edge client: MQTT session, task handling, local training off the network thread.
+
+Flow per round (docs/protocol.md): receive the task chunks (fan-out topic or our own), reassemble
+and decode them, load the global factors, train E local epochs, send back the global factors only
+(pFedPara's local half stays in ``state_dir`` across rounds and restarts), with example count and
+metrics. Handlers are idempotent on (round, attempt) because QoS 1 may deliver twice; any bad
+message is logged and counted, never fatal.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from fedpara import global_state, load_state, local_state
+from fedpara.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from fedpara.data import load_client_data, load_client_test, parse_data_spec
+from fedpara.topics import Topics
+from fedpara.training import evaluate, resolve_device, train_epochs
+from fedpara.transport import BrokerURL, MqttSession
+from fedpara.wire import (CodecPolicy, Limits, Message, MessageKind, Reassembler, WireError, decode,
+                          encode)
+
+from .config import ClientConfig
+
+log = logging.getLogger(__name__)
+
+
+class EdgeClient:
+    def __init__(self, cfg: ClientConfig, broker: BrokerURL, *, train_lock: threading.Lock | None = None) -> None:
+        self.cfg, self.broker = cfg, broker
+        self.topics = Topics(cfg.run_id)
+        self.device = resolve_device(cfg.device)
+        self.data_spec = parse_data_spec(cfg.data)
+        self.train_data, self.data_info = load_client_data(self.data_spec)
+        self._test_data = None
+        self.state_dir = Path(cfg.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.limits = Limits()
+        self.reassembler = Reassembler(timeout_s=300.0)
+        self.counters: Counter = Counter()
+        self.train_lock = train_lock or threading.Lock()
+        self.model = None
+        self.model_spec: ModelSpec | None = None
+        self.rounds_done: list[int] = []
+        self.finished = threading.Event()
+        self.finish_meta: dict = {}
+        self._seen: set[tuple[int, int]] = set()
+        self._tasks: queue.Queue = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self.energy = None
+        if cfg.energy != "off":
+            from .energy import EnergyConfig, phase_meter
+            self.energy = phase_meter(EnergyConfig(meter=cfg.energy, device=self.device.type))
+            log.info("%s: energy meter: %s", cfg.client_id, self.energy.reason)
+        self.session: MqttSession | None = None
+
+    # --- presence --------------------------------------------------------------------------
+    def _status(self, state: str) -> bytes:
+        meta = {"state": state, "num_examples": len(self.train_data), "device": str(self.device)}
+        return encode(Message(MessageKind.STATUS, self.cfg.run_id, 0, self.cfg.client_id, meta=meta)).data
+
+    def _announce(self, session: MqttSession) -> None:  # on every (re)connect
+        session.publish(self.topics.status(self.cfg.client_id), self._status("online"), retain=True)
+
+    def start(self) -> None:
+        me = self.cfg.client_id
+        self.session = MqttSession(
+            self.broker, f"fp-{self.cfg.run_id}-{me}",
+            [(self.topics.task, 1), (self.topics.task_for(me), 1), (self.topics.control, 1)],
+            will=(self.topics.status(me), self._status("offline"), 1, True), on_connect=self._announce)
+        self.session.start()
+        for target, name in ((self._dispatch, "dispatch"), (self._work, "train")):
+            t = threading.Thread(target=target, name=f"{me}-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.finished.wait(timeout)
+
+    def stop(self) -> None:
+        self.finished.set()
+        if self.session is not None:
+            try:
+                info = self.session.publish(self.topics.status(self.cfg.client_id), self._status("offline"), retain=True)
+                info.wait_for_publish(5)
+            except (RuntimeError, ValueError):
+                pass
+            self.session.stop()
+        self._tasks.put(None)
+        if self.energy is not None:
+            self.energy.close()
+
+    # --- inbound ---------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        while not self.finished.is_set():
+            try:
+                topic, payload = self.session.inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                self._handle(topic, payload)
+            except (WireError, ValueError) as exc:
+                self.counters["malformed"] += 1
+                log.warning("%s: ignored message on %s: %s", self.cfg.client_id, topic, exc)
+            except Exception:
+                self.counters["error"] += 1
+                log.exception("%s: error handling a message on %s", self.cfg.client_id, topic)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.control:
+            msg = decode(payload, self.limits)
+            if msg.kind == MessageKind.CONTROL and msg.run_id == self.cfg.run_id and msg.meta.get("action") == "finish":
+                self.finish_meta = dict(msg.meta)
+                log.info("%s: run finished (%s)", self.cfg.client_id, msg.meta.get("status"))
+                self._tasks.put("finish")
+            return
+        data = self.reassembler.add(payload)
+        if data is None:
+            return
+        t0 = time.perf_counter()
+        msg = decode(data, self.limits)
+        if msg.kind != MessageKind.TASK or msg.run_id != self.cfg.run_id:
+            raise ValueError(f"expected a task for run {self.cfg.run_id}, got {msg.kind} for {msg.run_id!r}")
+        selected = msg.meta.get("selected")
+        if not isinstance(selected, list) or self.cfg.client_id not in selected:
+            self.counters["not_selected"] += 1
+            return
+        attempt = msg.meta.get("attempt", 1)
+        if (msg.round, attempt) in self._seen:
+            self.counters["duplicate"] += 1
+            return
+        self._seen.add((msg.round, attempt))
+        self._tasks.put((msg, len(data), time.perf_counter() - t0))
+
+    # --- training ----------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            item = self._tasks.get()
+            # a newer task supersedes any older one still queued
+            while item not in (None, "finish"):
+                try:
+                    nxt = self._tasks.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt in (None, "finish"):
+                    self._tasks.put(nxt)
+                    break
+                self.counters["superseded"] += 1
+                item = nxt
+            if item is None:
+                return
+            if item == "finish":
+                self._on_finish()
+                return
+            try:
+                with self.train_lock:
+                    self._train_round(*item)
+            except (ValueError, KeyError, TypeError, WireError) as exc:
+                self.counters["bad_task"] += 1
+                log.warning("%s: could not run round %s: %s", self.cfg.client_id, item[0].round, exc)
+            except Exception:
+                self.counters["error"] += 1
+                log.exception("%s: training failed in round %s", self.cfg.client_id, item[0].round)
+
+    @property
+    def test_data(self):
+        if self._test_data is None:
+            self._test_data = load_client_test(self.data_spec)
+        return self._test_data
+
+    def _ensure_model(self, spec: ModelSpec, seed: int) -> None:
+        if self.model is not None and spec == self.model_spec:
+            return
+        torch.manual_seed(seed)  # the coordinator's seed: every client starts from the same factors
+        model = spec.build()
+        local_path = self.state_dir / "local.safetensors"
+        if local_state(model) and local_path.exists():
+            try:
+                state, saved_spec, _ = load_checkpoint(local_path)
+                if saved_spec != spec:
+                    raise ValueError(f"saved for {saved_spec}, run uses {spec}")
+                load_state(model, state, part="local")
+                log.info("%s: restored local factors from %s", self.cfg.client_id, local_path)
+            except (ValueError, FileNotFoundError) as exc:
+                log.warning("%s: ignoring local state %s: %s", self.cfg.client_id, local_path, exc)
+        self.model, self.model_spec = model.to(self.device), spec
+
+    def _phase(self, name: str, **kw):
+        if self.energy is None:
+            import contextlib
+            return contextlib.nullcontext()
+        return self.energy.phase(name, **kw)
+
+    def _train_round(self, msg: Message, nbytes: int, decode_s: float) -> None:
+        torch.set_num_threads(self.cfg.threads)
+        me, meta = self.cfg.client_id, msg.meta
+        with self._phase("download", bytes_received=nbytes):
+            spec = ModelSpec.from_dict(meta["spec"])
+            self._ensure_model(spec, int(meta.get("init_seed", 0)))
+            load_state(self.model, {k: v.to(self.device) for k, v in msg.tensors.items()})
+        t = meta["train"]
+        with self._phase("train"):
+            res = train_epochs(self.model, self.train_data, epochs=int(t["epochs"]),
+                               batch_size=int(t["batch_size"]), lr=float(t["lr"]),
+                               momentum=float(t.get("momentum", 0.0)),
+                               weight_decay=float(t.get("weight_decay", 0.0)), device=self.device,
+                               seed=int(t.get("seed", msg.round)))
+        metrics = {"loss": res["loss"], "train_s": res["seconds"], "steps": res["steps"], "decode_s": decode_s}
+        if local_state(self.model):
+            save_checkpoint(self.state_dir / "local.safetensors", local_state(self.model), spec,
+                            round=msg.round, client_id=me)
+        save_checkpoint(self.state_dir / "global.safetensors", global_state(self.model), spec,
+                        round=msg.round, client_id=me)
+        if self.cfg.eval_local:
+            ev = evaluate(self.model, self.test_data, device=self.device)
+            metrics["local_accuracy"], metrics["local_loss"] = ev["accuracy"], ev["loss"]
+        if self.energy is not None:
+            metrics["energy"] = self.energy.pop_report()
+        update = Message(MessageKind.UPDATE, self.cfg.run_id, msg.round, me,
+                         {k: v.detach().cpu() for k, v in global_state(self.model).items()},
+                         {"num_examples": len(self.train_data), "attempt": meta.get("attempt", 1),
+                          "metrics": metrics})
+        enc = encode(update, CodecPolicy.parse(meta.get("uplink", "fp32")))
+        topic = self.topics.update(me)
+        frames, stats = enc.split(int(meta.get("max_packet", 1_000_000)), topic)
+        with self._phase("upload", bytes_sent=stats.framed_bytes):
+            ok = self.session.publish_all(topic, frames, timeout=float(meta.get("deadline_s", 120)))
+        if ok:
+            self.rounds_done.append(msg.round)
+        log.info("%s: round %d done (loss %.4f, %d bytes up%s)", me, msg.round, res["loss"],
+                 stats.framed_bytes, "" if ok else ", publish incomplete")
+
+    def _on_finish(self) -> None:
+        if self.cfg.export_on_finish and self.model is not None:
+            try:
+                from export import export_onnx
+                with self.train_lock:
+                    path = export_onnx(self.model, self.model_spec, self.state_dir / "model.onnx",
+                                       info={"client_id": self.cfg.client_id,
+                                             "round": self.finish_meta.get("round", 0)})
+                log.info("%s: exported %s", self.cfg.client_id, path)
+            except Exception:  # export is a convenience; the run itself succeeded
+                log.exception("%s: export failed", self.cfg.client_id)
+        if self.cfg.exit_on_finish:
+            self.finished.set()

@@ -1,0 +1,168 @@
+"""MQTT transport shared by the coordinator and the edge client: the one module that imports paho.
+
+Habits (STYLE.md #7): paho's ``CallbackAPIVersion.VERSION2``; subscriptions are (re)made in
+``on_connect`` so that reconnects resubscribe; ``reconnect_delay_set`` backoff; an optional
+retained last will; callbacks only enqueue ``(topic, payload)`` -- all work happens on the caller's
+threads. Broker URLs: ``mqtt://host:port`` and ``mqtts://host:port`` (TLS, optional CA file);
+credentials from arguments or ``FEDPARA_MQTT_USERNAME`` / ``FEDPARA_MQTT_PASSWORD``, never logged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import ssl
+import threading
+import time
+from urllib.parse import unquote, urlsplit
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokerURL:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    ca_file: str | None = None
+
+    def __str__(self) -> str:  # redacted: safe to log
+        user = f"{self.username}:***@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str, *, username: str | None = None, password: str | None = None,
+                     ca_file: str | None = None) -> BrokerURL:
+    """``mqtt://host[:1883]`` or ``mqtts://host[:8883]``; user:pass in the URL or the environment."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ValueError(f"broker: expected mqtt://host:port or mqtts://host:port, got {url!r}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError(f"broker: unsupported scheme {parts.scheme!r} (use mqtt:// or mqtts://)")
+    tls = parts.scheme in ("mqtts", "ssl")
+    if not parts.hostname:
+        raise ValueError(f"broker: no host in {url!r}")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise ValueError(f"broker: bad port in {url!r}") from exc
+    user = username or (unquote(parts.username) if parts.username else None) or os.environ.get("FEDPARA_MQTT_USERNAME")
+    pw = password or (unquote(parts.password) if parts.password else None) or os.environ.get("FEDPARA_MQTT_PASSWORD")
+    if ca_file and not os.path.isfile(ca_file):
+        raise ValueError(f"broker: CA file {ca_file!r} does not exist")
+    return BrokerURL(parts.hostname, port, tls, user, pw, ca_file)
+
+
+class MqttSession:
+    """One MQTT connection. Incoming messages land in ``self.inbox`` as (topic, payload bytes)."""
+
+    def __init__(self, url: BrokerURL, client_id: str, subscriptions: list[tuple[str, int]], *,
+                 will: tuple[str, bytes, int, bool] | None = None, keepalive: int = 30,
+                 inbox: queue.Queue | None = None, on_connect=None) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.url, self.client_id = url, client_id
+        self.subscriptions = list(subscriptions)
+        self.inbox: queue.Queue = inbox if inbox is not None else queue.Queue()
+        self.connected = threading.Event()
+        self.connects = 0
+        self._on_connect_hook = on_connect
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                   protocol=mqtt.MQTTv311, clean_session=True)
+        self._client.max_inflight_messages_set(64)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if url.username:
+            self._client.username_pw_set(url.username, url.password)
+        if url.tls:
+            ctx = ssl.create_default_context(cafile=url.ca_file)
+            self._client.tls_set_context(ctx)
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=will[2], retain=will[3])
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self.keepalive = keepalive
+
+    # --- paho callbacks (network thread): enqueue only -------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("%s: connection to %s refused: %s", self.client_id, self.url, reason_code)
+            return
+        for topic, qos in self.subscriptions:
+            client.subscribe(topic, qos)
+        self.connects += 1
+        self.connected.set()
+        log.debug("%s: connected to %s", self.client_id, self.url)
+        if self._on_connect_hook is not None:
+            self._on_connect_hook(self)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if reason_code != 0:
+            log.info("%s: disconnected (%s); reconnecting", self.client_id, reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        self.inbox.put((msg.topic, bytes(msg.payload)))
+
+    # --- API ---------------------------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> None:
+        """Connect (retrying until ``timeout``) and start the network thread."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._client.connect(self.url.host, self.url.port, keepalive=self.keepalive)
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"cannot reach MQTT broker {self.url}: {exc}") from exc
+                time.sleep(0.5)
+        self._client.loop_start()
+        if not self.connected.wait(max(0.1, deadline - time.monotonic())):
+            self.stop()
+            raise ConnectionError(f"MQTT broker {self.url} did not accept the connection")
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False):
+        return self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def publish_all(self, topic: str, frames: list[bytes], qos: int = 1, timeout: float = 120.0) -> bool:
+        """Publish chunk frames in order and wait until the broker has them (QoS 1 PUBACKs)."""
+        infos = [self.publish(topic, f, qos) for f in frames]
+        deadline = time.monotonic() + timeout
+        for info in infos:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                info.wait_for_publish(left)
+            except RuntimeError:  # not queued because disconnected: paho will not retry it
+                return False
+            if not info.is_published():
+                return False
+        return True
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        self.subscriptions.append((topic, qos))
+        if self.connected.is_set():
+            self._client.subscribe(topic, qos)
+
+    def stop(self, *, graceful: bool = True) -> None:
+        try:
+            if graceful:
+                self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+
+
+def add_broker_arguments(p, default: str = "mqtt://127.0.0.1:1883") -> None:
+    """The broker flags every command shares."""
+    p.add_argument("--broker", default=default, help="mqtt://host:port or mqtts://host:port")
+    p.add_argument("--username", help="MQTT user (or FEDPARA_MQTT_USERNAME)")
+    p.add_argument("--password", help="MQTT password (prefer FEDPARA_MQTT_PASSWORD)")
+    p.add_argument("--ca-file", help="CA certificate for mqtts://")
+
+
+def broker_from_args(args) -> BrokerURL:
+    return parse_broker_url(args.broker, username=args.username, password=args.password, ca_file=args.ca_file)

@@ -13,6 +13,7 @@ import logging
 import math
 import queue
 import random
+import secrets
 import time
 from collections import Counter
 from pathlib import Path
@@ -86,6 +87,8 @@ class Coordinator:
         self.session: MqttSession | None = None
         self._round = 0
         self._attempt = 0
+        self._task_id = ""
+        self._session_token = secrets.token_hex(4)  # tells tasks of a resumed coordinator apart
         self._sampled: set[str] = set()
         self._replies: dict[str, dict] = {}
         self._up_framed = 0
@@ -178,7 +181,7 @@ class Coordinator:
         if client in self._replies:
             self.ignored["duplicate"] += 1
             return
-        if msg.meta.get("attempt") != self._attempt:
+        if msg.meta.get("task_id") != self._task_id:  # an earlier attempt or coordinator session
             self.ignored["stale"] += 1
             return
         n = msg.meta.get("num_examples")
@@ -203,7 +206,8 @@ class Coordinator:
 
     def _send_task(self, rnd: int, attempt: int, sampled: list[str], live: list[str]) -> dict:
         cfg = self.cfg
-        meta = {"selected": sampled, "attempt": attempt, "spec": self.spec.to_dict(),
+        self._task_id = f"{self._session_token}-{rnd}-{attempt}"
+        meta = {"selected": sampled, "attempt": attempt, "task_id": self._task_id, "spec": self.spec.to_dict(),
                 "init_seed": cfg.seed, "deadline_s": cfg.round_deadline_s, "uplink": cfg.uplink,
                 "max_packet": cfg.max_packet,
                 "train": {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size,

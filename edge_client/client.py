@@ -50,7 +50,7 @@ class EdgeClient:
         self.rounds_done: list[int] = []
         self.finished = threading.Event()
         self.finish_meta: dict = {}
-        self._seen: set[tuple[int, int]] = set()
+        self._seen: set[str] = set()
         self._tasks: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
         self.energy = None
@@ -120,6 +120,9 @@ class EdgeClient:
                 log.info("%s: run finished (%s)", self.cfg.client_id, msg.meta.get("status"))
                 self._tasks.put("finish")
             return
+        if topic not in (self.topics.task, self.topics.task_for(self.cfg.client_id)):
+            self.counters["unexpected_topic"] += 1  # e.g. a broker replaying retained messages
+            return
         data = self.reassembler.add(payload)
         if data is None:
             return
@@ -131,11 +134,13 @@ class EdgeClient:
         if not isinstance(selected, list) or self.cfg.client_id not in selected:
             self.counters["not_selected"] += 1
             return
-        attempt = msg.meta.get("attempt", 1)
-        if (msg.round, attempt) in self._seen:
+        task_id = msg.meta.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError("task without a task_id")
+        if task_id in self._seen:  # QoS 1 redelivery
             self.counters["duplicate"] += 1
             return
-        self._seen.add((msg.round, attempt))
+        self._seen.add(task_id)
         self._tasks.put((msg, len(data), time.perf_counter() - t0))
 
     # --- training ----------------------------------------------------------------------------
@@ -224,7 +229,7 @@ class EdgeClient:
             metrics["energy"] = self.energy.pop_report()
         update = Message(MessageKind.UPDATE, self.cfg.run_id, msg.round, me,
                          {k: v.detach().cpu() for k, v in global_state(self.model).items()},
-                         {"num_examples": len(self.train_data), "attempt": meta.get("attempt", 1),
+                         {"num_examples": len(self.train_data), "task_id": meta["task_id"],
                           "metrics": metrics})
         enc = encode(update, CodecPolicy.parse(meta.get("uplink", "fp32")))
         topic = self.topics.update(me)

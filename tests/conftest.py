@@ -14,3 +14,70 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# --- brokers ------------------------------------------------------------------------------------
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+
+
+@pytest.fixture
+def amqtt_broker():
+    """The embedded amqtt broker on a free loopback port (in this process, on its own thread)."""
+    from coordinator.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as broker:
+        yield broker.url
+
+
+def start_mosquitto(tmp_path, extra: str = ""):
+    from coordinator.broker import free_port, wait_for_port
+
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    f"log_dest file {tmp_path / 'mosquitto.log'}\n{extra}")
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=10)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc, f"mqtt://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def mosquitto_broker(tmp_path):
+    """A real Mosquitto started as a subprocess on a free loopback port (skipped if not installed)."""
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    proc, url = start_mosquitto(tmp_path)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+def any_broker(request):
+    return request.getfixturevalue(f"{request.param}_broker")
+
+
+def fashion_mnist_available() -> bool:
+    try:
+        from fedpara.data import find_fashion_mnist
+        find_fashion_mnist()
+        return True
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(),
+                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

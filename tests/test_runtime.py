@@ -1,0 +1,264 @@
+"""End-to-end runs through a real broker: coordinator + edge clients over MQTT on real data."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import needs_fmnist
+
+from coordinator.config import CoordinatorConfig
+from coordinator.server import Coordinator, read_metrics
+from edge_client.client import EdgeClient
+from edge_client.config import ClientConfig
+from fedpara.topics import Topics
+from fedpara.transport import parse_broker_url
+from fedpara.wire import Message, MessageKind, Reassembler, WireError, decode, encode
+
+pytestmark = needs_fmnist
+
+TRAIN = "fashion-mnist,partition=iid,clients={n},index={i},limit=150"
+
+
+def coord_cfg(tmp_path, **kw) -> CoordinatorConfig:
+    base = dict(run_id=f"t-{secrets.token_hex(3)}", model="mlp", scheme="fedpara", ratio=0.3, rounds=2,
+                min_clients=3, test_data="fashion-mnist,limit=400", out=str(tmp_path / "run"),
+                round_deadline_s=30.0, wait_clients_s=60.0, lr=0.05, batch_size=32)
+    base.update(kw)
+    return CoordinatorConfig(**base)
+
+
+def start_clients(url, cfg, tmp_path, n, *, first=0, total=None, **kw) -> list[EdgeClient]:
+    total = total or n
+    clients = []
+    for i in range(first, first + n):
+        c = EdgeClient(ClientConfig(client_id=f"c{i}", run_id=cfg.run_id, data=TRAIN.format(n=total, i=i),
+                                    state_dir=str(tmp_path / f"state-c{i}"), energy="estimate", **kw),
+                       parse_broker_url(url))
+        c.start()
+        clients.append(c)
+    return clients
+
+
+def stop_all(clients):
+    for c in clients:
+        c.stop()
+
+
+class Sniffer:
+    """A separate MQTT connection that records every message of a run (what the broker carried)."""
+
+    def __init__(self, url: str, run_id: str) -> None:
+        b = parse_broker_url(url)
+        self.messages: list[tuple[str, bytes]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sniff-{secrets.token_hex(3)}")
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload)))
+        ready = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: (c.subscribe(f"{Topics(run_id).base}/#", 1), ready.set())
+        self.client.connect(b.host, b.port)
+        self.client.loop_start()
+        assert ready.wait(10)
+        time.sleep(0.2)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+    def decoded(self) -> list[tuple[str, Message]]:
+        out, reasm = [], Reassembler()
+        for topic, payload in self.messages:
+            if "/task" in topic or "/update/" in topic:
+                try:
+                    data = reasm.add(payload)
+                except WireError:
+                    continue
+                if data is not None:
+                    out.append((topic, decode(data)))
+        return out
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def run_coordinator(cfg, url, **kw) -> dict:
+    return Coordinator(cfg, parse_broker_url(url), **kw).run()
+
+
+def test_three_clients_two_rounds(any_broker, tmp_path):
+    cfg = coord_cfg(tmp_path)
+    clients = start_clients(any_broker, cfg, tmp_path, 3)
+    try:
+        summary = run_coordinator(cfg, any_broker)
+    finally:
+        stop_all(clients)
+    assert summary["status"] == "completed" and summary["rounds"] == 2
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        for key in ("round", "accuracy", "loss", "sampled", "replied", "bytes_down", "bytes_up",
+                    "mqtt_bytes_down", "mqtt_bytes_up", "duration_s"):
+            assert key in r
+        assert r["sampled"] == r["replied"] == 3
+        assert r["mqtt_bytes_up"] > r["bytes_up"] > 0 and r["mqtt_bytes_down"] > r["bytes_down"] > 0
+        assert r["dense_bytes_up"] > r["bytes_up"]  # FedPara sends less than the dense model would
+    assert rows[-1]["accuracy"] > 0.5  # well above chance (0.1) after two rounds of 450 examples
+    assert (tmp_path / "run" / "checkpoints" / "round-0002.safetensors").exists()
+    summary_file = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary_file["final_accuracy"] == rows[-1]["accuracy"]
+    assert all(c.rounds_done == [1, 2] for c in clients)
+
+
+def test_sigkilled_client_round_completes_at_deadline(amqtt_broker, tmp_path):
+    cfg = coord_cfg(tmp_path, min_clients=2, rounds=2, round_deadline_s=6.0, min_reply_fraction=0.5)
+    clients = start_clients(amqtt_broker, cfg, tmp_path, 2, total=3)
+    # the third client is a real process with a big partition, killed while it trains round 1
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen([sys.executable, "-m", "fedpara.cli", "client", "--broker", amqtt_broker,
+                               "--client-id", "victim", "--run", cfg.run_id, "--threads", "1",
+                               "--data", "fashion-mnist,partition=iid,clients=3,index=2",
+                               "--state-dir", str(tmp_path / "victim"), "--energy", "estimate"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "victim.log", "wb"))
+
+    def on_event(kind, *args):
+        if kind == "task" and args[0] == 1 and victim.poll() is None:
+            threading.Timer(0.5, lambda: victim.send_signal(signal.SIGKILL)).start()
+
+    sniffer = Sniffer(amqtt_broker, cfg.run_id)  # start round 1 only once the victim is online
+    deadline = time.monotonic() + 60
+    while not any(t.endswith("/status/victim") for t, _ in sniffer.messages) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    sniffer.stop()
+    try:
+        summary = run_coordinator(cfg, amqtt_broker, on_event=on_event)
+    finally:
+        stop_all(clients)
+        if victim.poll() is None:
+            victim.kill()
+        victim.wait(10)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert summary["status"] == "completed" and [r["round"] for r in rows] == [1, 2]
+    assert rows[0]["sampled"] == 3 and rows[0]["replied"] == 2 and "victim" not in rows[0]["clients"]
+    assert rows[0]["duration_s"] >= 6.0  # waited for the deadline
+    # the last will took the victim offline: round 2 samples only the survivors
+    assert rows[1]["sampled"] == 2 and rows[1]["replied"] == 2
+
+
+def test_late_joiner_is_used_in_a_later_round(amqtt_broker, tmp_path):
+    cfg = coord_cfg(tmp_path, min_clients=2, rounds=4)
+    clients = start_clients(amqtt_broker, cfg, tmp_path, 2, total=3)
+    late = []
+
+    def on_round(row):
+        if row["round"] == 1:
+            late.extend(start_clients(amqtt_broker, cfg, tmp_path, 1, first=2, total=3))
+
+    try:
+        summary = run_coordinator(cfg, amqtt_broker, on_round=on_round)
+    finally:
+        stop_all(clients + late)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert summary["status"] == "completed"
+    assert "c2" not in rows[0]["clients"]
+    assert any("c2" in r["clients"] for r in rows[1:])
+    assert late[0].rounds_done and min(late[0].rounds_done) >= 2
+
+
+def _bad_payloads(run_id: str) -> dict[str, bytes]:
+    valid = encode(Message(MessageKind.UPDATE, run_id, 1, "c0", {}, {"num_examples": 1})).data
+    wrong_version = bytearray(valid)
+    wrong_version[4] = 99  # major version byte after the 4-byte magic
+    return {"garbage": os.urandom(300), "truncated": valid[: len(valid) // 2],
+            "oversized": b"\x00" * 3_000_000, "wrong_version": bytes(wrong_version), "empty": b""}
+
+
+def test_bad_payloads_on_every_inbound_topic_are_ignored(amqtt_broker, tmp_path):
+    cfg = coord_cfg(tmp_path, min_clients=2, rounds=2)
+    t = Topics(cfg.run_id)
+    clients = start_clients(amqtt_broker, cfg, tmp_path, 2)
+    attacker = Sniffer(amqtt_broker, cfg.run_id)
+    topics = [t.update("c0"), t.update("stranger"), t.status("mallory"), t.task, t.task_for("c0"),
+              t.control, f"{t.base}/unknown/x"]
+
+    def attack(*_):
+        for topic in topics:
+            for payload in _bad_payloads(cfg.run_id).values():
+                attacker.publish(topic, payload)
+
+    attack()
+    try:
+        summary = run_coordinator(cfg, amqtt_broker, on_round=attack)
+    finally:
+        attacker.stop()
+        stop_all(clients)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert summary["status"] == "completed" and [r["round"] for r in rows] == [1, 2]
+    assert all(r["replied"] == 2 for r in rows)
+    assert summary["ignored"].get("malformed", 0) >= 5
+    for c in clients:
+        assert c.counters["malformed"] >= 5 and c.rounds_done == [1, 2]
+
+
+def test_coordinator_killed_and_resumed_counts_every_round_once(amqtt_broker, tmp_path):
+    cfg = coord_cfg(tmp_path, min_clients=2, rounds=4)
+    run_dir = tmp_path / "run"
+    clients = start_clients(amqtt_broker, cfg, tmp_path, 2)
+    args = [sys.executable, "-m", "fedpara.cli", "coordinator", "--broker", amqtt_broker, "--run", cfg.run_id,
+            "--model", "mlp", "--scheme", "fedpara", "--ratio", "0.3", "--rounds", "4", "--min-clients", "2",
+            "--test-data", "fashion-mnist,limit=400", "--lr", "0.05", "--batch-size", "32", "--deadline", "30"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        first = subprocess.Popen(args + ["--out", str(run_dir)], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 90
+        while len(read_metrics(run_dir / "metrics.jsonl")) < 2 and time.monotonic() < deadline:
+            assert first.poll() is None, "coordinator exited early"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        done_before = len(read_metrics(run_dir / "metrics.jsonl"))
+        assert 2 <= done_before < 4
+        second = subprocess.run([sys.executable, "-m", "fedpara.cli", "coordinator", "--broker", amqtt_broker,
+                                 "--resume", str(run_dir)], env=env, capture_output=True, timeout=120)
+        assert second.returncode == 0, second.stderr.decode()[-2000:]
+    finally:
+        stop_all(clients)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_pfedpara_never_publishes_local_factors(amqtt_broker, tmp_path):
+    import fedpara
+    from fedpara.checkpoint import load_checkpoint
+
+    cfg = coord_cfg(tmp_path, scheme="pfedpara", ratio=0.5, min_clients=2, rounds=2)
+    sniffer = Sniffer(amqtt_broker, cfg.run_id)
+    clients = start_clients(amqtt_broker, cfg, tmp_path, 2)
+    try:
+        summary = run_coordinator(cfg, amqtt_broker)
+    finally:
+        stop_all(clients)
+        sniffer.stop()
+    assert summary["status"] == "completed"
+    model = cfg.spec.build()
+    local, global_ = set(fedpara.local_state(model)), set(fedpara.global_state(model))
+    assert local  # x2, y2 and biases
+    carried = sniffer.decoded()
+    kinds = [m.kind for _, m in carried]
+    assert kinds.count(MessageKind.UPDATE) == 4 and kinds.count(MessageKind.TASK) >= 2
+    for topic, msg in carried:
+        assert set(msg.tensors) == global_, topic
+        assert not set(msg.tensors) & local
+    # the local halves persist on each device, and differ between devices
+    states = [load_checkpoint(tmp_path / f"state-c{i}" / "local.safetensors")[0] for i in range(2)]
+    assert set(states[0]) == local
+    assert any(not (states[0][k] == states[1][k]).all() for k in local)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert "global_accuracy" in rows[-1] and rows[-1]["accuracy"] > 0.3  # personalised accuracy

@@ -126,6 +126,7 @@ def print_table(s: dict) -> None:
         ("measured MB down / up (MQTT)", f"{down:.2f} / {up:.2f}"),
         ("dense fp32 MB down / up (exact)", f"{ddown:.2f} / {dup:.2f}"),
         ("dense / measured", f"{s['dense_ratio']:.1f}x" if s.get("dense_ratio") else "-"),
+        ("energy, all clients", f"{s.get('energy_j', 0):.0f} J ({'measured' if s.get('energy_measured') else 'estimated'})"),
         ("wall time", f"{s.get('demo_wall_s', s['wall_s']):.1f} s"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -266,6 +266,12 @@ class Coordinator:
                "train_loss": _weighted(replies, ids, "loss"),
                "duration_s": time.monotonic() - t0, "ignored": dict(self.ignored),
                "client_metrics": {c: replies[c]["metrics"] for c in ids}}
+        energy = [replies[c]["metrics"].get("energy") for c in ids]
+        energy = [e for e in energy if isinstance(e, dict)]
+        if energy:
+            row["energy_j"] = sum(_num(e.get("total_j")) + _num((e.get("prev_upload") or {}).get("joules"))
+                                  for e in energy)
+            row["energy_measured"] = all(e.get("measured") is True for e in energy)
         if self.spec.scheme == "pfedpara":
             # personalised models are evaluated by each client on its own test split
             row["global_accuracy"] = row["accuracy"]
@@ -321,11 +327,19 @@ class Coordinator:
             "wall_s": wall, **tot,
             "dense_ratio": (tot["dense_bytes_down"] + tot["dense_bytes_up"]) / moved if moved else None,
             "params": sum(t.numel() for t in self.state.values()),
+            "energy_j": sum(r.get("energy_j", 0.0) for r in rows),
+            "energy_measured": bool(rows) and all(r.get("energy_measured", False) for r in rows),
             "digest": state_digest(self.state), "ignored": dict(self.ignored),
             "checkpoint": str(self._checkpoint_path(rows[-1]["round"])) if rows else None,
         }
+        acc = summary["final_accuracy"]
+        summary["joules_per_accuracy_point"] = summary["energy_j"] / (100 * acc) if acc else None
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _num(v) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else 0.0
 
 
 def _weighted(replies: dict, ids: list[str], key: str):

@@ -54,6 +54,7 @@ class EdgeClient:
         self._tasks: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
         self.energy = None
+        self._last_upload: dict | None = None
         if cfg.energy != "off":
             from .energy import EnergyConfig, phase_meter
             self.energy = phase_meter(EnergyConfig(meter=cfg.energy, device=self.device.type))
@@ -227,6 +228,8 @@ class EdgeClient:
             metrics["local_accuracy"], metrics["local_loss"] = ev["accuracy"], ev["loss"]
         if self.energy is not None:
             metrics["energy"] = self.energy.pop_report()
+            if self._last_upload is not None:  # an upload cannot report on itself: sent one round late
+                metrics["energy"]["prev_upload"] = self._last_upload
         update = Message(MessageKind.UPDATE, self.cfg.run_id, msg.round, me,
                          {k: v.detach().cpu() for k, v in global_state(self.model).items()},
                          {"num_examples": len(self.train_data), "task_id": meta["task_id"],
@@ -236,6 +239,8 @@ class EdgeClient:
         frames, stats = enc.split(int(meta.get("max_packet", 1_000_000)), topic)
         with self._phase("upload", bytes_sent=stats.framed_bytes):
             ok = self.session.publish_all(topic, frames, timeout=float(meta.get("deadline_s", 120)))
+        if self.energy is not None:
+            self._last_upload = {"round": msg.round, **self.energy.pop_report().get("upload", {})}
         if ok:
             self.rounds_done.append(msg.round)
         log.info("%s: round %d done (loss %.4f, %d bytes up%s)", me, msg.round, res["loss"],

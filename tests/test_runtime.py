@@ -113,6 +113,14 @@ def test_three_clients_two_rounds(any_broker, tmp_path):
     summary_file = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary_file["final_accuracy"] == rows[-1]["accuracy"]
     assert all(c.rounds_done == [1, 2] for c in clients)
+    # energy per client by phase, labelled with its source (estimated on this machine)
+    for r in rows:
+        assert r["energy_j"] > 0 and r["energy_measured"] is False
+        for m in r["client_metrics"].values():
+            assert {"download", "train"} <= set(m["energy"]) and m["energy"]["train"]["source"] == "estimate"
+    assert "prev_upload" in rows[1]["client_metrics"]["c0"]["energy"]
+    assert summary["energy_j"] == pytest.approx(sum(r["energy_j"] for r in rows))
+    assert summary["joules_per_accuracy_point"] > 0
 
 
 def test_sigkilled_client_round_completes_at_deadline(amqtt_broker, tmp_path):

@@ -270,3 +270,28 @@ def test_pfedpara_never_publishes_local_factors(amqtt_broker, tmp_path):
     assert any(not (states[0][k] == states[1][k]).all() for k in local)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert "global_accuracy" in rows[-1] and rows[-1]["accuracy"] > 0.3  # personalised accuracy
+
+
+def test_client_pool_runs_many_logical_clients(mosquitto_broker, tmp_path):
+    from edge_client.pool import ClientPool, pool_configs
+
+    cfg = coord_cfg(tmp_path, min_clients=6, clients_per_round=4, rounds=2)
+    base = ClientConfig(client_id="pool", run_id=cfg.run_id, data="fashion-mnist,partition=shards:2,clients=6,limit=100",
+                        state_dir=str(tmp_path / "pool"), energy="off", eval_local=False)
+    configs = pool_configs(base, 6)
+    assert [c.client_id for c in configs][:2] == ["pool-000", "pool-001"]
+    pool = ClientPool(configs, parse_broker_url(mosquitto_broker))
+    pool.start()
+    try:
+        summary = run_coordinator(cfg, mosquitto_broker)
+    finally:
+        pool.stop()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert summary["status"] == "completed"
+    for r in rows:
+        assert r["sampled"] == r["replied"] == 4 and r["broadcast"] is False
+        # per-client task topics: only the 4 sampled clients download the factors
+        assert r["bytes_down"] == 4 * (r["bytes_down"] // 4)
+    assert sum(len(c.rounds_done) for c in pool.clients) == 8
+    with pytest.raises(ValueError, match="exceed"):
+        pool_configs(base, 7)

@@ -1,33 +1,27 @@
 """Typed edge-client configuration (TOML file and/or flags; flags win)."""
 from __future__ import annotations
 
-import dataclasses
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from fedpara.config import load_config, option
 from fedpara.data import parse_data_spec
 from fedpara.topics import check_id
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help}, **kw)
-
-
 @dataclass
 class ClientConfig:
-    client_id: str = _f("client-0", "unique client id (an MQTT topic level)")
-    run_id: str = _f("demo", "run to join (must match the coordinator's run_id)")
-    data: str = _f("fashion-mnist", "data spec, e.g. fashion-mnist,partition=iid,clients=3,index=0")
-    device: str = _f("auto", "auto | cpu | cuda[:N]")
-    threads: int = _f(1, "torch CPU threads (1 avoids contention with other processes)")
-    state_dir: str = _f("", "where local state lives (pFedPara local factors, last global); "
+    client_id: str = option("client-0", "unique client id (an MQTT topic level)")
+    run_id: str = option("demo", "run to join (must match the coordinator's run_id)")
+    data: str = option("fashion-mnist", "data spec, e.g. fashion-mnist,partition=iid,clients=3,index=0")
+    device: str = option("auto", "auto | cpu | cuda[:N]")
+    threads: int = option(1, "torch CPU threads (1 avoids contention with other processes)")
+    state_dir: str = option("", "where local state lives (pFedPara local factors, last global); "
                             "default: ./client-state/<client_id>")
-    energy: str = _f("auto", "energy meter: auto | rapl | jetson | nvml | rpi | external | estimate | off")
-    export_on_finish: bool = _f(False, "export the final (personalised) model to ONNX when the run ends")
-    exit_on_finish: bool = _f(True, "exit when the coordinator announces the end of the run")
-    eval_local: bool = _f(True, "evaluate on the local test split after training (reported to the coordinator)")
+    energy: str = option("auto", "energy meter: auto | rapl | jetson | nvml | rpi | external | estimate | off")
+    export_on_finish: bool = option(False, "export the final (personalised) model to ONNX when the run ends")
+    exit_on_finish: bool = option(True, "exit when the coordinator announces the end of the run")
+    eval_local: bool = option(True, "evaluate on the local test split after training (reported to the coordinator)")
 
     def __post_init__(self) -> None:
         check_id("client_id", self.client_id)
@@ -45,17 +39,5 @@ class ClientConfig:
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides) -> ClientConfig:
-        data: dict[str, Any] = {}
-        if path is not None:
-            with open(path, "rb") as f:
-                try:
-                    data = tomllib.load(f)
-                except tomllib.TOMLDecodeError as exc:
-                    raise ValueError(f"{path}: invalid TOML: {exc}") from None
-            data = dict(data.get("client", data))
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{path or 'config'}: unknown field(s) {unknown}; known: {sorted(names)}")
-        return cls(**data)
+        """TOML file (optional, keys flat or under [client]) with flag overrides (None is ignored)."""
+        return load_config(cls, path, "client", overrides)

@@ -78,6 +78,14 @@ class FactorisedLayer(nn.Module):
     def _composed(self) -> Tensor:
         return kernels.compose_weight(self.scheme, self.factors(), self.tanh)
 
+    def _baked(self, dense: nn.Module) -> nn.Module:
+        """``dense`` (a plain layer of the same shape) with the composed weight and bias copied in."""
+        with torch.no_grad():
+            dense.weight.copy_(self.weight)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
 
 class _FactorisedLinear(FactorisedLayer):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
@@ -100,14 +108,9 @@ class _FactorisedLinear(FactorisedLayer):
         return F.linear(x, self.weight, self.bias)
 
     def to_dense(self) -> nn.Linear:
-        w = self.weight.detach()
-        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                          device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(w)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        p = self.x1
+        return self._baked(nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                                     device=p.device, dtype=p.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -202,15 +205,10 @@ class _FactorisedConv2d(FactorisedLayer):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def to_dense(self) -> nn.Conv2d:
-        w = self.weight.detach()
-        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                          self.padding, self.dilation, self.groups, self.bias is not None,
-                          self.padding_mode, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(w)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        p = self.x1
+        return self._baked(nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                                     self.padding, self.dilation, self.groups, self.bias is not None,
+                                     self.padding_mode, device=p.device, dtype=p.dtype))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -1,0 +1,177 @@
+"""``fedpara export`` and ``fedpara infer`` (entry points ``EXPORT_COMMAND``, ``INFER_COMMAND``).
+
+    fedpara export SOURCE [--out model.onnx] [--int8] [--opset N] [--data SPEC]
+    fedpara infer model.onnx --data SPEC|inputs.npy [--threads N] [--provider cpu|cuda|tensorrt]
+
+SOURCE is a run directory, a checkpoint, or a client's state directory (see :mod:`export.source`).
+Exit status: 0 ok, 1 parity failed, 2 usage / input errors (printed by the top-level CLI).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.3f} MB"
+
+
+def _pct(a: float | None) -> str:
+    return "-" if a is None else f"{100 * a:.2f}%"
+
+
+def _load_data(text: str, scheme: str | None = None, split: str = "auto"):
+    """(x, y) from a data spec; the client's own test split for pFedPara (or ``split=local``)."""
+    from fedpara.data import load_client_data, load_client_test, load_test_data, parse_data_spec
+    spec = parse_data_spec(text)
+    if split == "train":
+        ds, _ = load_client_data(spec)
+    elif split == "local" or (split == "auto" and scheme == "pfedpara" and spec.clients > 1):
+        ds = load_client_test(spec)
+    else:
+        ds = load_test_data(spec)
+    return ds.tensors
+
+
+def _default_out(source: Path) -> Path:
+    if source.is_dir():
+        return source / "model.onnx"
+    return source.with_suffix(".onnx")
+
+
+class ExportCommand:
+    help = "compose the factors of a run, checkpoint or client state and export ONNX (+ int8)"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("source", type=Path, help="run directory, checkpoint (.safetensors) or client state dir")
+        p.add_argument("--out", type=Path, default=None,
+                       help="ONNX file to write (default: SOURCE_DIR/model.onnx or CHECKPOINT.onnx); "
+                            "the int8 model goes next to it as NAME.int8.onnx")
+        p.add_argument("--int8", action="store_true", help="also write an int8 (static QDQ) model")
+        p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+        p.add_argument("--data", default=None,
+                       help="data spec (e.g. fashion-mnist,limit=2000): parity and accuracy on its test "
+                            "split, int8 calibration on its train shard (needed for --int8)")
+        p.add_argument("--calibration", type=int, default=256, help="int8 calibration samples")
+        p.add_argument("--atol", type=float, default=1e-4, help="max abs logit difference allowed")
+        p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    def run(self, args) -> int:
+        from fedpara.data import load_client_data, parse_data_spec
+
+        from .pipeline import export_model
+        from .source import load_source
+        if args.int8 and not args.data:
+            raise ValueError("--int8 needs --data SPEC: int8 ranges are calibrated on local data")
+        if args.calibration < 1:
+            raise ValueError(f"--calibration must be >= 1, got {args.calibration}")
+        model, spec, info = load_source(args.source)
+        out = args.out or _default_out(args.source)
+        eval_data = calibration = None
+        if args.data:
+            eval_data = _load_data(args.data, spec.scheme)
+            if args.int8:
+                train, _ = load_client_data(parse_data_spec(args.data))
+                x = train.tensors[0]
+                idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:args.calibration]
+                calibration = x[idx]
+        report = export_model(model, spec, out, info=info, opset=args.opset, eval_data=eval_data,
+                              calibration=calibration, int8=args.int8, atol=args.atol)
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=2, default=str))
+            return 0 if report.ok else 1
+        print(f"{spec.model} scheme={spec.scheme} ratio={spec.ratio} round={info.get('round', '-')} "
+              f"recorded accuracy={info.get('accuracy', '-')}")
+        print(f"fp32  {report.onnx}  {_mb(report.size_bytes)}")
+        pr = report.parity_random
+        print(f"parity (random, batch 1 and 64): max abs {pr.max_abs:.2e}, "
+              f"{'same predictions' if pr.same_predictions else 'PREDICTIONS DIFFER'}")
+        if report.parity_data:
+            pd = report.parity_data
+            print(f"parity ({args.data}, {pd.samples} samples): max abs {pd.max_abs:.2e}; accuracy "
+                  f"torch {_pct(pd.torch_accuracy)} onnxruntime {_pct(pd.onnx_accuracy)}")
+        print(f"latency batch 1 fp32: p50 {report.latency['fp32']['p50_ms']:.3f} ms")
+        if report.int8:
+            ratio = report.size_bytes / report.int8_size_bytes
+            print(f"int8  {report.int8}  {_mb(report.int8_size_bytes)} ({ratio:.2f}x smaller); "
+                  f"latency batch 1 p50 {report.latency['int8']['p50_ms']:.3f} ms")
+            if report.int8_accuracy is not None:
+                print(f"int8 accuracy {_pct(report.int8_accuracy)} (drop {report.int8_drop_pp:+.2f} pp, "
+                      f"{_pct(report.int8_agreement)} of predictions equal fp32's)")
+        if not report.ok:
+            print(f"PARITY FAILED: onnxruntime differs from torch by more than {args.atol} "
+                  "or predicts different classes")
+            return 1
+        return 0
+
+
+class InferCommand:
+    help = "run an exported ONNX model with onnxruntime: accuracy or predictions, latency, throughput"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", type=Path, help="an .onnx file written by `fedpara export`")
+        p.add_argument("--data", required=True,
+                       help="labelled data spec (e.g. fashion-mnist,limit=1000) -> accuracy, or an "
+                            ".npy file of inputs (N, ...) -> predictions")
+        p.add_argument("--split", default="auto", choices=["auto", "test", "local", "train"],
+                       help="which split of a data spec (auto: test; the client's local test for "
+                            "pFedPara models with clients > 1)")
+        p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0: all)")
+        p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                       help="onnxruntime execution provider")
+        p.add_argument("--runs", type=int, default=200, help="timed runs at batch 1 (p50/p95)")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def run(self, args) -> int:
+        from .runtime import OnnxModel, accuracy, measure
+        om = OnnxModel(args.model, provider=args.provider, threads=args.threads)
+        meta = om.metadata
+        labels = None
+        if args.data.endswith(".npy"):
+            x = np.load(args.data, allow_pickle=False)
+        else:
+            x, labels = (t.numpy() for t in _load_data(args.data, meta.get("scheme"), args.split))
+        want = [d for d in om.input_shape[1:]]
+        if x.ndim < 1 or (all(isinstance(d, int) for d in want) and list(x.shape[1:]) != want):
+            raise ValueError(f"{args.data}: samples have shape {tuple(x.shape[1:])}, the model "
+                             f"{args.model} takes {tuple(want)}")
+        if len(x) == 0:
+            raise ValueError(f"{args.data}: no samples")
+        logits = om.predict_all(x)
+        b64 = x[np.arange(64) % len(x)]
+        lat1 = measure(om.predict, x[:1], runs=args.runs)
+        lat64 = measure(om.predict, b64, runs=max(args.runs // 10, 10))
+        result = {"model": str(args.model), "provider": args.provider, "threads": args.threads,
+                  "samples": len(x), "metadata": {k: v for k, v in meta.items() if k not in ("spec", "info")},
+                  "batch1": lat1.to_dict(), "batch64": lat64.to_dict()}
+        preds = logits.argmax(1)
+        if labels is not None:
+            result["accuracy"] = accuracy(logits, labels)
+        else:
+            result["predictions"] = preds.tolist()
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        if labels is None:
+            for p in preds:
+                print(int(p))
+        print(f"# {args.model}: {meta.get('model', '?')} scheme={meta.get('scheme', '?')} "
+              f"ratio={meta.get('ratio', '?')} round={meta.get('round') or '-'} "
+              f"{meta.get('quantization', 'fp32')}")
+        if labels is not None:
+            print(f"# accuracy {_pct(result['accuracy'])} on {len(x)} samples ({args.data})")
+        print(f"# batch 1: p50 {lat1.p50_ms:.3f} ms, p95 {lat1.p95_ms:.3f} ms ({lat1.runs} runs, "
+              f"{args.provider}, {args.threads} thread(s))")
+        print(f"# batch 64: {lat64.throughput:,.0f} samples/s (p50 {lat64.p50_ms:.2f} ms)")
+        return 0
+
+
+EXPORT_COMMAND = ExportCommand()
+INFER_COMMAND = InferCommand()

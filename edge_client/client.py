@@ -55,6 +55,7 @@ class EdgeClient:
         self._threads: list[threading.Thread] = []
         self.energy = None
         self._last_upload: dict | None = None
+        self._last_accuracy: float | None = None
         if cfg.energy != "off":
             from .energy import EnergyConfig, phase_meter
             self.energy = phase_meter(EnergyConfig(meter=cfg.energy, device=self.device.type))
@@ -226,6 +227,7 @@ class EdgeClient:
         if self.cfg.eval_local:
             ev = evaluate(self.model, self.test_data, device=self.device)
             metrics["local_accuracy"], metrics["local_loss"] = ev["accuracy"], ev["loss"]
+            self._last_accuracy = ev["accuracy"]
         if self.energy is not None:
             metrics["energy"] = self.energy.pop_report()
             if self._last_upload is not None:  # an upload cannot report on itself: sent one round late
@@ -249,13 +251,23 @@ class EdgeClient:
     def _on_finish(self) -> None:
         if self.cfg.export_on_finish and self.model is not None:
             try:
-                from export import export_onnx
-                with self.train_lock:
-                    path = export_onnx(self.model, self.model_spec, self.state_dir / "model.onnx",
-                                       info={"client_id": self.cfg.client_id,
-                                             "round": self.finish_meta.get("round", 0)})
-                log.info("%s: exported %s", self.cfg.client_id, path)
+                self._export()
             except Exception:  # export is a convenience; the run itself succeeded
                 log.exception("%s: export failed", self.cfg.client_id)
         if self.cfg.exit_on_finish:
             self.finished.set()
+
+    def _export(self) -> None:
+        """The final (for pFedPara: personalised) model -> STATE_DIR/model.onnx (+ model.int8.onnx),
+        checked against torch on the local test split and calibrated on local training data."""
+        from export import export_model
+
+        test = self.test_data.tensors
+        with self.train_lock:
+            report = export_model(self.model, self.model_spec, self.state_dir / "model.onnx",
+                                  info={"client_id": self.cfg.client_id, "round": self.finish_meta.get("round", 0),
+                                        "accuracy": self._last_accuracy, "run_id": self.cfg.run_id},
+                                  eval_data=(test[0], test[1]), calibration=self.train_data.tensors[0][:256],
+                                  int8=True, threads=self.cfg.threads, latency_runs=10)
+        log.info("%s: exported %s (parity %s, int8 %s)", self.cfg.client_id, report.onnx,
+                 "ok" if report.ok else "FAILED", report.int8)

@@ -22,6 +22,7 @@ import copy
 import json
 import logging
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +35,7 @@ from fedpara import FactorisedLayer, FactorisedLSTM, compose, models
 from fedpara.checkpoint import ModelSpec, state_digest
 
 log = logging.getLogger(__name__)
+_EXPORT_LOCK = threading.Lock()
 
 FORMAT = "fedpara-onnx/1"
 PREFIX = "fedpara."
@@ -92,7 +94,8 @@ def metadata_for(model: nn.Module, spec: ModelSpec, info: dict | None = None) ->
 
 def _trace(plain: nn.Module, example: torch.Tensor, opset: int | None):
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with warnings.catch_warnings():  # the exporter's deprecation chatter is not the user's concern
+    # torch.export keeps global mode stacks: two threads exporting at once (a client pool) corrupt them
+    with _EXPORT_LOCK, warnings.catch_warnings():  # and the exporter's deprecation chatter is not the user's concern
         warnings.simplefilter("ignore")
         program = torch.onnx.export(plain, (example,), dynamo=True, external_data=False,
                                     dynamic_shapes=({0: batch},), input_names=[INPUT_NAME],

@@ -248,9 +248,10 @@ def test_pfedpara_never_publishes_local_factors(amqtt_broker, tmp_path):
 
     cfg = coord_cfg(tmp_path, scheme="pfedpara", ratio=0.5, min_clients=2, rounds=2)
     sniffer = Sniffer(amqtt_broker, cfg.run_id)
-    clients = start_clients(amqtt_broker, cfg, tmp_path, 2)
+    clients = start_clients(amqtt_broker, cfg, tmp_path, 2, export_on_finish=True)
     try:
         summary = run_coordinator(cfg, amqtt_broker)
+        assert all(c.wait(120) for c in clients)  # each exports its personalised model, then exits
     finally:
         stop_all(clients)
         sniffer.stop()
@@ -270,6 +271,15 @@ def test_pfedpara_never_publishes_local_factors(amqtt_broker, tmp_path):
     assert any(not (states[0][k] == states[1][k]).all() for k in local)
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert "global_accuracy" in rows[-1] and rows[-1]["accuracy"] > 0.3  # personalised accuracy
+    # the exported ONNX model is the personalised one: it matches this client's own torch model
+    import numpy as np
+
+    from export import OnnxModel
+    onnx = OnnxModel(tmp_path / "state-c0" / "model.onnx")
+    x = clients[0].test_data.tensors[0][:64]
+    clients[0].model.eval()
+    np.testing.assert_allclose(onnx.predict(x.numpy()), clients[0].model(x).detach().numpy(), atol=1e-4)
+    assert onnx.metadata["scheme"] == "pfedpara" and (tmp_path / "state-c1" / "model.int8.onnx").exists()
 
 
 def test_client_pool_runs_many_logical_clients(mosquitto_broker, tmp_path):

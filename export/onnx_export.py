@@ -36,6 +36,8 @@ from fedpara.checkpoint import ModelSpec, state_digest
 
 log = logging.getLogger(__name__)
 _EXPORT_LOCK = threading.Lock()
+# the exporter warns once per missing torchvision op; nothing here uses torchvision
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 FORMAT = "fedpara-onnx/1"
 PREFIX = "fedpara."

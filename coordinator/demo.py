@@ -31,7 +31,7 @@ class DemoCommand:
         p.add_argument("--scheme", default="fedpara", choices=["dense", "lowrank", "fedpara", "pfedpara"])
         p.add_argument("--ratio", type=float, default=0.1, help="the paper's gamma (default 0.1)")
         p.add_argument("--clients", type=int, default=3, help="edge-client processes (default 3)")
-        p.add_argument("--rounds", type=int, default=4, help="rounds (default 4)")
+        p.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
         p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (default 1)")
         p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:K")
         p.add_argument("--limit", type=int, default=0, help="cap each client's training examples (0 = all)")

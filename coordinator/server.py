@@ -92,6 +92,7 @@ class Coordinator:
         self._sampled: set[str] = set()
         self._replies: dict[str, dict] = {}
         self._up_framed = 0
+        self._socket_prev: tuple[int, int] | None = None
 
     # --- persistence -----------------------------------------------------------------------
     def _checkpoint_path(self, rnd: int) -> Path:
@@ -278,6 +279,11 @@ class Coordinator:
             local = _weighted(replies, ids, "local_accuracy")
             if local is not None:
                 row["accuracy"] = local
+        sock = self.session.socket_bytes()
+        if sock is not None:  # what the coordinator's own TCP connection moved this round (kernel count)
+            prev = self._socket_prev or sock
+            row["socket_bytes_sent"], row["socket_bytes_received"] = sock[0] - prev[0], sock[1] - prev[1]
+        self._socket_prev = sock
         save_checkpoint(self._checkpoint_path(rnd), self.state, self.spec, round=rnd,
                         accuracy=row["accuracy"], run_id=cfg.run_id)
         self._append_metrics(row)
@@ -290,6 +296,7 @@ class Coordinator:
                                    [(self.topics.status_all, 1), (self.topics.update_all, 1)],
                                    will=(self.topics.coordinator, self._status_payload("offline"), 1, True))
         self.session.start()
+        self._socket_prev = self.session.socket_bytes()
         self.session.publish(self.topics.coordinator, self._status_payload("online"), retain=True)
         status = "completed"
         try:

@@ -56,6 +56,8 @@ class EdgeClient:
         self.energy = None
         self._last_upload: dict | None = None
         self._last_accuracy: float | None = None
+        self._socket_prev: tuple[int, int] | None = None
+        self._socket_delta: dict | None = None
         if cfg.energy != "off":
             from .energy import EnergyConfig, phase_meter
             self.energy = phase_meter(EnergyConfig(meter=cfg.energy, device=self.device.type))
@@ -218,7 +220,10 @@ class EdgeClient:
                                momentum=float(t.get("momentum", 0.0)),
                                weight_decay=float(t.get("weight_decay", 0.0)), device=self.device,
                                seed=int(t.get("seed", msg.round)))
-        metrics = {"loss": res["loss"], "train_s": res["seconds"], "steps": res["steps"], "decode_s": decode_s}
+        metrics = {"loss": res["loss"], "train_s": res["seconds"], "steps": res["steps"], "decode_s": decode_s,
+                   "task_bytes": nbytes}
+        if self._socket_delta is not None:
+            metrics["prev_socket_bytes"] = self._socket_delta
         if local_state(self.model):
             save_checkpoint(self.state_dir / "local.safetensors", local_state(self.model), spec,
                             round=msg.round, client_id=me)
@@ -243,10 +248,23 @@ class EdgeClient:
             ok = self.session.publish_all(topic, frames, timeout=float(meta.get("deadline_s", 120)))
         if self.energy is not None:
             self._last_upload = {"round": msg.round, **self.energy.pop_report().get("upload", {})}
+        self._socket_report(msg.round)
         if ok:
             self.rounds_done.append(msg.round)
         log.info("%s: round %d done (loss %.4f, %d bytes up%s)", me, msg.round, res["loss"],
                  stats.framed_bytes, "" if ok else ", publish incomplete")
+
+    def _socket_report(self, rnd: int) -> None:
+        """Kernel-counted bytes of our MQTT connection since the previous round (both directions,
+        every MQTT packet), logged and sent with the next update: an update can't count itself."""
+        now = self.session.socket_bytes()
+        if now is None:
+            return
+        prev = self._socket_prev or (0, 0)
+        self._socket_prev = now
+        self._socket_delta = {"round": rnd, "sent": now[0] - prev[0], "received": now[1] - prev[1]}
+        log.info("%s: round %d socket bytes sent %d received %d", self.cfg.client_id, rnd,
+                 self._socket_delta["sent"], self._socket_delta["received"])
 
     def _on_finish(self) -> None:
         if self.cfg.export_on_finish and self.model is not None:

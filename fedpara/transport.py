@@ -85,6 +85,10 @@ class MqttSession:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self.keepalive = keepalive
+        self._sock_lock = threading.Lock()
+        self._sock = None
+        self._sock_last: tuple[int, int] | None = None
+        self._sock_base = (0, 0)
 
     # --- paho callbacks (network thread): enqueue only -------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -142,6 +146,24 @@ class MqttSession:
             if not info.is_published():
                 return False
         return True
+
+    def socket_bytes(self) -> tuple[int, int] | None:
+        """(sent, received) bytes this session's TCP connections moved, from the kernel (TCP_INFO;
+        all MQTT packets and TLS records, not TCP/IP headers), summed over reconnects; None where
+        the platform has no such counters."""
+        from .netstats import tcp_bytes
+
+        sock = self._client.socket()
+        now = tcp_bytes(sock) if sock is not None else None
+        with self._sock_lock:
+            if sock is not self._sock and self._sock_last is not None:  # reconnected: bank the old one
+                self._sock_base = (self._sock_base[0] + self._sock_last[0], self._sock_base[1] + self._sock_last[1])
+                self._sock_last = None
+            self._sock = sock
+            if now is None:
+                return None if self._sock_last is None and self._sock_base == (0, 0) else self._sock_base
+            self._sock_last = now
+            return self._sock_base[0] + now[0], self._sock_base[1] + now[1]
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
         self.subscriptions.append((topic, qos))

@@ -119,6 +119,13 @@ def test_three_clients_two_rounds(any_broker, tmp_path):
         for m in r["client_metrics"].values():
             assert {"download", "train"} <= set(m["energy"]) and m["energy"]["train"]["source"] == "estimate"
     assert "prev_upload" in rows[1]["client_metrics"]["c0"]["energy"]
+    # kernel-counted socket bytes bound the MQTT accounting from above (they add PUBACKs, pings, ...)
+    for r in rows:
+        assert r["socket_bytes_received"] >= r["mqtt_bytes_up"]
+        assert r["socket_bytes_sent"] >= r["mqtt_bytes_down"] // 3  # one broadcast copy to the broker
+        assert r["socket_bytes_received"] - r["mqtt_bytes_up"] < 0.05 * r["mqtt_bytes_up"] + 4096
+    prev = rows[1]["client_metrics"]["c0"]["prev_socket_bytes"]
+    assert prev["round"] == 1 and prev["sent"] >= rows[0]["mqtt_bytes_up"] // 3
     assert summary["energy_j"] == pytest.approx(sum(r["energy_j"] for r in rows))
     assert summary["joules_per_accuracy_point"] > 0
 

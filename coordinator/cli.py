@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from fedpara.transport import add_broker_arguments, broker_from_args
 
@@ -49,7 +50,7 @@ class CoordinatorCommand:
         torch.set_num_threads(1)
         overrides = {f: getattr(args, f) for f, _, _ in OVERRIDES}
         if args.resume:
-            base = json.loads((__import__("pathlib").Path(args.resume) / "config.json").read_text())
+            base = json.loads((Path(args.resume) / "config.json").read_text())
             base.update({k: v for k, v in overrides.items() if v is not None}, out=args.resume)
             cfg = CoordinatorConfig.from_mapping(base, f"{args.resume}/config.json")
         else:

@@ -224,10 +224,10 @@ class Coordinator:
             if not self.session.publish_all(topic, frames, timeout=cfg.round_deadline_s):
                 log.warning("round %d: publishing the task on %s did not complete", rnd, topic)
             framed += stats.framed_bytes
-        # the broker delivers one copy to every receiver
+        # the broker delivers one copy to every subscriber of the fan-out topic
         receivers = len(live) if broadcast else len(sampled)
-        per_copy = framed // len(topics)
-        return {"bytes_down": enc.stats.payload_bytes * receivers, "mqtt_bytes_down": per_copy * receivers,
+        mqtt_down = framed * receivers if broadcast else framed
+        return {"bytes_down": enc.stats.payload_bytes * receivers, "mqtt_bytes_down": mqtt_down,
                 "raw_bytes_down": enc.stats.raw_bytes * receivers, "receivers": receivers,
                 "broadcast": broadcast}
 
@@ -298,13 +298,14 @@ class Coordinator:
         self.session.start()
         self._socket_prev = self.session.socket_bytes()
         self.session.publish(self.topics.coordinator, self._status_payload("online"), retain=True)
-        status = "completed"
+        status = "interrupted"  # unless the loop ends or fails cleanly: then clients keep waiting
         try:
             for rnd in range(self.start_round, cfg.rounds + 1):
                 row = self._run_round(rnd)
                 self.rows.append(row)
                 if self.on_round:
                     self.on_round(row)
+            status = "completed"
         except RunFailed as exc:
             status = f"failed: {exc}"
             log.error("%s", exc)
@@ -316,6 +317,10 @@ class Coordinator:
         return self._summary(status, time.monotonic() - t0)
 
     def _finish(self, status: str) -> None:
+        """Tell the clients the run is over (not after a crash or Ctrl-C: a resume may follow)."""
+        if status == "interrupted":
+            self.session.publish(self.topics.coordinator, self._status_payload("offline"), retain=True).wait_for_publish(5)
+            return
         done = self.rows[-1]["round"] if self.rows else 0
         msg = Message(MessageKind.CONTROL, self.cfg.run_id, done, "coordinator",
                       meta={"action": "finish", "status": status, "round": done})

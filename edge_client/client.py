@@ -24,7 +24,7 @@ from fedpara.topics import Topics
 from fedpara.training import evaluate, resolve_device, train_epochs
 from fedpara.transport import BrokerURL, MqttSession
 from fedpara.wire import (CodecPolicy, Limits, Message, MessageKind, Reassembler, WireError, decode,
-                          encode)
+                          encode, framed_bytes, parse_chunk)
 
 from .config import ClientConfig
 
@@ -58,6 +58,8 @@ class EdgeClient:
         self._last_accuracy: float | None = None
         self._socket_prev: tuple[int, int] | None = None
         self._socket_delta: dict | None = None
+        self._upload_prev: dict | None = None
+        self._incoming: dict[bytes, tuple[float, int]] = {}
         if cfg.energy != "off":
             from .energy import EnergyConfig, phase_meter
             self.energy = phase_meter(EnergyConfig(meter=cfg.energy, device=self.device.type))
@@ -127,9 +129,18 @@ class EdgeClient:
         if topic not in (self.topics.task, self.topics.task_for(self.cfg.client_id)):
             self.counters["unexpected_topic"] += 1  # e.g. a broker replaying retained messages
             return
+        # transfer accounting per message: first chunk seen -> complete, MQTT bytes of every chunk
+        mid = parse_chunk(payload).message_id
+        first, framed = self._incoming.pop(mid, (time.monotonic(), 0))
+        self._incoming[mid] = (first, framed + framed_bytes([len(payload)], topic))
+        while len(self._incoming) > 64:  # partial or bogus message ids do not pile up
+            del self._incoming[next(iter(self._incoming))]
         data = self.reassembler.add(payload)
         if data is None:
             return
+        first, framed = self._incoming.pop(mid, (first, framed))
+        transfer = {"task_payload_bytes": len(data), "task_mqtt_bytes": framed,
+                    "download_s": time.monotonic() - first}
         t0 = time.perf_counter()
         msg = decode(data, self.limits)
         if msg.kind != MessageKind.TASK or msg.run_id != self.cfg.run_id:
@@ -145,7 +156,8 @@ class EdgeClient:
             self.counters["duplicate"] += 1
             return
         self._seen.add(task_id)
-        self._tasks.put((msg, len(data), time.perf_counter() - t0))
+        transfer["decode_s"] = time.perf_counter() - t0
+        self._tasks.put((msg, transfer))
 
     # --- training ----------------------------------------------------------------------------
     def _work(self) -> None:
@@ -206,10 +218,10 @@ class EdgeClient:
             return contextlib.nullcontext()
         return self.energy.phase(name, **kw)
 
-    def _train_round(self, msg: Message, nbytes: int, decode_s: float) -> None:
+    def _train_round(self, msg: Message, transfer: dict) -> None:
         torch.set_num_threads(self.cfg.threads)
         me, meta = self.cfg.client_id, msg.meta
-        with self._phase("download", bytes_received=nbytes):
+        with self._phase("download", bytes_received=transfer["task_mqtt_bytes"]):
             spec = ModelSpec.from_dict(meta["spec"])
             self._ensure_model(spec, int(meta.get("init_seed", 0)))
             load_state(self.model, {k: v.to(self.device) for k, v in msg.tensors.items()})
@@ -220,10 +232,11 @@ class EdgeClient:
                                momentum=float(t.get("momentum", 0.0)),
                                weight_decay=float(t.get("weight_decay", 0.0)), device=self.device,
                                seed=int(t.get("seed", msg.round)))
-        metrics = {"loss": res["loss"], "train_s": res["seconds"], "steps": res["steps"], "decode_s": decode_s,
-                   "task_bytes": nbytes}
+        metrics = {"loss": res["loss"], "train_s": res["seconds"], "steps": res["steps"], **transfer}
         if self._socket_delta is not None:
             metrics["prev_socket_bytes"] = self._socket_delta
+        if self._upload_prev is not None:
+            metrics["prev_upload"] = self._upload_prev
         if local_state(self.model):
             save_checkpoint(self.state_dir / "local.safetensors", local_state(self.model), spec,
                             round=msg.round, client_id=me)
@@ -244,8 +257,13 @@ class EdgeClient:
         enc = encode(update, CodecPolicy.parse(meta.get("uplink", "fp32")))
         topic = self.topics.update(me)
         frames, stats = enc.split(int(meta.get("max_packet", 1_000_000)), topic)
+        t_up = time.monotonic()
         with self._phase("upload", bytes_sent=stats.framed_bytes):
             ok = self.session.publish_all(topic, frames, timeout=float(meta.get("deadline_s", 120)))
+        # an update cannot carry its own transfer time: it travels with the next one
+        self._upload_prev = {"round": msg.round, "payload_bytes": stats.payload_bytes,
+                             "mqtt_bytes": stats.framed_bytes, "upload_s": time.monotonic() - t_up,
+                             "acked": ok}
         if self.energy is not None:
             self._last_upload = {"round": msg.round, **self.energy.pop_report().get("upload", {})}
         self._socket_report(msg.round)

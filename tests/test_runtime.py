@@ -124,6 +124,12 @@ def test_three_clients_two_rounds(any_broker, tmp_path):
         assert r["socket_bytes_received"] >= r["mqtt_bytes_up"]
         assert r["socket_bytes_sent"] >= r["mqtt_bytes_down"] // 3  # one broadcast copy to the broker
         assert r["socket_bytes_received"] - r["mqtt_bytes_up"] < 0.05 * r["mqtt_bytes_up"] + 4096
+    m1 = rows[1]["client_metrics"]["c0"]
+    assert m1["task_mqtt_bytes"] > m1["task_payload_bytes"] > 0 and m1["download_s"] >= 0
+    # what the clients say they sent in round 1 is exactly what the coordinator counted arriving
+    assert m1["prev_upload"]["round"] == 1 and m1["prev_upload"]["acked"]
+    assert sum(m["prev_upload"]["mqtt_bytes"] for m in rows[1]["client_metrics"].values()) == rows[0]["mqtt_bytes_up"]
+    assert sum(m["task_mqtt_bytes"] for m in rows[0]["client_metrics"].values()) == rows[0]["mqtt_bytes_down"]
     prev = rows[1]["client_metrics"]["c0"]["prev_socket_bytes"]
     assert prev["round"] == 1 and prev["sent"] >= rows[0]["mqtt_bytes_up"] // 3
     assert summary["energy_j"] == pytest.approx(sum(r["energy_j"] for r in rows))

@@ -228,19 +228,20 @@ class Coordinator:
         receivers = len(live) if broadcast else len(sampled)
         mqtt_down = framed * receivers if broadcast else framed
         return {"bytes_down": enc.stats.payload_bytes * receivers, "mqtt_bytes_down": mqtt_down,
-                "raw_bytes_down": enc.stats.raw_bytes * receivers, "receivers": receivers,
-                "broadcast": broadcast}
+                "raw_bytes_down": enc.stats.raw_bytes * receivers, "receivers": receivers}
 
     def _run_round(self, rnd: int) -> dict:
         cfg = self.cfg
         t0 = time.monotonic()
+        sent: Counter = Counter()  # every attempt's bytes count: they crossed the wire
+        self._up_framed = 0
         for attempt in range(1, cfg.max_attempts + 1):
             live = self._wait_for_clients()
             k = len(live) if cfg.clients_per_round == 0 else min(cfg.clients_per_round, len(live))
             sampled = sorted(random.Random(f"{cfg.seed}/{rnd}/{attempt}").sample(live, k))
             self._round, self._attempt = rnd, attempt
-            self._sampled, self._replies, self._up_framed = set(sampled), {}, 0
-            sent = self._send_task(rnd, attempt, sampled, live)
+            self._sampled, self._replies = set(sampled), {}
+            sent.update(self._send_task(rnd, attempt, sampled, live))
             self.on_event("task", rnd, sampled)
             deadline = time.monotonic() + cfg.round_deadline_s
             while len(self._replies) < len(sampled) and time.monotonic() < deadline:
@@ -263,7 +264,7 @@ class Coordinator:
                "mqtt_bytes_down": sent["mqtt_bytes_down"], "mqtt_bytes_up": self._up_framed,
                "dense_bytes_down": self.dense_bytes * sent["receivers"],
                "dense_bytes_up": self.dense_bytes * len(ids),
-               "broadcast": sent["broadcast"], "lr": cfg.lr * cfg.lr_decay ** (rnd - 1),
+               "broadcast": set(sampled) == set(live), "lr": cfg.lr * cfg.lr_decay ** (rnd - 1),
                "train_loss": _weighted(replies, ids, "loss"),
                "duration_s": time.monotonic() - t0, "ignored": dict(self.ignored),
                "client_metrics": {c: replies[c]["metrics"] for c in ids}}

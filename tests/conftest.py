@@ -33,13 +33,16 @@ def amqtt_broker():
         yield broker.url
 
 
-def start_mosquitto(tmp_path, extra: str = ""):
+def start_mosquitto(tmp_path, extra: str = "", *, anonymous: bool = True):
+    """Mosquitto on a free loopback port with a config file in tmp_path; returns (process, url)."""
     from coordinator.broker import free_port, wait_for_port
 
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    f"log_dest file {tmp_path / 'mosquitto.log'}\n{extra}")
+    # as root Mosquitto would switch to the 'mosquitto' user, who cannot read pytest's tmp_path
+    user = "user root\n" if os.geteuid() == 0 else ""
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous {'true' if anonymous else 'false'}\n"
+                    f"persistence false\n{user}log_dest file {tmp_path / 'mosquitto.log'}\n{extra}")
     proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port("127.0.0.1", port, timeout=10)

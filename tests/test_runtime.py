@@ -37,11 +37,12 @@ def coord_cfg(tmp_path, **kw) -> CoordinatorConfig:
 
 def start_clients(url, cfg, tmp_path, n, *, first=0, total=None, **kw) -> list[EdgeClient]:
     total = total or n
+    broker = parse_broker_url(url) if isinstance(url, str) else url
+    kw.setdefault("energy", "estimate")
     clients = []
     for i in range(first, first + n):
         c = EdgeClient(ClientConfig(client_id=f"c{i}", run_id=cfg.run_id, data=TRAIN.format(n=total, i=i),
-                                    state_dir=str(tmp_path / f"state-c{i}"), energy="estimate", **kw),
-                       parse_broker_url(url))
+                                    state_dir=str(tmp_path / f"state-c{i}"), **kw), broker)
         c.start()
         clients.append(c)
     return clients
@@ -88,7 +89,7 @@ class Sniffer:
 
 
 def run_coordinator(cfg, url, **kw) -> dict:
-    return Coordinator(cfg, parse_broker_url(url), **kw).run()
+    return Coordinator(cfg, parse_broker_url(url) if isinstance(url, str) else url, **kw).run()
 
 
 def test_three_clients_two_rounds(any_broker, tmp_path):

@@ -28,7 +28,6 @@ import re
 import signal
 import subprocess
 import threading
-import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)

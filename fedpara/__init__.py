@@ -16,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "FedParaLinear", "FedParaConv2d", "LowRankLinear", "LowRankConv2d", "PFedParaLinear",
     "PFedParaConv2d", "FactorisedLayer", "FactorisedLSTM", "FactorisedMatrix", "rank_for_ratio",
-    "convert", "compose", "keep_dense", "global_state", "local_state", "load_state", "count_params",
+    "convert", "compose", "keep_dense", "global_state", "local_state", "load_state", "count_params", "models",
 ]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -30,12 +29,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import MOSQUITTO, needs_fmnist, start_mosquitto
 
 from fedpara.netstats import tcp_bytes, tcp_counters, wait_acked
 from fedpara.wire.accounting import mqtt_publish_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 FEDPARA = [sys.executable, "-m", "fedpara.cli"] if not (Path(sys.executable).parent / "fedpara").exists() \
     else [str(Path(sys.executable).parent / "fedpara")]
 
@@ -113,12 +112,6 @@ def test_tcp_bytes_nonlinux(monkeypatch):
 
 
 # --- Mosquitto $SYS counters vs the coordinator's metrics --------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class SysMonitor:
     """A second MQTT connection that records $SYS/broker/bytes/* and counts its own $SYS bytes."""
 
@@ -253,40 +246,19 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def _fmnist() -> bool:
-    try:
-        from fedpara.data import find_fashion_mnist
-        find_fashion_mnist()
-        return True
-    except (FileNotFoundError, ValueError):
-        return False
-
-
 @pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
-@pytest.mark.skipif(not _fmnist(), reason="Fashion-MNIST not installed")
+@needs_fmnist
 def test_metrics_bytes_agree_with_mosquitto_sys(tmp_path):
-    port = _free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    f"sys_interval 1\nlog_dest file {tmp_path / 'mosquitto.log'}\nuser root\nlog_type all\n")
+    broker, url = start_mosquitto(tmp_path, "sys_interval 1\nlog_type all\n")
+    port = int(url.rsplit(":", 1)[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs: list[subprocess.Popen] = []
-    broker = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     monitor = None
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert broker.poll() is None, (tmp_path / "mosquitto.log").read_text()
-                assert time.monotonic() < deadline, "mosquitto did not start"
-                time.sleep(0.05)
         monitor = SysMonitor(port)
         rx0, tx0, sys0 = monitor.settled()
 
-        url, run, out = f"mqtt://127.0.0.1:{port}", f"bw-{uuid.uuid4().hex[:8]}", tmp_path / "run"
+        run, out = f"bw-{uuid.uuid4().hex[:8]}", tmp_path / "run"
         procs.append(subprocess.Popen(
             FEDPARA + ["coordinator", "--broker", url, "--run", run, "--rounds", "1", "--model", "mlp",
                        "--scheme", "fedpara", "--ratio", "0.1", "--test-data", "fashion-mnist,limit=500",

@@ -8,28 +8,21 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fashion_mnist_available, needs_fmnist
 
 import fedpara
 from export import OnnxModel, check_parity, export_model, export_onnx, quantize_int8, read_metadata
 from export.pipeline import torch_logits
 from fedpara import models
 from fedpara.checkpoint import ModelSpec, state_digest
-from fedpara.data import find_fashion_mnist, load_client_data, load_test_data
+from fedpara.data import load_client_data, load_test_data
 
 MODELS = ("cnn28", "mlp", "vgg16", "char_lstm")
 SCHEMES = ("dense", "fedpara", "lowrank", "pfedpara")
 INFO = {"round": 7, "accuracy": 0.8125, "client": 3}
 
 
-def _have_fmnist() -> bool:
-    try:
-        find_fashion_mnist()
-        return True
-    except (FileNotFoundError, ValueError):
-        return False
-
-
-HAVE_FMNIST = _have_fmnist()
+HAVE_FMNIST = fashion_mnist_available()
 
 
 def _spec(name: str, scheme: str) -> ModelSpec:
@@ -137,7 +130,7 @@ def _train_cnn28(steps: int = 400, seconds: float = 30.0) -> tuple[torch.nn.Modu
     return model.eval(), spec, calib
 
 
-@pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST is not installed")
+@needs_fmnist
 def test_int8_trained_cnn28_fashion_mnist(tmp_path):
     model, spec, calib = _train_cnn28()
     test = load_test_data("fashion-mnist,limit=5000").tensors

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 
 from fedpara.transport import add_broker_arguments, broker_from_args
@@ -22,6 +23,9 @@ class ClientCommand:
         p.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
         p.add_argument("--state-dir", help="local state directory (pFedPara local factors survive restarts)")
         p.add_argument("--energy", help="energy meter: auto|rapl|jetson|nvml|rpi|external|estimate|off")
+        p.add_argument("--energy-link", choices=["wifi", "lte", "ethernet"], help="radio profile of the estimate")
+        p.add_argument("--energy-cmd", help="external meter: command printing watts (or a joule counter)")
+        p.add_argument("--energy-file", help="external meter: file whose last line ends with watts")
         p.add_argument("--export-on-finish", action="store_true", default=None,
                        help="export the final (personalised) model to STATE_DIR/model.onnx")
         p.add_argument("--stay", action="store_true", help="keep running after the run finishes")
@@ -34,10 +38,14 @@ class ClientCommand:
         from .client import EdgeClient
         from .pool import ClientPool, pool_configs
 
+        energy_options = {k: v for k, v in (("link", args.energy_link), ("external_cmd", args.energy_cmd),
+                                            ("external_file", args.energy_file)) if v is not None}
         cfg = ClientConfig.load(args.config, client_id=args.client_id, run_id=args.run_id, data=args.data,
                                 device=args.device, threads=args.threads, state_dir=args.state_dir,
                                 energy=args.energy, export_on_finish=args.export_on_finish,
                                 exit_on_finish=False if args.stay else None)
+        if energy_options:  # flags add to (and win over) the file's [client.energy_options]
+            cfg = dataclasses.replace(cfg, energy_options={**cfg.energy_options, **energy_options})
         torch.set_num_threads(cfg.threads)
         broker = broker_from_args(args)
         if args.pool:

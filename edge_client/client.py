@@ -62,7 +62,8 @@ class EdgeClient:
         self._incoming: dict[bytes, tuple[float, int]] = {}
         if cfg.energy != "off":
             from .energy import EnergyConfig, phase_meter
-            self.energy = phase_meter(EnergyConfig(meter=cfg.energy, device=self.device.type))
+            self.energy = phase_meter(EnergyConfig.from_dict({**cfg.energy_options, "meter": cfg.energy,
+                                                              "device": self.device.type}))
             log.info("%s: energy meter: %s", cfg.client_id, self.energy.reason)
         self.session: MqttSession | None = None
 

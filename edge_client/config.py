@@ -19,6 +19,9 @@ class ClientConfig:
     state_dir: str = option("", "where local state lives (pFedPara local factors, last global); "
                             "default: ./client-state/<client_id>")
     energy: str = option("auto", "energy meter: auto | rapl | jetson | nvml | rpi | external | estimate | off")
+    energy_options: dict = option(None, "more energy settings (TOML table [client.energy_options]): link "
+                                        "(wifi|lte|ethernet), profile, external_cmd, external_file, cpu_watts, ... "
+                                        "see edge_client/energy/config.py", default_factory=dict)
     export_on_finish: bool = option(False, "export the final (personalised) model to ONNX when the run ends")
     exit_on_finish: bool = option(True, "exit when the coordinator announces the end of the run")
     eval_local: bool = option(True, "evaluate on the local test split after training (reported to the coordinator)")
@@ -34,6 +37,12 @@ class ClientConfig:
             raise ValueError(f"threads: must be a positive int, got {self.threads!r}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
+        if self.energy != "off":
+            from .energy import EnergyConfig
+            try:
+                EnergyConfig.from_dict({**self.energy_options, "meter": self.energy})
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"energy_options: {exc}") from None
         if not self.state_dir:
             self.state_dir = str(Path("client-state") / self.client_id)
 

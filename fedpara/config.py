@@ -9,6 +9,8 @@ from typing import Any
 
 def option(default, help: str, **kw):
     """A dataclass field with a help string (shown by ``--help`` tables and docs)."""
+    if "default_factory" in kw:
+        return dataclasses.field(metadata={"help": help}, **kw)
     return dataclasses.field(default=default, metadata={"help": help}, **kw)
 
 
@@ -39,7 +41,8 @@ def from_mapping(cls, data: dict[str, Any], source: str = "config"):
         raise ValueError(f"{source}: unknown field(s) {unknown}; known: {sorted(fields)}")
     data = dict(data)
     for key, value in data.items():
-        want = type(fields[key].default)
+        f = fields[key]
+        want = type(f.default if f.default is not dataclasses.MISSING else f.default_factory())
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             data[key] = float(value)
         elif not isinstance(value, want) or (want is int and isinstance(value, bool)):

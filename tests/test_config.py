@@ -59,3 +59,16 @@ def test_broker_urls(monkeypatch):
     for bad in ("127.0.0.1:1883", "http://x", "mqtt://", "mqtt://h:99999"):
         with pytest.raises(ValueError, match="broker"):
             parse_broker_url(bad)
+
+
+def test_client_energy_options_reach_the_meter(tmp_path):
+    from edge_client.client import EdgeClient
+    readings = tmp_path / "watts.log"
+    readings.write_text("2026-11-26T10:00:00 4.5\n")
+    cfg = ClientConfig(client_id="pi", data="synthetic,n=64", state_dir=str(tmp_path / "s"), energy="external",
+                       energy_options={"external_file": str(readings), "link": "lte"})
+    client = EdgeClient(cfg, parse_broker_url("mqtt://127.0.0.1:1"))  # never connects
+    assert client.energy.source.startswith("external")
+    client.energy.close()
+    with pytest.raises(ValueError, match="energy_options"):
+        ClientConfig(energy_options={"link": "carrier-pigeon"})

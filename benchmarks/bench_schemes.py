@@ -1,9 +1,14 @@
 """Dense vs low-rank vs FedPara, trained for real over MQTT: accuracy and bytes to a target accuracy.
 
     python benchmarks/bench_schemes.py [--rounds 8] [--limit 6000] [--partitions iid,dirichlet:0.5]
-                                       [--ratio 0.1] [--fp16] [--out docs]
+                                       [--ratio 0.1] [--fp16 [--fp16-partitions iid]] [--out docs]
 
-Reproduces the shape of the paper's headline comparison (FedPara, ICLR 2022, Fig. 3 / Table 3):
+docs/schemes.md was made with (10.7 min on 2 cores):
+
+    .venv/bin/python benchmarks/bench_schemes.py --rounds 8 --limit 6000 \
+        --partitions iid,dirichlet:0.5 --fp16 --fp16-partitions iid --runs runs/schemes-final
+
+Checks the shape of the paper's headline comparison (FedPara, ICLR 2022):
 at the same parameter budget FedPara beats the conventional low-rank baseline, gets close to the
 dense model, and needs far fewer bytes to reach a target accuracy.
 
@@ -15,8 +20,10 @@ per-client example cap). The runs are sequential so they do not compete for the 
 the coordinator at the MQTT layer. Written: ``schemes_results.json``, ``schemes.md`` and
 ``schemes.png`` in ``--out``; the run directories stay under ``--runs``.
 
-``--fp16`` adds the fp16+zstd:3 codec (both directions) as a second table; ``--report-only DIR``
-rebuilds the outputs from an earlier invocation's run directories without training.
+``--fp16`` adds the fp16+zstd:3 codec (both directions) as a second table; ``--runs DIR
+--report-only`` rebuilds the outputs from an earlier invocation's run directories without training
+(with the setting recorded there; a hand-written "### Reading the numbers" section in schemes.md
+is kept).
 """
 from __future__ import annotations
 
@@ -123,7 +130,7 @@ def fmt_mb(b) -> str:
 
 
 def fmt_ratio(x) -> str:
-    return "-" if x is None else f"**{x:.1f}x**"
+    return "-" if x is None else f"{x:.1f}x"
 
 
 def table_md(group: dict) -> str:
@@ -141,6 +148,8 @@ def table_md(group: dict) -> str:
     for t in ana["targets"]:
         label = f"MB to reach {100 * t['target']:.1f}%" + (" (best reached by all)" if t["kind"] != "fixed" else "")
         lines.append(f"| {label} | " + " | ".join(fmt_mb(t["reach"].get(s)) for s in SCHEMES) + " |")
+    lines.append("")
+    lines.append("Bytes to reach the target, relative to FedPara (> 1: FedPara needed fewer bytes):")
     lines.append("")
     lines.append("| target accuracy | dense / FedPara bytes | low-rank / FedPara bytes |")
     lines.append("|---|---|---|")
@@ -293,6 +302,10 @@ def main(argv=None) -> int:
     p.add_argument("--run-timeout", type=float, default=600.0, help="seconds per demo run")
     p.add_argument("--report-only", action="store_true", help="rebuild outputs from --runs without training")
     args = p.parse_args(argv)
+    if args.report_only and args.runs and (Path(args.runs) / "invocation.json").exists():
+        # the setting is the one the runs were made with, not this command line's
+        recorded = json.loads((Path(args.runs) / "invocation.json").read_text())["argv"][1:]
+        args = p.parse_args(recorded + ["--runs", args.runs, "--out", args.out, "--report-only"])
 
     partitions = [s.strip() for s in args.partitions.split(",") if s.strip()]
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
@@ -334,10 +347,8 @@ def main(argv=None) -> int:
         g["analysis"] = analyse(g, targets)
 
     import torch
-    command = "python benchmarks/bench_schemes.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.report_only:
-        command = " ".join(prev.get("argv", [])) or command
-        command = command.replace(str(ROOT) + "/", "")
+    used = prev.get("argv", [])[1:] if args.report_only else (argv if argv is not None else sys.argv[1:])
+    command = ".venv/bin/python benchmarks/bench_schemes.py " + " ".join(used)
     results = {
         "command": command.strip(),
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}, Python {platform.python_version()}",

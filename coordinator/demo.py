@@ -20,6 +20,8 @@ from fedpara.transport import add_broker_arguments, broker_from_args
 
 from .config import CoordinatorConfig
 
+NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "shakespeare": 96}  # 95 printable + unknown
+
 
 class DemoCommand:
     help = "train FedPara on Fashion-MNIST with a broker, a coordinator and N client processes"
@@ -39,7 +41,8 @@ class DemoCommand:
         p.add_argument("--batch-size", type=int, default=32, help="local batch size")
         p.add_argument("--uplink", default="fp16+zstd:3", help="uplink codec policy")
         p.add_argument("--downlink", default="fp16+zstd:3", help="downlink codec policy")
-        p.add_argument("--data", default="fashion-mnist", help="dataset name[,path=...]")
+        p.add_argument("--data", default="fashion-mnist",
+                       help="fashion-mnist | cifar10,path=DIR | shakespeare[,path=DIR] (see `fedpara fetch`)")
         p.add_argument("--out", help="run directory (default runs/demo-<time>)")
         p.add_argument("--seed", type=int, default=0)
 
@@ -55,11 +58,20 @@ class DemoCommand:
             raise ValueError(f"--clients must be >= 1, got {args.clients}")
         out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
         run_id = f"demo-{secrets.token_hex(3)}"
-        test_data = args.data
-        client_data = f"{args.data},partition={args.partition},clients={args.clients},seed={args.seed}"
-        if args.limit:
-            client_data += f",limit={args.limit}"
-        cfg = CoordinatorConfig(run_id=run_id, model=args.model, scheme=args.scheme, ratio=args.ratio,
+        dataset = args.data.split(",", 1)[0]
+        num_classes = NUM_CLASSES.get(dataset, 10)
+        test_data, partition, limit = args.data, args.partition, args.limit
+        if dataset == "shakespeare":  # the paper's char-LSTM setting: one client per group of roles
+            if args.model != "char_lstm":
+                print(f"shakespeare is character data: using --model char_lstm instead of {args.model}")
+                args.model = "char_lstm"
+            partition, limit = "natural", limit or 2000
+            test_data = f"{args.data},limit=2000"
+        client_data = f"{args.data},partition={partition},clients={args.clients},seed={args.seed}"
+        if limit:
+            client_data += f",limit={limit}"
+        cfg = CoordinatorConfig(run_id=run_id, model=args.model, num_classes=num_classes, scheme=args.scheme,
+                                ratio=args.ratio,
                                 rounds=args.rounds, min_clients=args.clients, local_epochs=args.local_epochs,
                                 lr=args.lr, batch_size=args.batch_size, uplink=args.uplink,
                                 downlink=args.downlink, test_data=test_data, out=str(out), seed=args.seed,

@@ -109,7 +109,8 @@ def test_natural_clients(plays):
 
 def test_missing_texts(tmp_path, monkeypatch):
     monkeypatch.delenv("FEDPARA_DATA", raising=False)
-    with pytest.raises(FileNotFoundError, match="path="):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/fedpara/shakespeare either
+    with pytest.raises(FileNotFoundError, match="fedpara fetch shakespeare"):
         sh.find_texts()
     with pytest.raises(FileNotFoundError, match="no .txt plays"):
         sh.find_texts(tmp_path)

@@ -374,3 +374,28 @@ def test_pfedpara_local_factors_survive_a_client_restart(tmp_path):
     other = EdgeClient(cfg, parse_broker_url("mqtt://127.0.0.1:1"))
     other._ensure_model(ModelSpec(model="mlp", scheme="pfedpara", ratio=0.2), seed=0)
     assert other.model is not None
+
+
+def test_char_lstm_on_shakespeare_roles(amqtt_broker, tmp_path):
+    """The paper's LSTM setting through the runtime: FedPara gate matrices, one role group per client."""
+    play = "THE TEST\n\n" + "".join(f"HAMLET.\nTo be, or not to be, that is the question {i}.\n\n"
+                                    f"HORATIO.\nSo have I heard, and do in part believe it {i}.\n\n"
+                                    f"OPHELIA.\nThere is rosemary, that's for remembrance {i}.\n\n" for i in range(40))
+    (tmp_path / "plays").mkdir()
+    (tmp_path / "plays" / "test_gut.txt").write_text(play)
+    data = f"shakespeare,path={tmp_path / 'plays'}"
+    cfg = coord_cfg(tmp_path, model="char_lstm", num_classes=96, min_clients=2, rounds=1,
+                    test_data=f"{data},limit=200", lr=0.5)
+    clients = [EdgeClient(ClientConfig(client_id=f"c{i}", run_id=cfg.run_id, data=f"{data},clients=2,index={i},limit=200",
+                                       state_dir=str(tmp_path / f"s{i}"), energy="off"), parse_broker_url(amqtt_broker))
+               for i in range(2)]
+    for c in clients:
+        c.start()
+    try:
+        summary = run_coordinator(cfg, amqtt_broker)
+    finally:
+        stop_all(clients)
+    assert summary["status"] == "completed"
+    row = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert row["replied"] == 2 and 0 <= row["accuracy"] <= 1
+    assert any(k.startswith("lstm.weight_ih_l0.") for k in clients[0].model.state_dict())

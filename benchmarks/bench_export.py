@@ -28,13 +28,14 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 import fedpara
 from export import OnnxModel, export_onnx, measure, quantize_int8
 from export.pipeline import torch_logits
 from fedpara import models
 from fedpara.checkpoint import ModelSpec, save_checkpoint
+from fedpara.training import train_epochs
 
 log = logging.getLogger("bench_export")
 
@@ -49,19 +50,6 @@ def _fmnist():
     return train.tensors, load_test_data("fashion-mnist").tensors
 
 
-def _train(model, x, y, steps: int) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-
-
 def bench_model(name: str, args, tmp: Path) -> dict:
     spec = ModelSpec(model=name, num_classes=10, scheme=args.scheme, ratio=args.ratio)
     torch.manual_seed(0)
@@ -71,7 +59,9 @@ def bench_model(name: str, args, tmp: Path) -> dict:
     if data is not None:
         (xtr, ytr), (xte, yte) = data
         t0 = time.perf_counter()
-        _train(model, xtr, ytr, args.train_steps)
+        n = min(len(xtr), args.train_steps * 64)  # one epoch of train_steps batches of 64
+        train_epochs(model, TensorDataset(xtr[:n], ytr[:n]), epochs=1, batch_size=64, lr=0.05, momentum=0.9)
+        model.eval()
         res["train"] = {"steps": args.train_steps, "seconds": round(time.perf_counter() - t0, 1),
                         "data": "fashion-mnist (12k train subset; full 10k test)"}
         calib = xtr[torch.randperm(len(xtr), generator=torch.Generator().manual_seed(1))[:256]]

@@ -98,29 +98,23 @@ def client_indices(spec: DataSpec | str) -> np.ndarray:
     return partition(labels, spec.partition, spec.clients, spec.index, spec.seed)
 
 
+def _client_info(spec: DataSpec, num_samples: int, num_classes: int, input_shape: tuple, **extra) -> dict:
+    return {"name": spec.name, "spec": str(spec), "client": spec.index, "clients": spec.clients,
+            "partition": spec.partition, "seed": spec.seed, "num_samples": num_samples,
+            "num_classes": num_classes, "input_shape": input_shape, **extra}
+
+
 def load_client_data(spec: DataSpec | str) -> tuple[TensorDataset, dict]:
     """Client ``spec.index``'s train shard and an info dict (sizes, classes, shapes, spec)."""
     spec = as_spec(spec)
     if spec.name == "shakespeare":
         return _shakespeare_client(spec)
     source = _source(spec)
-    labels = source.labels(spec, "train")
-    idx = partition(labels, spec.partition, spec.clients, spec.index, spec.seed)
-    idx = _cap(idx, spec.limit, spec.seed, spec.index)
+    idx = _cap(client_indices(spec), spec.limit, spec.seed, spec.index)
     x, y = source.load(spec, "train", idx)
     num_classes = source.num_classes(spec)
-    info = {
-        "name": spec.name,
-        "spec": str(spec),
-        "client": spec.index,
-        "clients": spec.clients,
-        "partition": spec.partition,
-        "seed": spec.seed,
-        "num_samples": len(y),
-        "num_classes": num_classes,
-        "input_shape": tuple(source.input_shape(spec)),
-        "class_counts": np.bincount(y.numpy(), minlength=num_classes).tolist(),
-    }
+    info = _client_info(spec, len(y), num_classes, tuple(source.input_shape(spec)),
+                        class_counts=np.bincount(y.numpy(), minlength=num_classes).tolist())
     log.info("client %d/%d: %d %s samples (%s)", spec.index, spec.clients, len(y), spec.name,
              spec.partition)
     return TensorDataset(x, y), info
@@ -171,20 +165,8 @@ def _shakespeare_client(spec: DataSpec) -> tuple[TensorDataset, dict]:
     roles = _shakespeare_roles(spec)
     x, y, used = shakespeare.load_shakespeare("train", spec.path, roles=roles,
                                               limit=spec.limit, seed=spec.seed)
-    info = {
-        "name": spec.name,
-        "spec": str(spec),
-        "client": spec.index,
-        "clients": spec.clients,
-        "partition": spec.partition,
-        "seed": spec.seed,
-        "num_samples": len(y),
-        "num_classes": shakespeare.VOCAB_SIZE,
-        "vocab_size": shakespeare.VOCAB_SIZE,
-        "seq_len": shakespeare.SEQ_LEN,
-        "input_shape": (shakespeare.SEQ_LEN,),
-        "roles": used,
-    }
+    info = _client_info(spec, len(y), shakespeare.VOCAB_SIZE, (shakespeare.SEQ_LEN,),
+                        vocab_size=shakespeare.VOCAB_SIZE, seq_len=shakespeare.SEQ_LEN, roles=used)
     log.info("client %d/%d: %d shakespeare windows from %d roles", spec.index, spec.clients,
              len(y), len(used))
     return TensorDataset(x, y), info

@@ -54,11 +54,11 @@ class EdgeClient:
         self._tasks: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
         self.energy = None
-        self._last_upload: dict | None = None
         self._last_accuracy: float | None = None
         self._socket_prev: tuple[int, int] | None = None
-        self._socket_delta: dict | None = None
-        self._upload_prev: dict | None = None
+        # what a round learns only after its update has gone (its upload's bytes, time, energy,
+        # socket counts) travels with the next update
+        self._carry: dict[str, dict] = {}
         self._incoming: dict[bytes, tuple[float, int]] = {}
         if cfg.energy != "off":
             from .energy import EnergyConfig, phase_meter
@@ -234,25 +234,23 @@ class EdgeClient:
                                weight_decay=float(t.get("weight_decay", 0.0)), device=self.device,
                                seed=int(t.get("seed", msg.round)))
         metrics = {"loss": res["loss"], "train_s": res["seconds"], "steps": res["steps"], **transfer}
-        if self._socket_delta is not None:
-            metrics["prev_socket_bytes"] = self._socket_delta
-        if self._upload_prev is not None:
-            metrics["prev_upload"] = self._upload_prev
-        if local_state(self.model):
-            save_checkpoint(self.state_dir / "local.safetensors", local_state(self.model), spec,
-                            round=msg.round, client_id=me)
-        save_checkpoint(self.state_dir / "global.safetensors", global_state(self.model), spec,
-                        round=msg.round, client_id=me)
+        for key in ("prev_upload", "prev_socket_bytes"):
+            if key in self._carry:
+                metrics[key] = self._carry[key]
+        local, shared = local_state(self.model), global_state(self.model)
+        if local:
+            save_checkpoint(self.state_dir / "local.safetensors", local, spec, round=msg.round, client_id=me)
+        save_checkpoint(self.state_dir / "global.safetensors", shared, spec, round=msg.round, client_id=me)
         if self.cfg.eval_local:
             ev = evaluate(self.model, self.test_data, device=self.device)
             metrics["local_accuracy"], metrics["local_loss"] = ev["accuracy"], ev["loss"]
             self._last_accuracy = ev["accuracy"]
         if self.energy is not None:
             metrics["energy"] = self.energy.pop_report()
-            if self._last_upload is not None:  # an upload cannot report on itself: sent one round late
-                metrics["energy"]["prev_upload"] = self._last_upload
+            if "prev_upload_energy" in self._carry:
+                metrics["energy"]["prev_upload"] = self._carry["prev_upload_energy"]
         update = Message(MessageKind.UPDATE, self.cfg.run_id, msg.round, me,
-                         {k: v.detach().cpu() for k, v in global_state(self.model).items()},
+                         {k: v.cpu() for k, v in shared.items()},
                          {"num_examples": len(self.train_data), "task_id": meta["task_id"],
                           "metrics": metrics})
         enc = encode(update, CodecPolicy.parse(meta.get("uplink", "fp32")))
@@ -261,12 +259,11 @@ class EdgeClient:
         t_up = time.monotonic()
         with self._phase("upload", bytes_sent=stats.framed_bytes):
             ok = self.session.publish_all(topic, frames, timeout=float(meta.get("deadline_s", 120)))
-        # an update cannot carry its own transfer time: it travels with the next one
-        self._upload_prev = {"round": msg.round, "payload_bytes": stats.payload_bytes,
-                             "mqtt_bytes": stats.framed_bytes, "upload_s": time.monotonic() - t_up,
-                             "acked": ok}
+        self._carry["prev_upload"] = {"round": msg.round, "payload_bytes": stats.payload_bytes,
+                                      "mqtt_bytes": stats.framed_bytes, "upload_s": time.monotonic() - t_up,
+                                      "acked": ok}
         if self.energy is not None:
-            self._last_upload = {"round": msg.round, **self.energy.pop_report().get("upload", {})}
+            self._carry["prev_upload_energy"] = {"round": msg.round, **self.energy.pop_report().get("upload", {})}
         self._socket_report(msg.round)
         if ok:
             self.rounds_done.append(msg.round)
@@ -281,9 +278,10 @@ class EdgeClient:
             return
         prev = self._socket_prev or (0, 0)
         self._socket_prev = now
-        self._socket_delta = {"round": rnd, "sent": now[0] - prev[0], "received": now[1] - prev[1]}
+        delta = {"round": rnd, "sent": now[0] - prev[0], "received": now[1] - prev[1]}
+        self._carry["prev_socket_bytes"] = delta
         log.info("%s: round %d socket bytes sent %d received %d", self.cfg.client_id, rnd,
-                 self._socket_delta["sent"], self._socket_delta["received"])
+                 delta["sent"], delta["received"])
 
     def _on_finish(self) -> None:
         if self.cfg.export_on_finish and self.model is not None:

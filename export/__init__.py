@@ -7,13 +7,34 @@
 
 :func:`export_model` does all of it with parity checks (what ``fedpara export`` and an edge client
 after its final round call). See docs/export.md.
-"""
-from .onnx_export import export_onnx, read_metadata
-from .pipeline import ExportReport, Parity, check_parity, export_model, int8_path
-from .quantize import quantize_int8
-from .runtime import OnnxModel, ProviderUnavailable, measure
-from .source import latest_checkpoint, load_source
 
-__all__ = ["export_onnx", "read_metadata", "quantize_int8", "load_source", "latest_checkpoint",
-           "OnnxModel", "ProviderUnavailable", "measure", "export_model", "check_parity",
-           "ExportReport", "Parity", "int8_path"]
+The names are imported lazily: the inference side (:mod:`export.runtime`, :mod:`export.infer`,
+:mod:`export.datafiles`) needs only numpy and onnxruntime, and importing this package must not
+pull in torch on a device that has only the ``infer`` install profile.
+"""
+from __future__ import annotations
+
+import importlib
+
+_NAMES = {
+    "export_onnx": "onnx_export", "read_metadata": "onnx_export",
+    "ExportReport": "pipeline", "Parity": "pipeline", "check_parity": "pipeline",
+    "export_model": "pipeline", "int8_path": "pipeline",
+    "quantize_int8": "quantize",
+    "OnnxModel": "runtime", "ProviderUnavailable": "runtime", "measure": "runtime",
+    "latest_checkpoint": "source", "load_source": "source",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_NAMES))

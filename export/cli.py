@@ -4,7 +4,10 @@
     fedpara infer model.onnx --data SPEC|inputs.npy [--threads N] [--provider cpu|cuda|tensorrt]
 
 SOURCE is a run directory, a checkpoint, or a client's state directory (see :mod:`export.source`).
-Exit status: 0 ok, 1 parity failed, 2 usage / input errors (printed by the top-level CLI).
+Without ``--data``, a run directory's own data spec (``config.json`` "test_data") is used for parity,
+accuracy and int8 calibration. ``infer`` lives in :mod:`export.infer` (no torch); this module
+imports torch only when an export runs. Exit status: 0 ok, 1 parity failed, 2 usage / input errors
+(printed by the top-level CLI).
 """
 from __future__ import annotations
 
@@ -13,18 +16,30 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-import torch
+from .infer import INFER_COMMAND, InferCommand, _pct  # noqa: F401  (the ``infer`` entry point)
 
 log = logging.getLogger(__name__)
+
+RUN_CONFIG = "config.json"  # a run directory's coordinator config; "test_data" is its data spec
 
 
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.3f} MB"
 
 
-def _pct(a: float | None) -> str:
-    return "-" if a is None else f"{100 * a:.2f}%"
+def recorded_data(source: Path) -> str | None:
+    """The data spec a run directory was evaluated on (``config.json`` "test_data"), if any."""
+    path = source / RUN_CONFIG
+    if not source.is_dir() or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"run config {path} is not valid JSON: {exc}") from None
+    data = config.get("test_data") if isinstance(config, dict) else None
+    if data is not None and (not isinstance(data, str) or not data.strip()):
+        raise ValueError(f"run config {path}: test_data must be a data spec string, got {data!r}")
+    return data
 
 
 def _load_data(text: str, scheme: str | None = None, split: str = "auto"):
@@ -58,18 +73,30 @@ class ExportCommand:
         p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
         p.add_argument("--data", default=None,
                        help="data spec (e.g. fashion-mnist,limit=2000): parity and accuracy on its test "
-                            "split, int8 calibration on its train shard (needed for --int8)")
+                            "split, int8 calibration on its train shard (needed for --int8); default "
+                            "for a run directory: the test_data its config.json records")
         p.add_argument("--calibration", type=int, default=256, help="int8 calibration samples")
         p.add_argument("--atol", type=float, default=1e-4, help="max abs logit difference allowed")
         p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     def run(self, args) -> int:
-        from fedpara.data import load_client_data, parse_data_spec
+        try:
+            import torch
 
-        from .pipeline import export_model
-        from .source import load_source
+            from fedpara.data import load_client_data, parse_data_spec
+
+            from .pipeline import export_model
+            from .source import load_source
+        except ImportError as exc:
+            raise ValueError(f"export needs torch, onnx and onnxscript ({exc}); install the "
+                             "export profile: pip install 'fedpara-edge[export]'") from None
+        if not args.data:
+            args.data = recorded_data(args.source)
+            if args.data:
+                log.info("--data not given: using the run's recorded test_data %s", args.data)
         if args.int8 and not args.data:
-            raise ValueError("--int8 needs --data SPEC: int8 ranges are calibrated on local data")
+            raise ValueError("--int8 needs --data SPEC: int8 ranges are calibrated on local data "
+                             f"(and {args.source} is not a run directory recording its test_data)")
         if args.calibration < 1:
             raise ValueError(f"--calibration must be >= 1, got {args.calibration}")
         model, spec, info = load_source(args.source)
@@ -112,66 +139,4 @@ class ExportCommand:
         return 0
 
 
-class InferCommand:
-    help = "run an exported ONNX model with onnxruntime: accuracy or predictions, latency, throughput"
-
-    def add_arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", type=Path, help="an .onnx file written by `fedpara export`")
-        p.add_argument("--data", required=True,
-                       help="labelled data spec (e.g. fashion-mnist,limit=1000) -> accuracy, or an "
-                            ".npy file of inputs (N, ...) -> predictions")
-        p.add_argument("--split", default="auto", choices=["auto", "test", "local", "train"],
-                       help="which split of a data spec (auto: test; the client's local test for "
-                            "pFedPara models with clients > 1)")
-        p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0: all)")
-        p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
-                       help="onnxruntime execution provider")
-        p.add_argument("--runs", type=int, default=200, help="timed runs at batch 1 (p50/p95)")
-        p.add_argument("--json", action="store_true", help="print the result as JSON")
-
-    def run(self, args) -> int:
-        from .runtime import OnnxModel, accuracy, measure
-        om = OnnxModel(args.model, provider=args.provider, threads=args.threads)
-        meta = om.metadata
-        labels = None
-        if args.data.endswith(".npy"):
-            x = np.load(args.data, allow_pickle=False)
-        else:
-            x, labels = (t.numpy() for t in _load_data(args.data, meta.get("scheme"), args.split))
-        want = [d for d in om.input_shape[1:]]
-        if x.ndim < 1 or (all(isinstance(d, int) for d in want) and list(x.shape[1:]) != want):
-            raise ValueError(f"{args.data}: samples have shape {tuple(x.shape[1:])}, the model "
-                             f"{args.model} takes {tuple(want)}")
-        if len(x) == 0:
-            raise ValueError(f"{args.data}: no samples")
-        logits = om.predict_all(x)
-        b64 = x[np.arange(64) % len(x)]
-        lat1 = measure(om.predict, x[:1], runs=args.runs)
-        lat64 = measure(om.predict, b64, runs=max(args.runs // 10, 10))
-        result = {"model": str(args.model), "provider": args.provider, "threads": args.threads,
-                  "samples": len(x), "metadata": {k: v for k, v in meta.items() if k not in ("spec", "info")},
-                  "batch1": lat1.to_dict(), "batch64": lat64.to_dict()}
-        preds = logits.argmax(1)
-        if labels is not None:
-            result["accuracy"] = accuracy(logits, labels)
-        else:
-            result["predictions"] = preds.tolist()
-        if args.json:
-            print(json.dumps(result, indent=2))
-            return 0
-        if labels is None:
-            for p in preds:
-                print(int(p))
-        print(f"# {args.model}: {meta.get('model', '?')} scheme={meta.get('scheme', '?')} "
-              f"ratio={meta.get('ratio', '?')} round={meta.get('round') or '-'} "
-              f"{meta.get('quantization', 'fp32')}")
-        if labels is not None:
-            print(f"# accuracy {_pct(result['accuracy'])} on {len(x)} samples ({args.data})")
-        print(f"# batch 1: p50 {lat1.p50_ms:.3f} ms, p95 {lat1.p95_ms:.3f} ms ({lat1.runs} runs, "
-              f"{args.provider}, {args.threads} thread(s))")
-        print(f"# batch 64: {lat64.throughput:,.0f} samples/s (p50 {lat64.p50_ms:.2f} ms)")
-        return 0
-
-
 EXPORT_COMMAND = ExportCommand()
-INFER_COMMAND = InferCommand()

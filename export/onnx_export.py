@@ -1,6 +1,6 @@
 """Compose the factors and export the plain model to ONNX with torch's dynamo exporter (onnxscript).
 
-FEDPARA.md pitfall 4: compose once for inference. The factorised model is merged into ordinary
+docs/method.md, pitfall 4: compose once for inference. The factorised model is merged into ordinary
 ``nn.Conv2d`` / ``nn.Linear`` / ``nn.LSTM`` layers by :func:`fedpara.compose`, traced with
 ``torch.export`` (dynamic batch dimension), written as one self-contained file (no external data),
 checked with ``onnx.checker`` (``full_check=True``, which runs strict shape inference), and stamped
@@ -11,7 +11,7 @@ with metadata properties so that a file on a device says what it is:
     fedpara.model / .scheme / .ratio / .num_classes
     fedpara.round           federated round of the factors ("" when unknown)
     fedpara.accuracy        test accuracy recorded with them ("" when unknown)
-    fedpara.factor_digest   sha256 (fedpara.checkpoint.state_digest) of the factor state that was
+    fedpara.factor_digest   sha256 (fedpara.runtime.checkpoint.state_digest) of the factor state that was
                             composed -- equal to the checkpoint's digest for a full state
     fedpara.digest_of       "factors" or, for a model handed over already composed, "composed"
     fedpara.info            every JSON-serialisable entry of ``info`` (client id, source, ...)
@@ -32,7 +32,10 @@ import torch
 from torch import nn
 
 from fedpara import FactorisedLayer, FactorisedLSTM, compose, models
-from fedpara.checkpoint import ModelSpec, state_digest
+from fedpara.models import ModelSpec
+from fedpara.runtime.checkpoint import state_digest
+
+from .runtime import PREFIX  # metadata key prefix, defined on the torch-free side
 
 log = logging.getLogger(__name__)
 _EXPORT_LOCK = threading.Lock()
@@ -40,7 +43,6 @@ _EXPORT_LOCK = threading.Lock()
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 FORMAT = "fedpara-onnx/1"
-PREFIX = "fedpara."
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 MAX_BATCH = 4096
 

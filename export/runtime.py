@@ -4,6 +4,9 @@
 onnxruntime build does not have (``cuda`` / ``tensorrt`` need the ``onnxruntime-gpu`` wheel and
 NVIDIA's libraries) raises :class:`ProviderUnavailable`, a ``ValueError`` whose message says what
 is available and what to install -- never a silent fall-back to the CPU.
+
+Needs only numpy and onnxruntime (no torch, no ``fedpara`` package): this is what runs on a device
+with the ``infer`` install profile.
 """
 from __future__ import annotations
 
@@ -17,12 +20,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from fedpara.checkpoint import ModelSpec
-
-from .onnx_export import PREFIX
-
 log = logging.getLogger(__name__)
 
+PREFIX = "fedpara."  # ONNX metadata keys written at export (see export.onnx_export)
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
 # what each choice runs on, most preferred first (nodes a provider cannot run fall back to the next)
@@ -81,8 +81,9 @@ class OnnxModel:
         self.metadata = {k[len(PREFIX):]: v for k, v in meta.items() if k.startswith(PREFIX)}
 
     @property
-    def spec(self) -> ModelSpec | None:
-        """The ModelSpec recorded at export, if any."""
+    def spec(self):
+        """The ModelSpec recorded at export, if any (needs the ``fedpara`` package, hence torch)."""
+        from fedpara.models import ModelSpec
         return ModelSpec.from_dict(json.loads(self.metadata["spec"])) if "spec" in self.metadata else None
 
     def predict(self, x: np.ndarray) -> np.ndarray:

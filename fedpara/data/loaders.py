@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from export.datafiles import TEST_TAG as _TEST_TAG
+from export.datafiles import seeded_subset as _cap
+
 from . import cifar, fashion_mnist, shakespeare
 from .partition import local_test_indices, partition
 from .spec import DataSpec, as_spec
@@ -26,7 +29,6 @@ from .synthetic import make_synthetic
 
 log = logging.getLogger(__name__)
 
-_TEST_TAG = 1 << 20  # RNG stream for capping the server test split (client streams use index)
 
 Labels = Callable[[DataSpec, str], np.ndarray]
 Loader = Callable[[DataSpec, str, "np.ndarray | None"], tuple[torch.Tensor, torch.Tensor]]
@@ -77,14 +79,6 @@ SOURCES: dict[str, ImageSource] = {
     ),
 }
 SOURCES["cifar100"] = SOURCES["cifar10"]
-
-
-def _cap(indices: np.ndarray, limit: int | None, seed: int, tag: int) -> np.ndarray:
-    """A seeded, sorted subset of at most ``limit`` indices."""
-    if limit is None or len(indices) <= limit:
-        return indices
-    rng = np.random.default_rng([seed, tag])
-    return np.sort(rng.choice(indices, size=limit, replace=False))
 
 
 def _source(spec: DataSpec) -> ImageSource:

@@ -1,0 +1,167 @@
+"""``fedpara infer`` / ``fedpara-infer``: run an exported ONNX model with onnxruntime, no PyTorch.
+
+    fedpara-infer model.onnx --data fashion-mnist,limit=1000 [--threads N] [--provider cpu|cuda|tensorrt]
+    fedpara-infer model.onnx --data inputs.npy          # unlabelled: one prediction per line
+
+This module imports only the standard library, numpy and onnxruntime (the ``infer`` install
+profile). ``fedpara infer`` runs the same command inside the full CLI; ``fedpara-infer`` is the
+console script for devices without torch, where the ``fedpara`` command itself cannot start (its
+package imports torch). Data read without torch: ``.npy`` inputs and Fashion-MNIST's test split
+(keys ``path``, ``limit``, ``seed``); any other data spec goes through ``fedpara.data``, which needs
+the ``client`` profile. Exit status: 0 ok, 2 usage / input errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LEAN_KEYS = {"path", "limit", "seed"}
+
+
+def _pct(a: float | None) -> str:
+    return "-" if a is None else f"{100 * a:.2f}%"
+
+
+def _lean_spec(text: str) -> dict | None:
+    """``{"path", "limit", "seed"}`` of a Fashion-MNIST spec numpy can serve, else None."""
+    name, *items = [part.strip() for part in text.strip().split(",")]
+    if name != "fashion-mnist":
+        return None
+    out: dict = {"path": None, "limit": None, "seed": 0}
+    for item in items:
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or key not in LEAN_KEYS:
+            return None  # the full parser gives the error or handles the key
+        if key == "path":
+            out[key] = value
+            continue
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise ValueError(f"{key} must be an integer, got {value!r}") from None
+    if out["limit"] is not None and out["limit"] < 1:
+        raise ValueError(f"limit must be >= 1, got {out['limit']}")
+    if out["seed"] < 0:
+        raise ValueError(f"seed must be >= 0, got {out['seed']}")
+    return out
+
+
+def load_inputs(text: str, scheme: str | None = None,
+                split: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
+    """``(x, labels or None)`` for ``--data``: an .npy file, or a labelled data spec.
+
+    Fashion-MNIST's test split is read with numpy alone (same samples as ``fedpara.data``'s
+    ``load_test_data``); other specs and splits need ``fedpara.data`` and therefore torch.
+    """
+    if text.endswith(".npy"):
+        return np.load(text, allow_pickle=False), None
+    lean = _lean_spec(text) if split in ("auto", "test") else None
+    if lean is not None:
+        from . import datafiles
+        directory = datafiles.find_fashion_mnist(lean["path"])
+        n = len(datafiles.read_labels_in(directory, "test"))
+        idx = datafiles.seeded_subset(np.arange(n), lean["limit"], lean["seed"], datafiles.TEST_TAG)
+        return datafiles.read_split(directory, "test", None if lean["limit"] is None else idx)
+    try:
+        from fedpara.data import load_client_data, load_client_test, load_test_data, parse_data_spec
+    except ImportError as exc:
+        raise ValueError(f"--data {text} (split {split}) needs fedpara.data, which needs torch "
+                         f"({exc}); without torch use an .npy file of inputs or Fashion-MNIST's "
+                         "test split (fashion-mnist[,path=DIR][,limit=N][,seed=S])") from None
+    spec = parse_data_spec(text)
+    if split == "train":
+        ds, _ = load_client_data(spec)
+    elif split == "local" or (split == "auto" and scheme == "pfedpara" and spec.clients > 1):
+        ds = load_client_test(spec)
+    else:
+        ds = load_test_data(spec)
+    x, y = ds.tensors
+    return x.numpy(), y.numpy()
+
+
+class InferCommand:
+    help = "run an exported ONNX model with onnxruntime: accuracy or predictions, latency, throughput"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", type=Path, help="an .onnx file written by `fedpara export`")
+        p.add_argument("--data", required=True,
+                       help="labelled data spec (e.g. fashion-mnist,limit=1000) -> accuracy, or an "
+                            ".npy file of inputs (N, ...) -> predictions")
+        p.add_argument("--split", default="auto", choices=["auto", "test", "local", "train"],
+                       help="which split of a data spec (auto: test; the client's local test for "
+                            "pFedPara models with clients > 1)")
+        p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (0: all)")
+        p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                       help="onnxruntime execution provider")
+        p.add_argument("--runs", type=int, default=200, help="timed runs at batch 1 (p50/p95)")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def run(self, args) -> int:
+        from .runtime import OnnxModel, accuracy, measure
+        om = OnnxModel(args.model, provider=args.provider, threads=args.threads)
+        meta = om.metadata
+        x, labels = load_inputs(args.data, meta.get("scheme"), args.split)
+        want = [d for d in om.input_shape[1:]]
+        if x.ndim < 1 or (all(isinstance(d, int) for d in want) and list(x.shape[1:]) != want):
+            raise ValueError(f"{args.data}: samples have shape {tuple(x.shape[1:])}, the model "
+                             f"{args.model} takes {tuple(want)}")
+        if len(x) == 0:
+            raise ValueError(f"{args.data}: no samples")
+        logits = om.predict_all(x)
+        b64 = x[np.arange(64) % len(x)]
+        lat1 = measure(om.predict, x[:1], runs=args.runs)
+        lat64 = measure(om.predict, b64, runs=max(args.runs // 10, 10))
+        result = {"model": str(args.model), "provider": args.provider, "threads": args.threads,
+                  "samples": len(x), "metadata": {k: v for k, v in meta.items() if k not in ("spec", "info")},
+                  "batch1": lat1.to_dict(), "batch64": lat64.to_dict()}
+        preds = logits.argmax(1)
+        if labels is not None:
+            result["accuracy"] = accuracy(logits, labels)
+        else:
+            result["predictions"] = preds.tolist()
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        if labels is None:
+            for p in preds:
+                print(int(p))
+        print(f"# {args.model}: {meta.get('model', '?')} scheme={meta.get('scheme', '?')} "
+              f"ratio={meta.get('ratio', '?')} round={meta.get('round') or '-'} "
+              f"{meta.get('quantization', 'fp32')}")
+        if labels is not None:
+            print(f"# accuracy {_pct(result['accuracy'])} on {len(x)} samples ({args.data})")
+        print(f"# batch 1: p50 {lat1.p50_ms:.3f} ms, p95 {lat1.p95_ms:.3f} ms ({lat1.runs} runs, "
+              f"{args.provider}, {args.threads} thread(s))")
+        print(f"# batch 64: {lat64.throughput:,.0f} samples/s (p50 {lat64.p50_ms:.2f} ms)")
+        return 0
+
+
+INFER_COMMAND = InferCommand()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``fedpara-infer`` console script (same arguments and exit codes as ``fedpara infer``)."""
+    parser = argparse.ArgumentParser(prog="fedpara-infer", description=INFER_COMMAND.help)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    INFER_COMMAND.add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(INFER_COMMAND.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"fedpara-infer: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

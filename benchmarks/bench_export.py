@@ -1,4 +1,4 @@
-"""Inference cost of the export path, side by side in one run (issue 5.6).
+"""Inference cost of the export path, side by side in one run.
 
 For each model: batch-1 and batch-64 latency of
   * the factorised torch model (composes every weight on every call -- what training runs),
@@ -34,7 +34,8 @@ import fedpara
 from export import OnnxModel, export_onnx, measure, quantize_int8
 from export.pipeline import torch_logits
 from fedpara import models
-from fedpara.checkpoint import ModelSpec, save_checkpoint
+from fedpara.models import ModelSpec
+from fedpara.runtime.checkpoint import save_checkpoint
 from fedpara.training import train_epochs
 
 log = logging.getLogger("bench_export")

@@ -1,4 +1,4 @@
-"""Round time under a shaped link: dense vs FedPara (ratio 0.1) vs FedPara + fp16+zstd (issue 6).
+"""Round time under a shaped link: dense vs FedPara (ratio 0.1) vs FedPara + fp16+zstd.
 
 Each client runs in its own network namespace behind a veth pair shaped with ``tc tbf`` (default
 2 Mbit/s each way); the broker (Mosquitto, or the embedded amqtt) and the coordinator run in a hub
@@ -32,6 +32,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.netns import LinkLab, parse_rate, ss_bytes  # noqa: E402
+from fedpara.runtime.rundir import RunDir  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support import MOSQUITTO, mosquitto_conf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_link")
@@ -47,7 +51,7 @@ BEGIN, END = "<!-- bench_link:begin -->", "<!-- bench_link:end -->"
 
 def fedpara_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "fedpara"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fedpara.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fedpara.runtime.cli"]
 
 
 def data_specs(model: str, n_clients: int, limit: int) -> tuple[list[str], str]:
@@ -80,12 +84,9 @@ class SsPoller(threading.Thread):
 
 def start_broker(lab: LinkLab, impl: str, port: int, work: Path) -> subprocess.Popen:
     if impl == "mosquitto":
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        conf = work / "mosquitto.conf"
         # listens on every address of the hub namespace only (its lo and the veth ends)
-        conf.write_text(f"listener {port}\nallow_anonymous true\npersistence false\nuser root\n"
-                        f"log_dest file {work / 'mosquitto.log'}\n")
-        proc = lab.popen(lab.hub, [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        conf = mosquitto_conf(work, port, host=None)
+        proc = lab.popen(lab.hub, [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     else:
         proc = lab.popen(lab.hub, [sys.executable, "-m", "coordinator.broker", "--host", "0.0.0.0", "--port", str(port)],
                          cwd=ROOT, stdout=open(work / "broker.log", "w"), stderr=subprocess.STDOUT)
@@ -140,8 +141,7 @@ def run_case(lab: LinkLab, name: str, case: dict, args, port: int, work: Path) -
     for p in [coord, *clients]:
         lab.stop(p)
     tc1 = lab.tc_stats()
-    rows = [json.loads(x) for x in (cdir / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()] \
-        if (cdir / "run" / "metrics.jsonl").exists() else []
+    rows = RunDir(cdir / "run").read_metrics()
     if coord.returncode != 0 or len(rows) < args.rounds:
         raise RuntimeError(f"case {name} failed (rc {coord.returncode}, {len(rows)} rounds); logs in {cdir}:\n"
                            + (cdir / "coordinator.log").read_text()[-3000:])

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,12 +21,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from coordinator.broker import free_port, spawn_broker, wait_for_port  # noqa: E402
+from support import start_mosquitto  # noqa: E402
+
+from coordinator.broker import spawn_broker  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
+from coordinator.events import ClientStatusChanged, RoundCompleted  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
-from fedpara.transport import parse_broker_url  # noqa: E402
+from fedpara.runtime.mqtt import parse_broker_url  # noqa: E402
 
 
 def rss_mb(pid: int) -> float | None:
@@ -42,14 +44,7 @@ def rss_mb(pid: int) -> float | None:
 
 def start_broker(kind: str, tmp: Path):
     if kind == "mosquitto":
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        port = free_port()
-        conf = tmp / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        f"max_queued_messages 10000\n")
-        proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port("127.0.0.1", port)
-        return proc, f"mqtt://127.0.0.1:{port}"
+        return start_mosquitto(tmp, "max_queued_messages 10000\n")
     return spawn_broker()
 
 
@@ -75,7 +70,7 @@ def main(argv=None) -> int:
     try:
         t0 = time.monotonic()
         pool = subprocess.Popen(
-            [sys.executable, "-m", "fedpara.cli", "client", "--broker", url, "--run", run_id, "--client-id", "sim",
+            [sys.executable, "-m", "fedpara.runtime.cli", "client", "--broker", url, "--run", run_id, "--client-id", "sim",
              "--pool", str(args.clients), "--threads", "1", "--device", "cpu", "--energy", "estimate",
              "--state-dir", str(tmp / "clients"),
              "--data", f"fashion-mnist,partition=dirichlet:0.5,clients={args.clients},limit={args.limit}"],
@@ -86,17 +81,18 @@ def main(argv=None) -> int:
                                 uplink="fp16+zstd:3", downlink="fp16+zstd:3", out=str(tmp / "run"))
         connected = {}
 
-        def on_event(kind, *a):
-            if kind == "status" and a[1] and a[0] not in connected:
-                connected[a[0]] = time.monotonic() - t0
-
-        def on_round(row):
+        def on_event(event):
+            if isinstance(event, ClientStatusChanged) and event.online and event.client_id not in connected:
+                connected[event.client_id] = time.monotonic() - t0
+            if not isinstance(event, RoundCompleted):
+                return
+            row = event.row
             print(f"round {row['round']}: {row['replied']}/{row['sampled']} replied, acc {row['accuracy']:.3f}, "
                   f"{row['duration_s']:.1f} s, {(row['mqtt_bytes_down'] + row['mqtt_bytes_up']) / 1e6:.2f} MB, "
                   f"pool RSS {rss_mb(pool.pid) or 0:.0f} MB", flush=True)
             row["pool_rss_mb"] = rss_mb(pool.pid)
 
-        coord = Coordinator(cfg, parse_broker_url(url), on_round=on_round, on_event=on_event)
+        coord = Coordinator(cfg, parse_broker_url(url), on_event=on_event)
         summary = coord.run()
         rows = coord.rows
     finally:

@@ -38,6 +38,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedpara.runtime.rundir import RunDir  # noqa: E402
+
 SCHEMES = ["dense", "lowrank", "fedpara"]
 CODECS = {"fp32": "fp32", "fp16": "fp16+zstd:3"}
 COLORS = {"dense": "#444444", "lowrank": "#d62728", "fedpara": "#1f77b4"}
@@ -45,7 +49,7 @@ COLORS = {"dense": "#444444", "lowrank": "#d62728", "fedpara": "#1f77b4"}
 
 def fedpara_exe() -> list[str]:
     exe = Path(sys.executable).with_name("fedpara")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fedpara.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "fedpara.runtime.cli"]
 
 
 def slug(s: str) -> str:
@@ -76,8 +80,7 @@ def run_one(args, scheme: str, partition: str, codec: str, run_dir: Path) -> dic
 
 
 def load_run(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    rows, summary = RunDir(run_dir).read_metrics(), RunDir(run_dir).read_summary()
     if summary.get("status") != "completed":
         raise RuntimeError(f"{run_dir}: status {summary.get('status')}")
     acc = [r["accuracy"] for r in rows]

@@ -1,4 +1,4 @@
-"""Wire-format benchmark (issue 3, item 7): codec throughput next to raw numpy, and bytes per
+"""Wire-format benchmark: codec throughput next to raw numpy, and bytes per
 round for vgg16 / cnn28, dense fp32 vs FedPara at ratios 0.1 / 0.3 / 0.5 under each codec.
 
     .venv/bin/python benchmarks/bench_wire.py            # writes docs/wire_results.{md,json}

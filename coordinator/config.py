@@ -16,15 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpara.checkpoint import ModelSpec
-from fedpara.config import from_mapping, load_config, option
-from fedpara.topics import check_id
+from fedpara.models import ModelSpec
+from fedpara.runtime.options import (
+    check_int,
+    check_number,
+    from_mapping,
+    help_table,
+    load_config,
+    option,
+)
+from fedpara.runtime.topics import check_id
 from fedpara.wire import CodecPolicy
 
 
 @dataclass
 class CoordinatorConfig:
-    run_id: str = option("demo", "run id: MQTT topic level and part of every message")
+    run_id: str = option("demo", "run id: MQTT topic level and part of every message", flag="--run")
     # model
     model: str = option("cnn28", "reference model: vgg16 | cnn28 | mlp | char_lstm")
     num_classes: int = option(10, "number of classes")
@@ -38,7 +45,7 @@ class CoordinatorConfig:
     clients_per_round: int = option(0, "clients sampled per round (K); 0 = every live client")
     min_clients: int = option(1, "live clients needed before a round starts")
     min_reply_fraction: float = option(0.5, "fraction of sampled clients that must reply by the deadline")
-    round_deadline_s: float = option(120.0, "seconds a round waits for replies")
+    round_deadline_s: float = option(120.0, "seconds a round waits for replies", flag="--deadline")
     wait_clients_s: float = option(120.0, "seconds to wait for min_clients before giving up")
     max_attempts: int = option(3, "tries per round when too few clients reply (model kept each time)")
     # local training (sent to the clients with every task)
@@ -61,23 +68,17 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         check_id("run_id", self.run_id)
         self.spec  # validates model, num_classes, scheme, ratio, form  # noqa: B018
-        for name in ("rounds", "min_clients", "max_attempts", "local_epochs", "batch_size",
-                     "eval_batch_size", "max_packet"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: must be a positive int, got {v!r}")
-        if isinstance(self.clients_per_round, bool) or not isinstance(self.clients_per_round, int) \
-                or self.clients_per_round < 0:
-            raise ValueError(f"clients_per_round: must be an int >= 0, got {self.clients_per_round!r}")
-        if not 0.0 < self.min_reply_fraction <= 1.0:
-            raise ValueError(f"min_reply_fraction: must be in (0, 1], got {self.min_reply_fraction!r}")
+        for name in ("rounds", "min_clients", "max_attempts", "local_epochs", "batch_size", "eval_batch_size"):
+            check_int(name, getattr(self, name), min=1)
+        check_int("clients_per_round", self.clients_per_round, min=0)
+        check_int("max_packet", self.max_packet, min=1024)
+        check_int("seed", self.seed, min=0)
+        check_number("min_reply_fraction", self.min_reply_fraction, min=0.0, max=1.0, min_open=True)
         for name in ("round_deadline_s", "wait_clients_s", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)!r}")
-        if not 0 < self.lr_decay <= 1:
-            raise ValueError(f"lr_decay: must be in (0, 1], got {self.lr_decay!r}")
-        if self.max_packet < 1024:
-            raise ValueError(f"max_packet: must be >= 1024 bytes, got {self.max_packet}")
+            check_number(name, getattr(self, name), min=0.0, min_open=True)
+        check_number("lr_decay", self.lr_decay, min=0.0, max=1.0, min_open=True)
+        check_number("momentum", self.momentum, min=0.0, max=1.0, max_open=True)
+        check_number("weight_decay", self.weight_decay, min=0.0)
         for name in ("downlink", "uplink"):
             try:
                 CodecPolicy.parse(getattr(self, name))
@@ -103,4 +104,4 @@ class CoordinatorConfig:
 
     @classmethod
     def help_table(cls) -> list[tuple[str, Any, str]]:
-        return [(f.name, f.default, f.metadata["help"]) for f in dataclasses.fields(cls)]
+        return help_table(cls)

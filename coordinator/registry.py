@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from fedpara.runtime.messages import Status
+
 
 @dataclasses.dataclass
 class ClientInfo:
@@ -12,7 +14,6 @@ class ClientInfo:
     num_examples: int = 0
     device: str = ""
     last_seen: float = 0.0
-    meta: dict = dataclasses.field(default_factory=dict)
 
 
 class ClientRegistry:
@@ -22,15 +23,8 @@ class ClientRegistry:
         self._clients: dict[str, ClientInfo] = {}
         self._clock = clock
 
-    def update(self, client_id: str, meta: dict) -> ClientInfo:
-        state = meta.get("state")
-        if state not in ("online", "offline"):
-            raise ValueError(f"status of {client_id}: state must be online|offline, got {state!r}")
-        num = meta.get("num_examples", 0)
-        if isinstance(num, bool) or not isinstance(num, int) or num < 0:
-            raise ValueError(f"status of {client_id}: bad num_examples {num!r}")
-        info = ClientInfo(client_id, state == "online", num, str(meta.get("device", ""))[:64],
-                          self._clock(), {k: meta[k] for k in list(meta)[:16]})
+    def update(self, client_id: str, status: Status) -> ClientInfo:
+        info = ClientInfo(client_id, status.online, status.num_examples, status.device, self._clock())
         self._clients[client_id] = info
         return info
 

@@ -5,7 +5,12 @@ import argparse
 import dataclasses
 import signal
 
-from fedpara.transport import add_broker_arguments, broker_from_args
+from fedpara.runtime.flags import (
+    add_broker_arguments,
+    add_config_flags,
+    broker_from_args,
+    config_overrides,
+)
 
 from .config import ClientConfig
 
@@ -15,21 +20,14 @@ class ClientCommand:
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         add_broker_arguments(p)
-        p.add_argument("--config", help="client TOML file ([client] table); flags override it")
-        p.add_argument("--client-id", help="unique client id (pool: prefix)")
-        p.add_argument("--run", dest="run_id", help="run id to join (default demo)")
-        p.add_argument("--data", help="data spec, e.g. fashion-mnist,partition=dirichlet:0.5,clients=10,index=3")
-        p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device (default auto)")
-        p.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
-        p.add_argument("--state-dir", help="local state directory (pFedPara local factors survive restarts)")
-        p.add_argument("--energy", help="energy meter: auto|rapl|jetson|nvml|rpi|external|estimate|off")
+        p.add_argument("--config", help="client TOML file (keys flat or under [client]); flags override it")
+        add_config_flags(p, ClientConfig)
         p.add_argument("--energy-link", choices=["wifi", "lte", "ethernet"], help="radio profile of the estimate")
         p.add_argument("--energy-cmd", help="external meter: command printing watts (or a joule counter)")
         p.add_argument("--energy-file", help="external meter: file whose last line ends with watts")
-        p.add_argument("--export-on-finish", action="store_true", default=None,
-                       help="export the final (personalised) model to STATE_DIR/model.onnx")
-        p.add_argument("--stay", action="store_true", help="keep running after the run finishes")
-        p.add_argument("--pool", type=int, default=0, help="run M logical clients in this process")
+        p.add_argument("--stay", action="store_true", help="keep running after the run finishes "
+                                                           "(same as --no-exit-on-finish)")
+        p.add_argument("--pool", type=int, default=0, help="run M logical clients in this process (ids <client-id>-NNN)")
         p.add_argument("--pool-offset", type=int, default=0, help="first data index of the pool")
 
     def run(self, args) -> int:
@@ -40,10 +38,9 @@ class ClientCommand:
 
         energy_options = {k: v for k, v in (("link", args.energy_link), ("external_cmd", args.energy_cmd),
                                             ("external_file", args.energy_file)) if v is not None}
-        cfg = ClientConfig.load(args.config, client_id=args.client_id, run_id=args.run_id, data=args.data,
-                                device=args.device, threads=args.threads, state_dir=args.state_dir,
-                                energy=args.energy, export_on_finish=args.export_on_finish,
-                                exit_on_finish=False if args.stay else None)
+        if args.stay:
+            args.exit_on_finish = False
+        cfg = ClientConfig.load(args.config, **config_overrides(args, ClientConfig))
         if energy_options:  # flags add to (and win over) the file's [client.energy_options]
             cfg = dataclasses.replace(cfg, energy_options={**cfg.energy_options, **energy_options})
         torch.set_num_threads(cfg.threads)

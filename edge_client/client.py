@@ -1,75 +1,109 @@
-"""The edge client: MQTT session, task handling, local training off the network thread.
+"""The edge client's MQTT side: session, presence, dispatch of tasks to the trainer, uploads.
 
 Flow per round (docs/protocol.md): receive the task chunks (fan-out topic or our own), reassemble
-and decode them, load the global factors, train E local epochs, send back the global factors only
-(pFedPara's local half stays in ``state_dir`` across rounds and restarts), with example count and
-metrics. Handlers are idempotent on (round, attempt) because QoS 1 may deliver twice; any bad
-message is logged and counted, never fatal.
+and decode them into a typed :class:`~fedpara.runtime.messages.Task`, hand it to the
+:class:`~edge_client.trainer.Trainer` on the training thread (never the network thread), send
+back the global factors only, with the example count and metrics. Handlers are idempotent on the
+task id because QoS 1 may deliver twice; any bad message is logged and counted, never fatal.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
-import torch
-
-from fedpara import global_state, load_state, local_state
-from fedpara.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
-from fedpara.data import load_client_data, load_client_test, parse_data_spec
-from fedpara.topics import Topics
-from fedpara.training import evaluate, resolve_device, train_epochs
-from fedpara.transport import BrokerURL, MqttSession
-from fedpara.wire import (CodecPolicy, Limits, Message, MessageKind, Reassembler, WireError, decode,
-                          encode, framed_bytes, parse_chunk)
+from fedpara.runtime.messages import Control, ProtocolError, Status, Task, Update
+from fedpara.runtime.mqtt import BrokerURL, MqttSession
+from fedpara.runtime.topics import Topics
+from fedpara.wire import (
+    CodecPolicy,
+    Limits,
+    Message,
+    MessageKind,
+    Reassembler,
+    WireError,
+    decode,
+    encode,
+    framed_bytes,
+    parse_chunk,
+)
 
 from .config import ClientConfig
+from .trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+
+# --- work items for the training thread ----------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Train:
+    round: int
+    task: Task
+    msg: Message
+    transfer: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class _Finish:
+    control: Control
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stop:
+    pass
 
 
 class EdgeClient:
     def __init__(self, cfg: ClientConfig, broker: BrokerURL, *, train_lock: threading.Lock | None = None) -> None:
         self.cfg, self.broker = cfg, broker
         self.topics = Topics(cfg.run_id)
-        self.device = resolve_device(cfg.device)
-        self.data_spec = parse_data_spec(cfg.data)
-        self.train_data, self.data_info = load_client_data(self.data_spec)
-        self._test_data = None
-        self.state_dir = Path(cfg.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.trainer = Trainer(cfg.client_id, cfg.data, device=cfg.device, threads=cfg.threads,
+                               state_dir=cfg.state_dir, eval_local=cfg.eval_local, lock=train_lock)
         self.limits = Limits()
         self.reassembler = Reassembler(timeout_s=300.0)
         self.counters: Counter = Counter()
-        self.train_lock = train_lock or threading.Lock()
-        self.model = None
-        self.model_spec: ModelSpec | None = None
         self.rounds_done: list[int] = []
         self.finished = threading.Event()
         self.finish_meta: dict = {}
         self._seen: set[str] = set()
-        self._tasks: queue.Queue = queue.Queue()
+        self._work: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
-        self.energy = None
-        self._last_accuracy: float | None = None
         self._socket_prev: tuple[int, int] | None = None
         # what a round learns only after its update has gone (its upload's bytes, time, energy,
         # socket counts) travels with the next update
         self._carry: dict[str, dict] = {}
         self._incoming: dict[bytes, tuple[float, int]] = {}
+        self.energy = None
         if cfg.energy != "off":
             from .energy import EnergyConfig, phase_meter
             self.energy = phase_meter(EnergyConfig.from_dict({**cfg.energy_options, "meter": cfg.energy,
-                                                              "device": self.device.type}))
+                                                              "device": self.trainer.device.type}))
             log.info("%s: energy meter: %s", cfg.client_id, self.energy.reason)
         self.session: MqttSession | None = None
 
+    # convenience views of the trainer (tests, pool)
+    @property
+    def model(self):
+        return self.trainer.model
+
+    @property
+    def device(self):
+        return self.trainer.device
+
+    @property
+    def train_data(self):
+        return self.trainer.train_data
+
+    @property
+    def test_data(self):
+        return self.trainer.test_data
+
     # --- presence --------------------------------------------------------------------------
     def _status(self, state: str) -> bytes:
-        meta = {"state": state, "num_examples": len(self.train_data), "device": str(self.device)}
+        meta = Status(state, self.trainer.num_examples, str(self.trainer.device)).to_meta()
         return encode(Message(MessageKind.STATUS, self.cfg.run_id, 0, self.cfg.client_id, meta=meta)).data
 
     def _announce(self, session: MqttSession) -> None:  # on every (re)connect
@@ -82,7 +116,7 @@ class EdgeClient:
             [(self.topics.task, 1), (self.topics.task_for(me), 1), (self.topics.control, 1)],
             will=(self.topics.status(me), self._status("offline"), 1, True), on_connect=self._announce)
         self.session.start()
-        for target, name in ((self._dispatch, "dispatch"), (self._work, "train")):
+        for target, name in ((self._dispatch, "dispatch"), (self._train_loop, "train")):
             t = threading.Thread(target=target, name=f"{me}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -99,11 +133,11 @@ class EdgeClient:
             except (RuntimeError, ValueError):
                 pass
             self.session.stop()
-        self._tasks.put(None)
+        self._work.put(_Stop())
         if self.energy is not None:
             self.energy.close()
 
-    # --- inbound ---------------------------------------------------------------------------
+    # --- inbound (dispatch thread) ---------------------------------------------------------
     def _dispatch(self) -> None:
         while not self.finished.is_set():
             try:
@@ -122,10 +156,11 @@ class EdgeClient:
     def _handle(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.control:
             msg = decode(payload, self.limits)
-            if msg.kind == MessageKind.CONTROL and msg.run_id == self.cfg.run_id and msg.meta.get("action") == "finish":
-                self.finish_meta = dict(msg.meta)
-                log.info("%s: run finished (%s)", self.cfg.client_id, msg.meta.get("status"))
-                self._tasks.put("finish")
+            if msg.kind == MessageKind.CONTROL and msg.run_id == self.cfg.run_id:
+                control = Control.from_meta(msg.meta)
+                self.finish_meta = control.to_meta()
+                log.info("%s: run finished (%s)", self.cfg.client_id, control.status)
+                self._work.put(_Finish(control))
             return
         if topic not in (self.topics.task, self.topics.task_for(self.cfg.client_id)):
             self.counters["unexpected_topic"] += 1  # e.g. a broker replaying retained messages
@@ -150,68 +185,47 @@ class EdgeClient:
         if not isinstance(selected, list) or self.cfg.client_id not in selected:
             self.counters["not_selected"] += 1
             return
-        task_id = msg.meta.get("task_id")
-        if not isinstance(task_id, str) or not task_id:
-            raise ValueError("task without a task_id")
-        if task_id in self._seen:  # QoS 1 redelivery
+        task = Task.from_meta(msg.meta)
+        if task.task_id in self._seen:  # QoS 1 redelivery
             self.counters["duplicate"] += 1
             return
-        self._seen.add(task_id)
+        self._seen.add(task.task_id)
         transfer["decode_s"] = time.perf_counter() - t0
-        self._tasks.put((msg, transfer))
+        self._work.put(_Train(msg.round, task, msg, transfer))
 
-    # --- training ----------------------------------------------------------------------------
-    def _work(self) -> None:
+    # --- training thread -------------------------------------------------------------------
+    def _next_work(self):
+        """The next item; a newer task supersedes any older one still queued."""
+        item = self._work.get()
+        while isinstance(item, _Train):
+            try:
+                nxt = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(nxt, _Train):
+                self._work.put(nxt)
+                break
+            self.counters["superseded"] += 1
+            item = nxt
+        return item
+
+    def _train_loop(self) -> None:
         while True:
-            item = self._tasks.get()
-            # a newer task supersedes any older one still queued
-            while item not in (None, "finish"):
-                try:
-                    nxt = self._tasks.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt in (None, "finish"):
-                    self._tasks.put(nxt)
-                    break
-                self.counters["superseded"] += 1
-                item = nxt
-            if item is None:
+            item = self._next_work()
+            if isinstance(item, _Stop):
                 return
-            if item == "finish":
+            if isinstance(item, _Finish):
                 self._on_finish()
                 return
             try:
-                with self.train_lock:
-                    self._train_round(*item)
-            except (ValueError, KeyError, TypeError, WireError) as exc:
+                with self.trainer.lock:
+                    self._run_task(item)
+            except (ValueError, KeyError, TypeError, WireError, ProtocolError) as exc:
                 self.counters["bad_task"] += 1
-                log.warning("%s: could not run round %s: %s", self.cfg.client_id, item[0].round, exc)
+                log.warning("%s: could not run round %s: %s", self.cfg.client_id, item.round, exc)
             except Exception:
                 self.counters["error"] += 1
-                log.exception("%s: training failed in round %s", self.cfg.client_id, item[0].round)
-
-    @property
-    def test_data(self):
-        if self._test_data is None:
-            self._test_data = load_client_test(self.data_spec)
-        return self._test_data
-
-    def _ensure_model(self, spec: ModelSpec, seed: int) -> None:
-        if self.model is not None and spec == self.model_spec:
-            return
-        torch.manual_seed(seed)  # the coordinator's seed: every client starts from the same factors
-        model = spec.build()
-        local_path = self.state_dir / "local.safetensors"
-        if local_state(model) and local_path.exists():
-            try:
-                state, saved_spec, _ = load_checkpoint(local_path)
-                if saved_spec != spec:
-                    raise ValueError(f"saved for {saved_spec}, run uses {spec}")
-                load_state(model, state, part="local")
-                log.info("%s: restored local factors from %s", self.cfg.client_id, local_path)
-            except (ValueError, FileNotFoundError) as exc:
-                log.warning("%s: ignoring local state %s: %s", self.cfg.client_id, local_path, exc)
-        self.model, self.model_spec = model.to(self.device), spec
+                log.exception("%s: training failed in round %s", self.cfg.client_id, item.round)
 
     def _phase(self, name: str, **kw):
         if self.energy is None:
@@ -219,55 +233,39 @@ class EdgeClient:
             return contextlib.nullcontext()
         return self.energy.phase(name, **kw)
 
-    def _train_round(self, msg: Message, transfer: dict) -> None:
-        torch.set_num_threads(self.cfg.threads)
-        me, meta = self.cfg.client_id, msg.meta
-        with self._phase("download", bytes_received=transfer["task_mqtt_bytes"]):
-            spec = ModelSpec.from_dict(meta["spec"])
-            self._ensure_model(spec, int(meta.get("init_seed", 0)))
-            load_state(self.model, {k: v.to(self.device) for k, v in msg.tensors.items()})
-        t = meta["train"]
-        with self._phase("train"):
-            res = train_epochs(self.model, self.train_data, epochs=int(t["epochs"]),
-                               batch_size=int(t["batch_size"]), lr=float(t["lr"]),
-                               momentum=float(t.get("momentum", 0.0)),
-                               weight_decay=float(t.get("weight_decay", 0.0)), device=self.device,
-                               seed=int(t.get("seed", msg.round)))
-        metrics = {"loss": res["loss"], "train_s": res["seconds"], "steps": res["steps"], **transfer}
+    def _run_task(self, item: _Train) -> None:
+        me, task, rnd, transfer = self.cfg.client_id, item.task, item.round, item.transfer
+
+        def phase(name: str):
+            return self._phase(name, bytes_received=transfer["task_mqtt_bytes"]) if name == "download" \
+                else self._phase(name)
+
+        out = self.trainer.fit(task, rnd, item.msg.tensors, phase)
+        metrics = {**out.metrics, **transfer}
         for key in ("prev_upload", "prev_socket_bytes"):
             if key in self._carry:
                 metrics[key] = self._carry[key]
-        local, shared = local_state(self.model), global_state(self.model)
-        if local:
-            save_checkpoint(self.state_dir / "local.safetensors", local, spec, round=msg.round, client_id=me)
-        save_checkpoint(self.state_dir / "global.safetensors", shared, spec, round=msg.round, client_id=me)
-        if self.cfg.eval_local:
-            ev = evaluate(self.model, self.test_data, device=self.device)
-            metrics["local_accuracy"], metrics["local_loss"] = ev["accuracy"], ev["loss"]
-            self._last_accuracy = ev["accuracy"]
         if self.energy is not None:
             metrics["energy"] = self.energy.pop_report()
             if "prev_upload_energy" in self._carry:
                 metrics["energy"]["prev_upload"] = self._carry["prev_upload_energy"]
-        update = Message(MessageKind.UPDATE, self.cfg.run_id, msg.round, me,
-                         {k: v.cpu() for k, v in shared.items()},
-                         {"num_examples": len(self.train_data), "task_id": meta["task_id"],
-                          "metrics": metrics})
-        enc = encode(update, CodecPolicy.parse(meta.get("uplink", "fp32")))
+        update = Update(task.task_id, out.num_examples, metrics)
+        enc = encode(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, out.tensors, update.to_meta()),
+                     CodecPolicy.parse(task.uplink))
         topic = self.topics.update(me)
-        frames, stats = enc.split(int(meta.get("max_packet", 1_000_000)), topic)
+        frames, stats = enc.split(task.max_packet, topic)
         t_up = time.monotonic()
         with self._phase("upload", bytes_sent=stats.framed_bytes):
-            ok = self.session.publish_all(topic, frames, timeout=float(meta.get("deadline_s", 120)))
-        self._carry["prev_upload"] = {"round": msg.round, "payload_bytes": stats.payload_bytes,
+            ok = self.session.publish_all(topic, frames, timeout=task.deadline_s)
+        self._carry["prev_upload"] = {"round": rnd, "payload_bytes": stats.payload_bytes,
                                       "mqtt_bytes": stats.framed_bytes, "upload_s": time.monotonic() - t_up,
                                       "acked": ok}
         if self.energy is not None:
-            self._carry["prev_upload_energy"] = {"round": msg.round, **self.energy.pop_report().get("upload", {})}
-        self._socket_report(msg.round)
+            self._carry["prev_upload_energy"] = {"round": rnd, **self.energy.pop_report().get("upload", {})}
+        self._socket_report(rnd)
         if ok:
-            self.rounds_done.append(msg.round)
-        log.info("%s: round %d done (loss %.4f, %d bytes up%s)", me, msg.round, res["loss"],
+            self.rounds_done.append(rnd)
+        log.info("%s: round %d done (loss %.4f, %d bytes up%s)", me, rnd, out.metrics["loss"],
                  stats.framed_bytes, "" if ok else ", publish incomplete")
 
     def _socket_report(self, rnd: int) -> None:
@@ -284,25 +282,12 @@ class EdgeClient:
                  delta["sent"], delta["received"])
 
     def _on_finish(self) -> None:
-        if self.cfg.export_on_finish and self.model is not None:
+        if self.cfg.export_on_finish and self.trainer.model is not None:
             try:
-                self._export()
+                report = self.trainer.export({"round": self.finish_meta.get("round", 0), "run_id": self.cfg.run_id})
+                log.info("%s: exported %s (parity %s, int8 %s)", self.cfg.client_id, report.onnx,
+                         "ok" if report.ok else "FAILED", report.int8)
             except Exception:  # export is a convenience; the run itself succeeded
                 log.exception("%s: export failed", self.cfg.client_id)
         if self.cfg.exit_on_finish:
             self.finished.set()
-
-    def _export(self) -> None:
-        """The final (for pFedPara: personalised) model -> STATE_DIR/model.onnx (+ model.int8.onnx),
-        checked against torch on the local test split and calibrated on local training data."""
-        from export import export_model
-
-        test = self.test_data.tensors
-        with self.train_lock:
-            report = export_model(self.model, self.model_spec, self.state_dir / "model.onnx",
-                                  info={"client_id": self.cfg.client_id, "round": self.finish_meta.get("round", 0),
-                                        "accuracy": self._last_accuracy, "run_id": self.cfg.run_id},
-                                  eval_data=(test[0], test[1]), calibration=self.train_data.tensors[0][:256],
-                                  int8=True, threads=self.cfg.threads, latency_runs=10)
-        log.info("%s: exported %s (parity %s, int8 %s)", self.cfg.client_id, report.onnx,
-                 "ok" if report.ok else "FAILED", report.int8)

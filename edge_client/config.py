@@ -4,15 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpara.config import load_config, option
 from fedpara.data import parse_data_spec
-from fedpara.topics import check_id
+from fedpara.runtime.options import check_device, check_int, load_config, option
+from fedpara.runtime.topics import check_id
 
 
 @dataclass
 class ClientConfig:
     client_id: str = option("client-0", "unique client id (an MQTT topic level)")
-    run_id: str = option("demo", "run to join (must match the coordinator's run_id)")
+    run_id: str = option("demo", "run to join (must match the coordinator's run_id)", flag="--run")
     data: str = option("fashion-mnist", "data spec, e.g. fashion-mnist,partition=iid,clients=3,index=0")
     device: str = option("auto", "auto | cpu | cuda[:N]")
     threads: int = option(1, "torch CPU threads (1 avoids contention with other processes)")
@@ -33,10 +33,8 @@ class ClientConfig:
             parse_data_spec(self.data)
         except ValueError as exc:
             raise ValueError(f"data: {exc}") from None
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
-            raise ValueError(f"threads: must be a positive int, got {self.threads!r}")
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise ValueError(f"device: expected auto, cpu or cuda[:N], got {self.device!r}")
+        check_int("threads", self.threads, min=1, max=1024)
+        check_device("device", self.device)
         if self.energy != "off":
             from .energy import EnergyConfig
             try:

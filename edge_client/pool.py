@@ -9,7 +9,7 @@ import threading
 import time
 
 from fedpara.data import parse_data_spec
-from fedpara.transport import BrokerURL
+from fedpara.runtime.mqtt import BrokerURL
 
 from .client import EdgeClient
 from .config import ClientConfig

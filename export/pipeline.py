@@ -3,7 +3,7 @@
 This is what ``fedpara export`` runs and what an edge client calls after its final round
 (:func:`export_model`, personalised for pFedPara because the client's model holds its local half).
 
-Parity (issue 5.2): onnxruntime's logits must match the torch model's (the factorised one, composing
+Parity: onnxruntime's logits must match the torch model's (the factorised one, composing
 on every call, i.e. the model that was trained) within ``atol`` max abs, and the predicted classes,
 hence the accuracy, must be identical. Batch 1 and batch 64 are always checked on random inputs
 (the batch dimension is dynamic); a labelled evaluation set adds accuracy.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fedpara import models
-from fedpara.checkpoint import ModelSpec
+from fedpara.models import ModelSpec
 
 from .onnx_export import export_onnx
 from .quantize import quantize_int8

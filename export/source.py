@@ -2,7 +2,7 @@
 
 * run directory   ``RUN_DIR/checkpoints/round-NNNN.safetensors`` (the highest round is the latest
                   global model) and ``RUN_DIR/summary.json`` ("spec", "final_accuracy").
-* checkpoint      one ``fedpara-checkpoint/1`` safetensors file (:mod:`fedpara.checkpoint`).
+* checkpoint      one ``fedpara-checkpoint/1`` safetensors file (:mod:`fedpara.runtime.checkpoint`).
 * client state    ``STATE_DIR/global.safetensors`` (last global state received) and, for pFedPara,
                   ``STATE_DIR/local.safetensors`` (the personalised half, paper Sec. 2.3); both are
                   loaded into one model with ``load_state(part=...)``.
@@ -13,58 +13,25 @@ problem. No pickle anywhere: checkpoints are safetensors, the summary is JSON.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from pathlib import Path
 
 from torch import nn
 
 from fedpara import load_state, local_state
-from fedpara.checkpoint import ModelSpec, load_checkpoint
+from fedpara.models import ModelSpec
+from fedpara.runtime.checkpoint import load_checkpoint
+from fedpara.runtime.rundir import ClientStateDir, RunDir
 
 log = logging.getLogger(__name__)
 
-ROUND_FILE = re.compile(r"^round-(\d+)\.safetensors$")
-GLOBAL_FILE, LOCAL_FILE, SUMMARY_FILE, CHECKPOINT_DIR = ("global.safetensors", "local.safetensors",
-                                                         "summary.json", "checkpoints")
-METRICS_FILE = "metrics.jsonl"
-
-
-def _last_recorded_round(run_dir: Path) -> int | None:
-    """The last round in ``metrics.jsonl`` (a torn last line, from a crash, is ignored)."""
-    last = None
-    try:
-        lines = (run_dir / METRICS_FILE).read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if isinstance(row, dict) and isinstance(row.get("round"), int):
-            last = row["round"]
-    return last
+GLOBAL_FILE, LOCAL_FILE = ClientStateDir.GLOBAL, ClientStateDir.LOCAL
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
-    """The checkpoint of the last completed round: the last one ``metrics.jsonl`` records (a
-    checkpoint written just before a crash, for a round that a resume will redo, is not it), else
-    the highest round in ``run_dir/checkpoints``."""
-    recorded = _last_recorded_round(Path(run_dir))
-    if recorded is not None:
-        path = Path(run_dir) / CHECKPOINT_DIR / f"round-{recorded:04d}.safetensors"
-        if path.is_file():
-            return path
-    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
-    rounds = [(int(m.group(1)), p) for p in ckpt_dir.glob("round-*.safetensors")
-              if (m := ROUND_FILE.match(p.name))] if ckpt_dir.is_dir() else []
-    if not rounds:
-        raise FileNotFoundError(f"run directory {run_dir} has no checkpoints "
-                                f"({CHECKPOINT_DIR}/round-NNNN.safetensors)")
-    return max(rounds)[1]
+    """The checkpoint of the last completed round (see :meth:`RunDir.latest_checkpoint`)."""
+    return RunDir(run_dir).latest_checkpoint()
 
 
 def _fill(model: nn.Module, state: dict, part: str, path: Path, spec: ModelSpec) -> None:
@@ -93,28 +60,16 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec
     return model.eval(), spec, {**info, "source": str(path)}
 
 
-def _summary(run_dir: Path) -> dict:
-    path = run_dir / SUMMARY_FILE
-    if not path.is_file():
-        return {}
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"run summary {path} is not valid JSON: {exc}") from None
-    if not isinstance(summary, dict):
-        raise ValueError(f"run summary {path} is not a JSON object")
-    return summary
-
-
 def _from_run_dir(run_dir: Path) -> tuple[nn.Module, ModelSpec, dict]:
-    ckpt = latest_checkpoint(run_dir)
+    rd = RunDir(run_dir)
+    ckpt = rd.latest_checkpoint()
     model, spec, info = model_from_checkpoint(ckpt)
-    summary = _summary(run_dir)
+    summary = rd.read_summary()
     if "spec" in summary:
         try:
             run_spec = ModelSpec.from_dict(summary["spec"])
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"run summary {run_dir / SUMMARY_FILE}: bad spec ({exc})") from None
+            raise ValueError(f"run summary {rd.summary_path}: bad spec ({exc})") from None
         if run_spec != spec:
             raise ValueError(f"checkpoint {ckpt} was written for {spec.to_dict()}, but the run "
                              f"summary says {run_spec.to_dict()}")
@@ -158,9 +113,9 @@ def load_source(source: str | os.PathLike) -> tuple[nn.Module, ModelSpec, dict]:
         return model_from_checkpoint(path)
     if not path.is_dir():
         raise FileNotFoundError(f"export source {path} does not exist")
-    if (path / GLOBAL_FILE).is_file():
+    if ClientStateDir(path).is_state_dir():
         return _from_state_dir(path)
-    if (path / CHECKPOINT_DIR).is_dir() or (path / SUMMARY_FILE).is_file():
+    if RunDir(path).looks_like_run():
         return _from_run_dir(path)
-    raise ValueError(f"{path} is neither a run directory ({CHECKPOINT_DIR}/, {SUMMARY_FILE}) nor a "
+    raise ValueError(f"{path} is neither a run directory (checkpoints/, summary.json) nor a "
                      f"client state directory ({GLOBAL_FILE}); give one of those or a checkpoint file")

@@ -1,6 +1,6 @@
 """FedPara: low-rank Hadamard product parameterisation for communication-efficient FL.
 
-Hyeon-Woo, Ye-Bin, Oh, ICLR 2022 (arXiv 2108.06098). See FEDPARA.md / README for what is the
+Hyeon-Woo, Ye-Bin, Oh, ICLR 2022 (arXiv 2108.06098). See docs/method.md and the README for what is the
 paper's and what is ours.
 """
 from . import models

@@ -4,7 +4,7 @@ Conversion is a dispatch table from dense module types to factorised builders (p
 ``layers_mapping`` habit). Modules marked with :func:`keep_dense` (the VGG classifier, as in the
 paper) and names matching ``skip`` stay dense. Composing is merging: the factors are baked into
 ordinary ``nn.Linear`` / ``nn.Conv2d`` / ``nn.LSTM`` weights, checked finite, and the result holds
-no factor tensors (FEDPARA.md pitfall 4: compose once for inference and export).
+no factor tensors (docs/method.md, pitfall 4: compose once for inference and export).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from . import kernels
 from .layers import CONV_BY_SCHEME, LINEAR_BY_SCHEME, FactorisedLayer
 from .lstm import FactorisedLSTM
 from .rank import layer_dims, rank_for_ratio_dims
+from .validate import check_int, check_number
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,7 @@ def _choose_rank(name, dims, ratio, rank, scheme, form) -> int:
         if ratio is None:
             raise ValueError(f"no rank for layer {name!r}: give ratio=, rank=<int>, or a rank map entry")
         return rank_for_ratio_dims(out_dim, in_dim, kernel, ratio, scheme=scheme, form=form)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"rank for layer {name!r} must be a positive int, got {r!r}")
+    check_int(f"rank for layer {name!r}", r, min=1)
     matrix = form == "matrix" or kernel == (1, 1)
     cap = min(out_dim, in_dim * (kernel[0] * kernel[1] if matrix else 1))
     if r > cap:
@@ -115,9 +115,8 @@ def convert(model: nn.Module, ratio: float | None = None, *, rank: int | Mapping
         raise ValueError(f"form must be one of {kernels.FORMS}, got {form!r}")
     if ratio is None and rank is None:
         raise ValueError("convert needs ratio= or rank=")
-    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
-                              or not 0.0 <= ratio <= 1.0):
-        raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
+    if ratio is not None:
+        check_number("ratio", ratio, min=0.0, max=1.0)
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip)

@@ -1,7 +1,7 @@
 """Pure composition kernels and the initialisation rule (FedPara paper Sec. 2, Props. 1 and 3, App. B).
 
 Every factorised layer stores *factors* and composes its dense weight from them on demand. The
-factor names are the wire contract (STYLE.md #8) and follow the paper:
+factor names are the wire contract and follow the paper (docs/method.md):
 
     matrix form   half_i = x_i @ y_i.T                        x_i: (m, r)   y_i: (n, r)
     tensor form   half_i = t_i x1 x_i x2 y_i  (Tucker-2)      t_i: (r, r, kh, kw)  x_i: (O, r)  y_i: (I, r)
@@ -89,7 +89,7 @@ def he_std(fan_in: int) -> float:
 
 
 def factor_std(scheme: str, form: str, rank: int, target: float, tanh: bool = False) -> dict[int, float]:
-    """Per-half factor std so that the *composed* weight has std ``target`` (FEDPARA.md Sec. 3).
+    """Per-half factor std so that the *composed* weight has std ``target`` (docs/method.md, Sec. 3).
 
     Derivation. With independent zero-mean factors of std s, one half is a sum of K products of
     p factors: matrix form K = r, p = 2 (x_i, y_i); tensor form K = r^2, p = 3 (t_i, x_i, y_i).

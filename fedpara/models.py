@@ -9,15 +9,22 @@
 * ``char_lstm`` the paper's Shakespeare model: embedding 8, 2-layer LSTM 256, Linear(256, vocab).
                 The embedding stays dense (it is a lookup table).
 
-``build`` returns a dense model; factorise it with :func:`fedpara.convert`.
+``build`` returns a dense model; factorise it with :func:`fedpara.convert`. A :class:`ModelSpec`
+names a model, its scheme and ratio: everything needed to rebuild the same factorised model on
+every device, with the same initial factors for the same seed.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import threading
+from collections.abc import Callable, Mapping
 
+import torch
 from torch import Tensor, nn
 
-from .convert import keep_dense
+from . import kernels
+from .convert import convert, keep_dense
+from .validate import check_bool, check_choice, check_int, check_number
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -88,8 +95,7 @@ def build(name: str, num_classes: int = 10, **kw) -> nn.Module:
     """A dense reference model by name (see the module docstring)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    check_int("num_classes", num_classes, min=2)
     return MODELS[name](num_classes=num_classes, **kw)
 
 
@@ -99,3 +105,60 @@ def example_input(name: str, batch: int = 2, num_classes: int = 10):
     if name == "char_lstm":
         return torch.randint(0, num_classes, (batch, INPUT_SHAPES[name][0]))
     return torch.randn(batch, *INPUT_SHAPES[name])
+
+
+SCHEMES = ("dense",) + kernels.SCHEMES
+_BUILD_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the (factorised) model: the factory that travels in tasks and
+    checkpoints."""
+
+    model: str = dataclasses.field(default="cnn28", metadata={"help": "reference model name"})
+    num_classes: int = dataclasses.field(default=10, metadata={"help": "number of classes"})
+    scheme: str = dataclasses.field(default="fedpara", metadata={"help": "dense|fedpara|lowrank|pfedpara"})
+    ratio: float = dataclasses.field(default=0.1, metadata={"help": "the paper's gamma in [0, 1]"})
+    form: str = dataclasses.field(default="tensor", metadata={"help": "conv form: tensor|matrix"})
+    tanh: bool = dataclasses.field(default=False, metadata={"help": "tanh on the halves (App. B)"})
+
+    def __post_init__(self) -> None:
+        check_choice("model", self.model, tuple(MODELS))
+        check_int("num_classes", self.num_classes, min=2)
+        check_choice("scheme", self.scheme, SCHEMES)
+        check_number("ratio", self.ratio, min=0.0, max=1.0)
+        check_choice("form", self.form, kernels.FORMS)
+        check_bool("tanh", self.tanh)
+
+    def build(self, seed: int = 0) -> nn.Module:
+        """The model with its initial weights drawn from ``seed`` alone.
+
+        The draws happen inside a forked RNG seeded with ``seed`` (torch's initialisers take no
+        generator through ``nn.Module`` constructors), under a lock, so the initial factors depend
+        on nothing that ran before and concurrent builds on other threads do not interleave; the
+        caller's global RNG state is left as it was.
+        """
+        with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build(self.model, num_classes=self.num_classes)
+            if self.scheme != "dense":
+                convert(model, ratio=self.ratio, scheme=self.scheme, form=self.form, tanh=self.tanh)
+        return model
+
+    def dense(self) -> ModelSpec:
+        """The same model, unfactorised (the baseline whose bytes we compare against)."""
+        return dataclasses.replace(self, scheme="dense")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ModelSpec:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"model spec: expected an object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"model spec: unknown fields {sorted(unknown)}")
+        return cls(**d)

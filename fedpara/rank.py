@@ -1,4 +1,4 @@
-"""The paper's rank rule (FedPara Sec. 3.1, "one gamma for all layers"), as in FEDPARA.md Sec. 2.
+"""The paper's rank rule (FedPara Sec. 3.1, "one gamma for all layers"), as in docs/method.md, Sec. 2.
 
     r = round((1 - gamma) * r_min + gamma * r_max),   capped to [1, min(O, I)]
     r_min = min(ceil(sqrt(O)), ceil(sqrt(I)))          smallest r whose r^2 can reach full rank
@@ -18,6 +18,7 @@ import math
 from torch import nn
 
 from . import kernels
+from .validate import check_number
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int, tuple[int, int]]:
@@ -46,8 +47,7 @@ def fedpara_rank_bounds(out_dim: int, in_dim: int, kernel: tuple[int, int] = (1,
 def rank_for_ratio_dims(out_dim: int, in_dim: int, kernel: tuple[int, int], ratio: float, *,
                         scheme: str = "fedpara", form: str = "tensor") -> int:
     """The rule on raw dimensions (used for LSTM gate matrices too)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
+    check_number("ratio", ratio, min=0.0, max=1.0)
     kernels.halves(scheme)
     r_min, r_max = fedpara_rank_bounds(out_dim, in_dim, kernel, form)
     cap = min(out_dim, in_dim)

@@ -17,11 +17,9 @@ def _seed():
 
 
 # --- brokers ------------------------------------------------------------------------------------
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+from support import MOSQUITTO, start_mosquitto  # noqa: E402,F401  (tests import them from here)
 
 
 @pytest.fixture
@@ -31,25 +29,6 @@ def amqtt_broker():
 
     with EmbeddedBroker() as broker:
         yield broker.url
-
-
-def start_mosquitto(tmp_path, extra: str = "", *, anonymous: bool = True):
-    """Mosquitto on a free loopback port with a config file in tmp_path; returns (process, url)."""
-    from coordinator.broker import free_port, wait_for_port
-
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    # as root Mosquitto would switch to the 'mosquitto' user, who cannot read pytest's tmp_path
-    user = "user root\n" if os.geteuid() == 0 else ""
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous {'true' if anonymous else 'false'}\n"
-                    f"persistence false\n{user}log_dest file {tmp_path / 'mosquitto.log'}\n{extra}")
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port("127.0.0.1", port, timeout=10)
-    except TimeoutError:
-        proc.kill()
-        raise
-    return proc, f"mqtt://127.0.0.1:{port}"
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Byte accounting end to end (issue 6): TCP_INFO socket counters, and the coordinator's MQTT byte
+"""Byte accounting end to end: TCP_INFO socket counters, and the coordinator's MQTT byte
 totals (metrics.jsonl) against a real Mosquitto's ``$SYS/broker/bytes/*`` counters.
 
 How the allowance is derived (docs/bandwidth.md, "Agreement with the broker"):
@@ -31,11 +31,11 @@ from pathlib import Path
 import pytest
 from conftest import MOSQUITTO, needs_fmnist, start_mosquitto
 
-from fedpara.netstats import tcp_bytes, tcp_counters, wait_acked
+from fedpara.runtime.netstats import tcp_bytes, tcp_counters, wait_acked
 from fedpara.wire.accounting import mqtt_publish_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-FEDPARA = [sys.executable, "-m", "fedpara.cli"] if not (Path(sys.executable).parent / "fedpara").exists() \
+FEDPARA = [sys.executable, "-m", "fedpara.runtime.cli"] if not (Path(sys.executable).parent / "fedpara").exists() \
     else [str(Path(sys.executable).parent / "fedpara")]
 
 
@@ -100,7 +100,7 @@ def test_tcp_bytes_unavailable():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO byte counters are Linux only")
 def test_tcp_bytes_nonlinux(monkeypatch):
-    import fedpara.netstats as ns
+    import fedpara.runtime.netstats as ns
 
     srv, cli, acc = _pair()
     try:

@@ -7,7 +7,7 @@ from conftest import needs_fmnist
 
 
 def fedpara(*args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "fedpara.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fedpara.runtime.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
 

@@ -3,7 +3,7 @@ import pytest
 
 from coordinator.config import CoordinatorConfig
 from edge_client.config import ClientConfig
-from fedpara.transport import parse_broker_url
+from fedpara.runtime.mqtt import parse_broker_url
 
 
 def test_coordinator_toml_and_overrides(tmp_path):

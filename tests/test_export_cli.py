@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import fedpara
-from fedpara.checkpoint import ModelSpec, save_checkpoint
-from fedpara.cli import main
+from fedpara.models import ModelSpec
+from fedpara.runtime.checkpoint import save_checkpoint
+from fedpara.runtime.cli import main
 
 DATA = "synthetic,shape=1x28x28,n=256"
 

@@ -7,7 +7,8 @@ import torch
 
 import fedpara
 from export import latest_checkpoint, load_source
-from fedpara.checkpoint import ModelSpec, save_checkpoint
+from fedpara.models import ModelSpec
+from fedpara.runtime.checkpoint import save_checkpoint
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -20,7 +21,7 @@ def run_dir(tmp_path):
     spec = ModelSpec(model="mlp", scheme="fedpara", ratio=0.2)
     models = {}
     for r in (2, 9, 10):
-        models[r] = spec.build()
+        models[r] = spec.build(seed=r)
         save_checkpoint(tmp_path / "checkpoints" / f"round-{r:04d}.safetensors",
                         fedpara.global_state(models[r]), spec, round=r, accuracy=r / 100)
     (tmp_path / "checkpoints" / "notes.txt").write_text("not a checkpoint")
@@ -109,7 +110,7 @@ def _client_dir(tmp_path, spec, model, local=True):
 
 def test_client_state_dir_merges_global_and_local(tmp_path):
     spec = ModelSpec(model="cnn28", scheme="pfedpara", ratio=0.5)
-    trained = spec.build()
+    trained = spec.build(seed=7)
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -123,14 +124,14 @@ def test_client_state_dir_merges_global_and_local(tmp_path):
 
 def test_client_state_dir_for_fedpara_needs_no_local(tmp_path):
     spec = ModelSpec(model="mlp", scheme="fedpara", ratio=0.5)
-    trained = spec.build()
+    trained = spec.build(seed=7)
     model, _, info = load_source(_client_dir(tmp_path, spec, trained, local=False))
     assert _same(model, trained) and info["round"] == 12
 
 
 def test_pfedpara_without_local_half_is_an_error(tmp_path):
     spec = ModelSpec(model="mlp", scheme="pfedpara", ratio=0.5)
-    trained = spec.build()
+    trained = spec.build(seed=7)
     with pytest.raises(FileNotFoundError, match="local.safetensors"):
         load_source(_client_dir(tmp_path, spec, trained, local=False))
     with pytest.raises(ValueError, match="only the global half"):
@@ -139,7 +140,7 @@ def test_pfedpara_without_local_half_is_an_error(tmp_path):
 
 def test_pfedpara_full_state_checkpoint(tmp_path):
     spec = ModelSpec(model="mlp", scheme="pfedpara", ratio=0.5)
-    trained = spec.build()
+    trained = spec.build(seed=7)
     save_checkpoint(tmp_path / "full.safetensors", trained.state_dict(), spec)
     model, _, _ = load_source(tmp_path / "full.safetensors")
     assert _same(model, trained)
@@ -147,7 +148,7 @@ def test_pfedpara_full_state_checkpoint(tmp_path):
 
 def test_client_local_written_for_another_spec(tmp_path):
     spec = ModelSpec(model="mlp", scheme="pfedpara", ratio=0.5)
-    trained = spec.build()
+    trained = spec.build(seed=7)
     _client_dir(tmp_path, spec, trained)
     other = ModelSpec(model="mlp", scheme="pfedpara", ratio=0.2)
     save_checkpoint(tmp_path / "local.safetensors", fedpara.local_state(other.build()), other)

@@ -15,11 +15,13 @@ import pytest
 from conftest import needs_fmnist
 
 from coordinator.config import CoordinatorConfig
-from coordinator.server import Coordinator, read_metrics
+from coordinator.events import RoundCompleted, TaskSent
+from coordinator.server import Coordinator
 from edge_client.client import EdgeClient
 from edge_client.config import ClientConfig
-from fedpara.topics import Topics
-from fedpara.transport import parse_broker_url
+from fedpara.runtime.rundir import read_json_lines as read_metrics
+from fedpara.runtime.topics import Topics
+from fedpara.runtime.mqtt import parse_broker_url
 from fedpara.wire import Message, MessageKind, Reassembler, WireError, decode, encode
 
 pytestmark = needs_fmnist
@@ -88,7 +90,9 @@ class Sniffer:
         self.client.disconnect()
 
 
-def run_coordinator(cfg, url, **kw) -> dict:
+def run_coordinator(cfg, url, *, on_round=None, **kw) -> dict:
+    if on_round is not None:  # a listener for the end of each round only
+        kw["on_event"] = lambda e: on_round(e.row) if isinstance(e, RoundCompleted) else None
     return Coordinator(cfg, parse_broker_url(url) if isinstance(url, str) else url, **kw).run()
 
 
@@ -142,14 +146,14 @@ def test_sigkilled_client_round_completes_at_deadline(amqtt_broker, tmp_path):
     clients = start_clients(amqtt_broker, cfg, tmp_path, 2, total=3)
     # the third client is a real process with a big partition, killed while it trains round 1
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    victim = subprocess.Popen([sys.executable, "-m", "fedpara.cli", "client", "--broker", amqtt_broker,
+    victim = subprocess.Popen([sys.executable, "-m", "fedpara.runtime.cli", "client", "--broker", amqtt_broker,
                                "--client-id", "victim", "--run", cfg.run_id, "--threads", "1",
                                "--data", "fashion-mnist,partition=iid,clients=3,index=2",
                                "--state-dir", str(tmp_path / "victim"), "--energy", "estimate"],
                               env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "victim.log", "wb"))
 
-    def on_event(kind, *args):
-        if kind == "task" and args[0] == 1 and victim.poll() is None:
+    def on_event(event):
+        if isinstance(event, TaskSent) and event.round == 1 and victim.poll() is None:
             threading.Timer(0.5, lambda: victim.send_signal(signal.SIGKILL)).start()
 
     sniffer = Sniffer(amqtt_broker, cfg.run_id)  # start round 1 only once the victim is online
@@ -231,7 +235,7 @@ def test_coordinator_killed_and_resumed_counts_every_round_once(amqtt_broker, tm
     cfg = coord_cfg(tmp_path, min_clients=2, rounds=4)
     run_dir = tmp_path / "run"
     clients = start_clients(amqtt_broker, cfg, tmp_path, 2)
-    args = [sys.executable, "-m", "fedpara.cli", "coordinator", "--broker", amqtt_broker, "--run", cfg.run_id,
+    args = [sys.executable, "-m", "fedpara.runtime.cli", "coordinator", "--broker", amqtt_broker, "--run", cfg.run_id,
             "--model", "mlp", "--scheme", "fedpara", "--ratio", "0.3", "--rounds", "4", "--min-clients", "2",
             "--test-data", "fashion-mnist,limit=400", "--lr", "0.05", "--batch-size", "32", "--deadline", "30"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -246,7 +250,7 @@ def test_coordinator_killed_and_resumed_counts_every_round_once(amqtt_broker, tm
         first.wait(10)
         done_before = len(read_metrics(run_dir / "metrics.jsonl"))
         assert 2 <= done_before < 4
-        second = subprocess.run([sys.executable, "-m", "fedpara.cli", "coordinator", "--broker", amqtt_broker,
+        second = subprocess.run([sys.executable, "-m", "fedpara.runtime.cli", "coordinator", "--broker", amqtt_broker,
                                  "--resume", str(run_dir)], env=env, capture_output=True, timeout=120)
         assert second.returncode == 0, second.stderr.decode()[-2000:]
     finally:
@@ -258,7 +262,7 @@ def test_coordinator_killed_and_resumed_counts_every_round_once(amqtt_broker, tm
 
 def test_pfedpara_never_publishes_local_factors(amqtt_broker, tmp_path):
     import fedpara
-    from fedpara.checkpoint import load_checkpoint
+    from fedpara.runtime.checkpoint import load_checkpoint
 
     cfg = coord_cfg(tmp_path, scheme="pfedpara", ratio=0.5, min_clients=2, rounds=2)
     sniffer = Sniffer(amqtt_broker, cfg.run_id)
@@ -340,7 +344,7 @@ def test_broker_restart_mid_run_everyone_reconnects(tmp_path):
             conf = tmp_path / "mosquitto.conf"
             state["proc"] = subprocess.Popen([MOSQUITTO, "-c", str(conf)],
                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            from coordinator.broker import wait_for_port
+            from support import wait_for_port
             wait_for_port("127.0.0.1", port)
 
     try:
@@ -359,7 +363,8 @@ def test_pfedpara_local_factors_survive_a_client_restart(tmp_path):
     import torch
 
     import fedpara
-    from fedpara.checkpoint import ModelSpec, save_checkpoint
+    from fedpara.models import ModelSpec
+    from fedpara.runtime.checkpoint import save_checkpoint
 
     spec = ModelSpec(model="mlp", scheme="pfedpara", ratio=0.5)
     cfg = ClientConfig(client_id="pi", run_id="r", data=TRAIN.format(n=2, i=0), state_dir=str(tmp_path / "pi"),
@@ -367,12 +372,12 @@ def test_pfedpara_local_factors_survive_a_client_restart(tmp_path):
     saved = {k: torch.randn_like(v) for k, v in fedpara.local_state(spec.build()).items()}
     save_checkpoint(tmp_path / "pi" / "local.safetensors", saved, spec, round=7)
     client = EdgeClient(cfg, parse_broker_url("mqtt://127.0.0.1:1"))  # never connects
-    client._ensure_model(spec, seed=0)
+    client.trainer._ensure_model(spec, seed=0)
     for k, v in fedpara.local_state(client.model).items():
         assert torch.equal(v, saved[k]), k
     # a local state saved for another model is ignored, with a warning, not a crash
     other = EdgeClient(cfg, parse_broker_url("mqtt://127.0.0.1:1"))
-    other._ensure_model(ModelSpec(model="mlp", scheme="pfedpara", ratio=0.2), seed=0)
+    other.trainer._ensure_model(ModelSpec(model="mlp", scheme="pfedpara", ratio=0.2), seed=0)
     assert other.model is not None
 
 

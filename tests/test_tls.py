@@ -6,8 +6,8 @@ import pytest
 from conftest import MOSQUITTO, needs_fmnist, start_mosquitto
 from test_runtime import coord_cfg, run_coordinator, start_clients, stop_all
 
-from coordinator.server import read_metrics
-from fedpara.transport import MqttSession, parse_broker_url
+from fedpara.runtime.mqtt import MqttSession, parse_broker_url
+from fedpara.runtime.rundir import read_json_lines as read_metrics
 
 pytestmark = [needs_fmnist, pytest.mark.skipif(
     not (MOSQUITTO and shutil.which("openssl") and shutil.which("mosquitto_passwd")),

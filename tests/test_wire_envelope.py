@@ -11,7 +11,7 @@ import zstandard
 from fedpara.wire import Limits, Message, MessageKind, WireError, decode, encode
 from fedpara.wire.envelope import PREFIX_BYTES
 
-from test_wire_helpers import rebuild, sample_messages, split_envelope
+from wire_support import rebuild, sample_messages, split_envelope
 
 torch.set_num_threads(1)
 

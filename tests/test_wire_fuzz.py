@@ -1,5 +1,5 @@
 """Untrusted input: >= 10,000 random and mutated byte strings reach the decoders, and the only
-exception that ever comes out is WireError (issue 3, item 6)."""
+exception that ever comes out is WireError."""
 
 import random
 import struct
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fedpara.wire import Limits, Reassembler, WireError, decode, split
 
-from test_wire_helpers import rebuild, resign, sample_messages, split_envelope
+from wire_support import rebuild, resign, sample_messages, split_envelope
 
 torch.set_num_threads(1)
 

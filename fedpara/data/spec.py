@@ -101,6 +101,18 @@ class DataSpec:
     def __str__(self) -> str:
         return format_data_spec(self)
 
+    @property
+    def num_classes(self) -> int:
+        """How many classes a model trained on this data set must output."""
+        if self.name == "synthetic":
+            return self.classes
+        if self.name == "shakespeare":
+            from .shakespeare import VOCAB_SIZE
+            return VOCAB_SIZE  # 95 printable characters + unknown
+        if self.name == "cifar100":
+            return 20 if self.label == "coarse" else 100
+        return 10
+
     def replace(self, **changes) -> "DataSpec":
         """A copy with fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

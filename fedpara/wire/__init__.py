@@ -1,6 +1,6 @@
 """The wire format: everything that crosses the network between coordinator and clients.
 
-Both sides import this package and nothing else to talk to each other (ARCHITECTURE.md).
+Both sides import this package and nothing else to talk to each other (docs/architecture.md).
 FedPara factors (paper Sec. 2, Alg. 1) travel as safetensors inside a versioned, digested
 envelope; codecs (fp32/fp16/bf16/int8, optional zstd) are chosen per direction and per tensor;
 envelopes are chunked to the broker's packet limit and every byte is accounted for.
@@ -19,7 +19,7 @@ from .chunking import CHUNK_HEADER_BYTES, Chunk, Reassembler, max_chunk_payload,
 from .codecs import INT8_MIN_ROW
 from .envelope import PREFIX_BYTES, Encoded, Message, decode, encode
 from .policy import CodecPolicy, CodecSpec, WireConfig
-from .protocol import WIRE_MAJOR, WIRE_MINOR, Limits, MessageKind, WireError
+from .limits import WIRE_MAJOR, WIRE_MINOR, Limits, MessageKind, WireError
 
 __all__ = [
     "CHUNK_HEADER_BYTES", "Chunk", "CodecPolicy", "CodecSpec", "Encoded", "INT8_MIN_ROW", "Limits",

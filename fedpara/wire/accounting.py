@@ -1,6 +1,6 @@
 """Byte accounting: what really crosses the wire, counted at the single point that encodes it.
 
-Three numbers per message (issue 3, item 5):
+Three numbers per message:
 
 - ``raw_bytes``: the tensors as float32 (non-float tensors at their own size), i.e. what a naive
   fp32 state dict would cost;

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .protocol import WireError
+from .limits import WireError
 
 #: safetensors dtype code -> (numpy storage dtype, torch dtype). BF16 is stored as uint16 in
 #: numpy (numpy has no bfloat16) and reinterpreted as torch.bfloat16 on the way out.

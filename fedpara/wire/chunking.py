@@ -1,4 +1,4 @@
-"""Chunking: split an envelope into MQTT-sized frames and put it back together (issue 3, item 4).
+"""Chunking: split an envelope into MQTT-sized frames and put it back together.
 
 Brokers cap packet sizes (Mosquitto 2.1: 2,000,000 bytes; EMQX: 1 MB; AWS IoT: 128 KB), so
 every message travels as chunk frames, even one that fits (count = 1), so receivers have one
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .accounting import mqtt_publish_bytes
-from .protocol import Limits, WireError
+from .limits import Limits, WireError
 
 CHUNK_MAGIC = b"FPWC"
 CHUNK_VERSION = 1

@@ -1,4 +1,4 @@
-"""Tensor codecs: float32 in, compact arrays out, and back (issue 3, item 2).
+"""Tensor codecs: float32 in, compact arrays out, and back.
 
 - ``fp32`` / ``fp16`` / ``bf16``: a cast (round to nearest even).
 - ``int8``: per-output-channel affine quantisation. A tensor of shape (C, ...) is viewed as
@@ -24,7 +24,7 @@ import torch
 
 from .blob import FROM_TORCH, ST_DTYPES, TORCH_NAMES, to_numpy
 from .policy import CodecSpec
-from .protocol import WireError
+from .limits import WireError
 
 #: int8 needs at least this many elements per output channel, else the tensor goes as fp32
 #: (a per-row scale + offset costs 8 bytes; below 16 elements int8 would not beat fp16).

@@ -1,4 +1,4 @@
-"""The envelope: one versioned binary message carrying tensors as safetensors (issue 3, item 1).
+"""The envelope: one versioned binary message carrying tensors as safetensors.
 
 Layout (all integers little-endian)::
 
@@ -43,7 +43,7 @@ from . import blob
 from .accounting import TensorStats, WireStats
 from .codecs import decode_tensor, encode_tensor, expected_parts, is_float
 from .policy import CodecPolicy, CodecSpec, WireConfig
-from .protocol import ENVELOPE_MAGIC, WIRE_MAJOR, WIRE_MINOR, Limits, MessageKind, WireError
+from .limits import ENVELOPE_MAGIC, WIRE_MAJOR, WIRE_MINOR, Limits, MessageKind, WireError
 
 _PREFIX = struct.Struct("<4sBBBBIQ32s")
 PREFIX_BYTES = _PREFIX.size  # 52

@@ -27,7 +27,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Mapping, Union
 
-from .protocol import MessageKind
+from .limits import MessageKind
 
 DTYPES = ("fp32", "fp16", "bf16", "int8", "raw")
 ZSTD_DEFAULT_LEVEL = 3

@@ -2,13 +2,15 @@
 
 Everything a receiver refuses is described here, so a reviewer can see the whole attack surface
 in one place: every count, shape and size a peer declares is checked against `Limits` before
-anything is allocated or decompressed (ARCHITECTURE.md, "Safety rules").
+anything is allocated or decompressed (docs/wire.md).
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
+
+from fedpara.validate import check_int
 
 #: Envelope magic ("FedPara Wire Envelope") and version. The decoder accepts any minor version of
 #: its own major version (minor versions only add header keys, which older decoders ignore).
@@ -95,5 +97,5 @@ class Limits:
             if f.name == "reject_nonfinite":
                 if not isinstance(value, bool):
                     raise ValueError(f"Limits.reject_nonfinite must be a bool, got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Limits.{f.name} must be a positive int, got {value!r}")
+            else:
+                check_int(f"Limits.{f.name}", value, min=1)

@@ -7,7 +7,6 @@ enough to resume, export or run inference. No pickle: safetensors only. Writes a
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -17,54 +16,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import kernels
-from .convert import convert
-from .models import MODELS, build
+from fedpara.models import ModelSpec
 
 FORMAT = "fedpara-checkpoint/1"
-SCHEMES = ("dense",) + kernels.SCHEMES
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild the (factorised) model."""
-    model: str = dataclasses.field(default="cnn28", metadata={"help": "reference model name"})
-    num_classes: int = dataclasses.field(default=10, metadata={"help": "number of classes"})
-    scheme: str = dataclasses.field(default="fedpara", metadata={"help": "dense|fedpara|lowrank|pfedpara"})
-    ratio: float = dataclasses.field(default=0.1, metadata={"help": "the paper's gamma in [0, 1]"})
-    form: str = dataclasses.field(default="tensor", metadata={"help": "conv form: tensor|matrix"})
-    tanh: bool = dataclasses.field(default=False, metadata={"help": "tanh on the halves (App. B)"})
-
-    def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"model: unknown {self.model!r}; available: {', '.join(MODELS)}")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
-            raise ValueError(f"num_classes: must be an int >= 2, got {self.num_classes!r}")
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"scheme: must be one of {SCHEMES}, got {self.scheme!r}")
-        if not isinstance(self.ratio, (int, float)) or isinstance(self.ratio, bool) or not 0 <= self.ratio <= 1:
-            raise ValueError(f"ratio: must be a number in [0, 1], got {self.ratio!r}")
-        if self.form not in kernels.FORMS:
-            raise ValueError(f"form: must be one of {kernels.FORMS}, got {self.form!r}")
-
-    def build(self) -> nn.Module:
-        model = build(self.model, num_classes=self.num_classes)
-        if self.scheme != "dense":
-            convert(model, ratio=self.ratio, scheme=self.scheme, form=self.form, tanh=self.tanh)
-        return model
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> ModelSpec:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"model spec: unknown fields {sorted(unknown)}")
-        return cls(**d)
 
 
 def state_digest(state: Mapping[str, Tensor]) -> str:

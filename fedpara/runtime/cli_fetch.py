@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .data.fetch import default_dir, fetch_shakespeare
+from fedpara.data.fetch import default_dir, fetch_shakespeare
 
 
 class FetchCommand:

@@ -1,6 +1,6 @@
 """MQTT transport shared by the coordinator and the edge client: the one module that imports paho.
 
-Habits (STYLE.md #7): paho's ``CallbackAPIVersion.VERSION2``; subscriptions are (re)made in
+Habits: paho's ``CallbackAPIVersion.VERSION2``; subscriptions are (re)made in
 ``on_connect`` so that reconnects resubscribe; ``reconnect_delay_set`` backoff; an optional
 retained last will; callbacks only enqueue ``(topic, payload)`` -- all work happens on the caller's
 threads. Broker URLs: ``mqtt://host:port`` and ``mqtts://host:port`` (TLS, optional CA file);
@@ -176,15 +176,3 @@ class MqttSession:
                 self._client.disconnect()
         finally:
             self._client.loop_stop()
-
-
-def add_broker_arguments(p, default: str = "mqtt://127.0.0.1:1883") -> None:
-    """The broker flags every command shares."""
-    p.add_argument("--broker", default=default, help="mqtt://host:port or mqtts://host:port")
-    p.add_argument("--username", help="MQTT user (or FEDPARA_MQTT_USERNAME)")
-    p.add_argument("--password", help="MQTT password (prefer FEDPARA_MQTT_PASSWORD)")
-    p.add_argument("--ca-file", help="CA certificate for mqtts://")
-
-
-def broker_from_args(args) -> BrokerURL:
-    return parse_broker_url(args.broker, username=args.username, password=args.password, ca_file=args.ca_file)

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from . import convert, count_params, global_state, local_state
-from .layers import FactorisedLayer
-from .lstm import FactorisedMatrix
-from .models import MODELS, build
-from .state import state_bytes
+from fedpara import convert, count_params, global_state, local_state
+from fedpara.layers import FactorisedLayer
+from fedpara.lstm import FactorisedMatrix
+from fedpara.models import MODELS, build
+from fedpara.state import state_bytes
 
 
 class InfoCommand:

@@ -1,0 +1,121 @@
+"""The edge client's trainer: ``fit(task) -> update``, with no MQTT inside.
+
+It owns the local data, the model (rebuilt only when the task's model spec changes), the device
+and the client's state directory: pFedPara's local half (paper Sec. 2.3) is restored from and
+saved to ``local.safetensors``, so it survives restarts and never leaves the device. The MQTT
+side (:mod:`edge_client.client`) hands it typed tasks and sends what it returns; tests and
+other runtimes can use it without a broker.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+
+import torch
+from torch import Tensor
+
+from fedpara import global_state, load_state, local_state
+from fedpara.data import load_client_data, load_client_test, parse_data_spec
+from fedpara.models import ModelSpec
+from fedpara.runtime.checkpoint import load_checkpoint, save_checkpoint
+from fedpara.runtime.messages import Task
+from fedpara.runtime.rundir import ClientStateDir
+from fedpara.training import evaluate, resolve_device, train_epochs
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class FitOutput:
+    """What one task produced: the global factors to send, the example count and the metrics."""
+
+    tensors: dict[str, Tensor]
+    num_examples: int
+    metrics: dict
+
+
+def _no_phase(name: str, **kw):
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, client_id: str, data: str, *, device: str = "auto", threads: int = 1,
+                 state_dir: str, eval_local: bool = True, lock: threading.Lock | None = None) -> None:
+        self.client_id, self.threads, self.eval_local = client_id, threads, eval_local
+        self.device = resolve_device(device)
+        self.data_spec = parse_data_spec(data)
+        self.train_data, self.data_info = load_client_data(self.data_spec)
+        self._test_data = None
+        self.state = ClientStateDir(state_dir)
+        self.state.root.mkdir(parents=True, exist_ok=True)
+        self.model: torch.nn.Module | None = None
+        self.spec: ModelSpec | None = None
+        self.last_accuracy: float | None = None
+        # held while the model trains or exports; a client pool shares one: its clients take turns
+        self.lock = lock or threading.Lock()
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.train_data)
+
+    @property
+    def test_data(self):
+        if self._test_data is None:
+            self._test_data = load_client_test(self.data_spec)
+        return self._test_data
+
+    def _ensure_model(self, spec: ModelSpec, seed: int) -> None:
+        if self.model is not None and spec == self.spec:
+            return
+        model = spec.build(seed)  # the coordinator's seed: every client starts from the same factors
+        path = self.state.local_path
+        if local_state(model) and path.exists():
+            try:
+                state, saved_spec, _ = load_checkpoint(path)
+                if saved_spec != spec:
+                    raise ValueError(f"saved for {saved_spec}, run uses {spec}")
+                load_state(model, state, part="local")
+                log.info("%s: restored local factors from %s", self.client_id, path)
+            except (ValueError, FileNotFoundError) as exc:
+                log.warning("%s: ignoring local state %s: %s", self.client_id, path, exc)
+        self.model, self.spec = model.to(self.device), spec
+
+    def fit(self, task: Task, rnd: int, tensors: dict[str, Tensor], phase=_no_phase) -> FitOutput:
+        """Load the global factors, train ``task.train`` locally, save state, evaluate locally.
+
+        ``phase(name)`` is a context manager factory wrapping the download/train phases (energy).
+        Raises ValueError for a task that does not fit the model or the data.
+        """
+        torch.set_num_threads(self.threads)
+        t = task.train
+        with phase("download"):
+            self._ensure_model(task.spec, task.init_seed)
+            load_state(self.model, {k: v.to(self.device) for k, v in tensors.items()})
+        with phase("train"):
+            res = train_epochs(self.model, self.train_data, epochs=t.epochs, batch_size=t.batch_size,
+                               lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                               device=self.device, seed=t.seed)
+        metrics = {"loss": res["loss"], "train_s": res["seconds"], "steps": res["steps"]}
+        local, shared = local_state(self.model), global_state(self.model)
+        if local:
+            save_checkpoint(self.state.local_path, local, task.spec, round=rnd, client_id=self.client_id)
+        save_checkpoint(self.state.global_path, shared, task.spec, round=rnd, client_id=self.client_id)
+        if self.eval_local:
+            ev = evaluate(self.model, self.test_data, device=self.device)
+            metrics["local_accuracy"], metrics["local_loss"] = ev["accuracy"], ev["loss"]
+            self.last_accuracy = ev["accuracy"]
+        return FitOutput({k: v.cpu() for k, v in shared.items()}, self.num_examples, metrics)
+
+    def export(self, info: dict):
+        """The final (for pFedPara: personalised) model -> STATE_DIR/model.onnx (+ int8), checked
+        against torch on the local test split and calibrated on local training data."""
+        from export import export_model
+
+        test = self.test_data.tensors
+        with self.lock:
+            return export_model(self.model, self.spec, self.state.onnx_path,
+                                info={"client_id": self.client_id, "accuracy": self.last_accuracy, **info},
+                                eval_data=(test[0], test[1]), calibration=self.train_data.tensors[0][:256],
+                                int8=True, threads=self.threads, latency_runs=10)

@@ -1,0 +1,187 @@
+"""The application protocol: one typed dataclass per message kind (docs/protocol.md).
+
+A wire :class:`~fedpara.wire.Message` carries tensors and a JSON ``meta`` dict; these classes are
+what that dict means. Each has ``to_meta()`` (sender) and ``from_meta()`` (receiver), which
+validates every field once and raises :class:`ProtocolError` naming the field, so that nothing
+downstream (training, aggregation) ever sees a raw dict. Defaults live here, once, for both ends.
+
+    task      coordinator -> sampled clients: who is selected, the model spec, training parameters
+    update    client -> coordinator: example count and metrics (the factors are the tensors)
+    status    client or coordinator presence (retained; the last will says offline)
+    control   coordinator -> everyone: the run is over
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from fedpara.models import ModelSpec
+
+from .options import check_choice, check_int, check_number, check_str
+
+
+class ProtocolError(ValueError):
+    """A message whose meta does not follow the protocol; the text names the field."""
+
+
+def _field(kind: str, meta: Mapping, name: str, check, *args, default=dataclasses.MISSING, **kw):
+    """``check(f"{kind}.{name}", meta[name], ...)``, turning every failure into ProtocolError."""
+    if name not in meta:
+        if default is dataclasses.MISSING:
+            raise ProtocolError(f"{kind}.{name}: missing")
+        return default
+    try:
+        return check(f"{kind}.{name}", meta[name], *args, **kw)
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+
+
+def _meta(kind: str, meta: Any) -> Mapping:
+    if not isinstance(meta, Mapping):
+        raise ProtocolError(f"{kind}: meta must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+# --- task -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    """Local training settings the coordinator sends with every task (paper Table 6: plain SGD)."""
+
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> TrainParams:
+        m = _meta("task.train", meta)
+        k = "task.train"
+        return cls(epochs=_field(k, m, "epochs", check_int, min=1, max=10_000),
+                   batch_size=_field(k, m, "batch_size", check_int, min=1, max=1 << 20),
+                   lr=_field(k, m, "lr", check_number, min=0.0, max=1e3, min_open=True),
+                   momentum=_field(k, m, "momentum", check_number, min=0.0, max=1.0, max_open=True, default=0.0),
+                   weight_decay=_field(k, m, "weight_decay", check_number, min=0.0, max=1.0, default=0.0),
+                   seed=_field(k, m, "seed", check_int, min=0, max=(1 << 63) - 1, default=0))
+
+    def to_meta(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    task_id: str
+    selected: tuple[str, ...]
+    spec: ModelSpec
+    train: TrainParams
+    attempt: int = 1
+    init_seed: int = 0
+    deadline_s: float = 120.0
+    uplink: str = "fp32"
+    max_packet: int = 1_000_000
+
+    def to_meta(self) -> dict:
+        return {"selected": list(self.selected), "attempt": self.attempt, "task_id": self.task_id,
+                "spec": self.spec.to_dict(), "init_seed": self.init_seed, "deadline_s": self.deadline_s,
+                "uplink": self.uplink, "max_packet": self.max_packet, "train": self.train.to_meta()}
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> Task:
+        m = _meta("task", meta)
+        selected = m.get("selected")
+        if not isinstance(selected, list) or len(selected) > 100_000:
+            raise ProtocolError("task.selected: must be a list of client ids")
+        try:
+            spec = ModelSpec.from_dict(m["spec"]) if isinstance(m.get("spec"), Mapping) else None
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"task.spec: {exc}") from None
+        if spec is None:
+            raise ProtocolError("task.spec: missing or not an object")
+        return cls(task_id=_field("task", m, "task_id", _check_task_id),
+                   selected=tuple(c for c in selected if isinstance(c, str)),
+                   spec=spec, train=TrainParams.from_meta(m.get("train")),
+                   attempt=_field("task", m, "attempt", check_int, min=1, max=1_000_000, default=1),
+                   init_seed=_field("task", m, "init_seed", check_int, min=0, max=(1 << 63) - 1, default=0),
+                   deadline_s=_field("task", m, "deadline_s", check_number, min=0.0, max=7 * 86400.0,
+                                     min_open=True, default=120.0),
+                   uplink=_field("task", m, "uplink", check_str, max_len=256, default="fp32"),
+                   max_packet=_field("task", m, "max_packet", check_int, min=1024, max=1 << 28,
+                                     default=1_000_000))
+
+
+def _check_task_id(name: str, value: Any) -> str:
+    if not check_str(name, value, max_len=128):
+        raise ValueError(f"{name}: must not be empty")
+    return value
+
+
+# --- update ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Update:
+    task_id: str
+    num_examples: int
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+    def to_meta(self) -> dict:
+        return {"num_examples": self.num_examples, "task_id": self.task_id, "metrics": self.metrics}
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> Update:
+        m = _meta("update", meta)
+        metrics = m.get("metrics", {})
+        return cls(task_id=_field("update", m, "task_id", _check_task_id),
+                   num_examples=_field("update", m, "num_examples", check_int, min=1),
+                   metrics=dict(metrics) if isinstance(metrics, Mapping) else {})
+
+
+# --- status ---------------------------------------------------------------------------------
+STATES = ("online", "offline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    state: str
+    num_examples: int = 0
+    device: str = ""
+    role: str = "client"
+
+    @property
+    def online(self) -> bool:
+        return self.state == "online"
+
+    def to_meta(self) -> dict:
+        if self.role == "coordinator":
+            return {"state": self.state, "role": "coordinator"}
+        return {"state": self.state, "num_examples": self.num_examples, "device": self.device}
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> Status:
+        m = _meta("status", meta)
+        device = m.get("device", "")
+        return cls(state=_field("status", m, "state", check_choice, STATES),
+                   num_examples=_field("status", m, "num_examples", check_int, min=0, default=0),
+                   device=str(device)[:64] if isinstance(device, str) else "",
+                   role="coordinator" if m.get("role") == "coordinator" else "client")
+
+
+# --- control --------------------------------------------------------------------------------
+ACTIONS = ("finish",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    action: str
+    status: str = ""
+    round: int = 0
+
+    def to_meta(self) -> dict:
+        return {"action": self.action, "status": self.status, "round": self.round}
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> Control:
+        m = _meta("control", meta)
+        return cls(action=_field("control", m, "action", check_choice, ACTIONS),
+                   status=_field("control", m, "status", check_str, max_len=1024, default=""),
+                   round=_field("control", m, "round", check_int, min=0, default=0))

@@ -1,0 +1,178 @@
+"""The run directory and a client's state directory: the one place that knows their layout.
+
+    RUN_DIR/
+      config.json                  the coordinator's config (what --resume reads)
+      metrics.jsonl                one JSON object per completed round, appended
+      checkpoints/round-NNNN.safetensors   global factors after round N (fedpara-checkpoint/1)
+      summary.json                 totals when the run ends
+      logs/                        child processes' logs (demo)
+      clients/<id>/                client state directories (demo)
+
+    STATE_DIR/                     one edge client's state
+      global.safetensors           the last global factors it trained
+      local.safetensors            pFedPara's personalised half (never leaves the device)
+      model.onnx, model.int8.onnx  the exported final model (--export-on-finish)
+
+A crash may leave a torn last line in ``metrics.jsonl``; readers drop it, and :meth:`RunDir.
+repair_metrics` rewrites the file without it before appending again. The last round recorded in
+``metrics.jsonl`` is the last completed round: a checkpoint written just before a crash, for a
+round that a resume redoes, is not.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+METRICS, CONFIG, SUMMARY, CHECKPOINTS = "metrics.jsonl", "config.json", "summary.json", "checkpoints"
+ROUND_FILE = re.compile(r"^round-(\d+)\.safetensors$")
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """Complete JSON object lines carrying an int ``round``; reading stops at a torn line."""
+    rows: list[dict] = []
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return rows
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if isinstance(row, dict) and isinstance(row.get("round"), int):
+            rows.append(row)
+    return rows
+
+
+class RunDir:
+    """A coordinator's run directory (see the module docstring for the layout)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    # paths
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def summary_path(self) -> Path:
+        return self.root / SUMMARY
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def checkpoint(self, rnd: int) -> Path:
+        return self.checkpoints / f"round-{rnd:04d}.safetensors"
+
+    def client_state(self, client_id: str) -> Path:
+        return self.root / "clients" / client_id
+
+    def looks_like_run(self) -> bool:
+        return self.checkpoints.is_dir() or self.summary_path.is_file() or self.metrics_path.is_file()
+
+    # metrics
+    def read_metrics(self) -> list[dict]:
+        return read_json_lines(self.metrics_path)
+
+    def holds_rounds(self) -> bool:
+        return bool(self.read_metrics())
+
+    def start_metrics(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.metrics_path.write_text("")
+
+    def repair_metrics(self) -> list[dict]:
+        """Rewrite metrics.jsonl without a torn tail (so appends stay valid lines); its rows."""
+        rows = self.read_metrics()
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return rows
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+    def last_recorded_round(self) -> int | None:
+        rows = self.read_metrics()
+        return rows[-1]["round"] if rows else None
+
+    def latest_checkpoint(self) -> Path:
+        """The checkpoint of the last recorded round, else the highest round on disk."""
+        recorded = self.last_recorded_round()
+        if recorded is not None and self.checkpoint(recorded).is_file():
+            return self.checkpoint(recorded)
+        rounds = [(int(m.group(1)), p) for p in self.checkpoints.glob("round-*.safetensors")
+                  if (m := ROUND_FILE.match(p.name))] if self.checkpoints.is_dir() else []
+        if not rounds:
+            raise FileNotFoundError(f"run directory {self.root} has no checkpoints "
+                                    f"({CHECKPOINTS}/round-NNNN.safetensors)")
+        return max(rounds)[1]
+
+    # config and summary
+    def write_config(self, config: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(json.dumps(config, indent=2))
+
+    def read_config(self) -> dict:
+        return _read_object(self.config_path, "run config")
+
+    def write_summary(self, summary: dict) -> None:
+        self.summary_path.write_text(json.dumps(summary, indent=2))
+
+    def read_summary(self) -> dict:
+        """The summary, or {} when the run has none yet."""
+        if not self.summary_path.is_file():
+            return {}
+        return _read_object(self.summary_path, "run summary")
+
+
+class ClientStateDir:
+    """One edge client's state directory (see the module docstring)."""
+
+    GLOBAL, LOCAL = "global.safetensors", "local.safetensors"
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    @property
+    def global_path(self) -> Path:
+        return self.root / self.GLOBAL
+
+    @property
+    def local_path(self) -> Path:
+        return self.root / self.LOCAL
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.root / "model.onnx"
+
+    def is_state_dir(self) -> bool:
+        return self.global_path.is_file()
+
+
+def _read_object(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} is not a JSON object")
+    return data

@@ -22,6 +22,7 @@ import gzip
 import logging
 import math
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,57 +46,179 @@ MAX_NDIM = 8
 MAX_BYTES = 1 << 32  # 4 GiB: far above any IDX dataset; guards a corrupt header.
 
 
-def _read_bytes(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise ValueError(f"{path}: corrupt gzip stream ({e})") from e
-    return raw
+def _parse_header(head: bytes, name: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """``(dtype, dims, header bytes)`` from the start of an IDX file; ValueError when malformed.
 
-
-def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Parse IDX bytes into a read-only native-endian array of the declared shape."""
-    if len(raw) < 4:
-        raise ValueError(f"{name}: too short for an IDX header ({len(raw)} bytes)")
-    if raw[0] != 0 or raw[1] != 0:
+    ``head`` is the whole file or at least its first ``4 + 4 * MAX_NDIM`` bytes.
+    """
+    if len(head) < 4:
+        raise ValueError(f"{name}: too short for an IDX header ({len(head)} bytes)")
+    if head[0] != 0 or head[1] != 0:
         raise ValueError(
-            f"{name}: bad IDX magic {raw[:4].hex()} (first two bytes must be 0x00 0x00)"
+            f"{name}: bad IDX magic {head[:4].hex()} (first two bytes must be 0x00 0x00)"
         )
-    code, ndim = raw[2], raw[3]
+    code, ndim = head[2], head[3]
     if code not in IDX_DTYPES:
         known = ", ".join(f"0x{c:02x}" for c in IDX_DTYPES)
         raise ValueError(f"{name}: unknown IDX dtype code 0x{code:02x} (known: {known})")
     if not 1 <= ndim <= MAX_NDIM:
         raise ValueError(f"{name}: IDX ndim {ndim} out of range 1..{MAX_NDIM}")
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{name}: truncated IDX header (need {header} bytes, have {len(raw)})")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    if len(head) < header:
+        raise ValueError(f"{name}: truncated IDX header (need {header} bytes, have {len(head)})")
+    dims = tuple(int(d) for d in np.frombuffer(head, dtype=">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[code]
     expected = math.prod(dims) * dtype.itemsize  # Python ints: no overflow
     if expected > MAX_BYTES:
         raise ValueError(f"{name}: IDX dims {dims} declare {expected} bytes, above {MAX_BYTES}")
+    return dtype, dims, header
+
+
+def _size_error(name: str, dims: tuple, dtype: np.dtype, have: int) -> ValueError:
+    expected = math.prod(dims) * dtype.itemsize
+    return ValueError(f"{name}: IDX dims {dims} x {dtype.itemsize} B need {expected} data bytes, "
+                      f"file has {have}")
+
+
+def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes into a read-only native-endian array of the declared shape."""
+    dtype, dims, header = _parse_header(raw[:4 + 4 * MAX_NDIM], name)
     have = len(raw) - header
-    if have != expected:
-        raise ValueError(
-            f"{name}: IDX dims {dims} x {dtype.itemsize} B need {expected} data bytes, "
-            f"file has {have}"
-        )
+    if have != math.prod(dims) * dtype.itemsize:
+        raise _size_error(name, dims, dtype, have)
     arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
     if dtype.itemsize > 1:
         arr = arr.astype(dtype.newbyteorder("="))
     return arr
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (raw or gzip) and return its array. Raises ValueError on bad files."""
-    path = Path(path)
-    arr = parse_idx(_read_bytes(path), name=str(path))
+def read_idx(path: str | os.PathLike, indices: np.ndarray | None = None) -> np.ndarray:
+    """Read an IDX file (raw or gzip) and return its array. Raises ValueError on bad files.
+
+    The file is streamed: only the result is held, never the compressed bytes and the whole
+    decompressed copy at once. ``indices`` keeps only those rows (axis 0, any order, repeats
+    allowed), so the other rows are never stored.
+    """
+    with IdxFile(path) as f:
+        arr = f.read(indices)
     log.debug("read %s: shape=%s dtype=%s", path, arr.shape, arr.dtype)
     return arr
+
+
+class IdxFile:
+    """An IDX file (raw or gzip) opened for streaming: ``dtype`` and ``shape`` from its header,
+    then :meth:`read` (once) for all rows or selected ones. Use as a context manager."""
+
+    CHUNK = 1 << 20  # bytes decompressed per step
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.name = str(self.path)
+        self._file = open(self.path, "rb")
+        try:
+            magic = self._file.read(2)
+            self._file.seek(0)
+            self.compressed = magic == _GZIP_MAGIC
+            self._stream = gzip.GzipFile(fileobj=self._file, mode="rb") if self.compressed else self._file
+            head = self._read(4 + 4 * MAX_NDIM)
+            dtype, self.shape, header = _parse_header(head, self.name)
+        except BaseException:
+            self._file.close()
+            raise
+        self.dtype, self._file_dtype = dtype.newbyteorder("="), dtype
+        self._pending = head[header:]  # data bytes read along with the header, consumed first
+
+    def __enter__(self) -> IdxFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._stream is not self._file:
+            self._stream.close()
+        self._file.close()
+
+    def _read(self, n: int) -> bytes:
+        try:
+            return self._stream.read(n)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"{self.name}: corrupt gzip stream ({e})") from e
+
+    def _rewind(self) -> None:
+        self._file.seek(0)
+        self._stream = gzip.GzipFile(fileobj=self._file, mode="rb")
+        self._read(4 + 4 * len(self.shape))
+        self._pending = b""
+
+    def _take(self, n: int) -> bytes:
+        """Up to ``n`` data bytes (fewer only at the end of the file)."""
+        if self._pending:
+            head, self._pending = self._pending[:n], self._pending[n:]
+            return head + (self._read(n - len(head)) if len(head) < n else b"")
+        return self._read(n)
+
+    def _count_rest(self) -> int:
+        total = 0
+        while chunk := self._take(self.CHUNK):
+            total += len(chunk)
+        return total
+
+    def _declared_size_ok(self, data_bytes: int) -> bool:
+        """Cheap check of the data size before allocating: file size, or gzip's ISIZE trailer."""
+        size = os.fstat(self._file.fileno()).st_size
+        if not self.compressed:
+            return size - (4 + 4 * len(self.shape)) == data_bytes
+        if size < 18:
+            return False
+        pos = self._file.tell()
+        self._file.seek(size - 4)
+        isize = int.from_bytes(self._file.read(4), "little")
+        self._file.seek(pos)
+        return isize == (4 + 4 * len(self.shape) + data_bytes) % (1 << 32)
+
+    def read(self, indices: np.ndarray | None = None) -> np.ndarray:
+        """All rows, or rows ``indices`` in that order, as a native-endian array."""
+        dims, itemsize = self.shape, self._file_dtype.itemsize
+        n = dims[0]
+        row_items = math.prod(dims[1:])
+        expected = n * row_items * itemsize
+        if indices is not None:
+            indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+            indices = np.where(indices < 0, indices + n, indices)
+            if indices.size and (indices.min() < 0 or indices.max() >= n):
+                raise IndexError(f"{self.name}: row index out of range for {n} rows")
+        if not self._declared_size_ok(expected):  # count what is there without allocating
+            have = self._count_rest()
+            if have != expected:
+                raise _size_error(self.name, dims, self._file_dtype, have)
+            self._rewind()  # e.g. multi-member gzip, whose ISIZE covers the last member only
+        rows = n if indices is None else len(indices)
+        out = np.empty((rows, *dims[1:]), dtype=self.dtype)
+        flat = out.reshape(rows, row_items)
+        if indices is not None:
+            order = np.argsort(indices, kind="stable")
+            wanted = indices[order]
+        row_bytes = row_items * itemsize
+        step = max(1, self.CHUNK // max(row_bytes, 1))
+        got, start = 0, 0
+        while start < n and row_bytes:
+            count = min(step, n - start)
+            chunk = self._take(count * row_bytes)
+            got += len(chunk)
+            if len(chunk) < count * row_bytes:
+                raise _size_error(self.name, dims, self._file_dtype, got + self._count_rest())
+            block = np.frombuffer(chunk, dtype=self._file_dtype).reshape(count, row_items)
+            if indices is None:
+                flat[start:start + count] = block
+            else:
+                lo, hi = np.searchsorted(wanted, [start, start + count])
+                flat[order[lo:hi]] = block[wanted[lo:hi] - start]
+            start += count
+        extra = self._count_rest()
+        if extra:
+            raise _size_error(self.name, dims, self._file_dtype, expected + extra)
+        return out
 
 
 def encode_idx(array: np.ndarray) -> bytes:
@@ -202,29 +325,60 @@ def read_labels_in(directory: Path, split: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def _lut() -> np.ndarray:
+    """float32 value of each uint8 pixel: the same float32 operations, in the same order, that
+    a whole-array conversion does (``x = u8.astype(float32); x /= 255; x -= MEAN; x /= STD``),
+    so looking pixels up gives bit-identical results."""
+    t = np.arange(256, dtype=np.uint8).astype(np.float32)
+    t /= 255.0
+    t -= MEAN
+    t /= STD
+    t.setflags(write=False)
+    return t
+
+
+PIXEL_LUT = _lut()
+
+
+def normalise(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 normalised with MEAN/STD (bit-identical to the float arithmetic)."""
+    if images.dtype != np.uint8:
+        raise TypeError(f"normalise expects uint8 pixels, got {images.dtype}")
+    return PIXEL_LUT[images]
+
+
+def read_split_uint8(directory: Path, split: str,
+                     indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(x uint8 (N,1,28,28), y int64 (N,))`` of a split in ``directory``, rows ``indices`` only.
+
+    The images file is streamed and only the selected rows are kept (the labels are read whole:
+    60,000 bytes), so a client of 10 holds 4.7 MB of pixels, never the 47 MB split nor the gzip.
+    """
+    check_split(split)
+    labels = read_idx(split_file(directory, split, "labels-idx1"))
+    with IdxFile(split_file(directory, split, "images-idx3")) as images:
+        if len(images.shape) != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+            raise ValueError(f"{directory}: {split} images must be uint8 (N,28,28), "
+                             f"got {images.dtype} {images.shape}")
+        n = images.shape[0]
+        if labels.shape != (n,):
+            raise ValueError(f"{directory}: {split} has {n} images but labels "
+                             f"of shape {labels.shape}")
+        if n != SIZES[split]:
+            log.warning("%s: %s split has %d samples (expected %d)", directory, split, n, SIZES[split])
+        if indices is not None:
+            indices = np.asarray(indices, dtype=np.int64)
+            labels = labels[indices]
+        x = images.read(indices)
+    return x[:, None], labels.astype(np.int64)
+
+
 def read_split(directory: Path, split: str,
                indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(x float32 (N,1,28,28) normalised, y int64 (N,))`` of a split in ``directory``.
 
-    ``indices`` selects rows before the float conversion (only those rows become float32).
+    ``indices`` selects rows while streaming (only those rows are read into memory and become
+    float32). :func:`read_split_uint8` plus :func:`normalise` per batch is leaner still.
     """
-    check_split(split)
-    images = read_idx(split_file(directory, split, "images-idx3"))
-    labels = read_idx(split_file(directory, split, "labels-idx1"))
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-        raise ValueError(f"{directory}: {split} images must be uint8 (N,28,28), "
-                         f"got {images.dtype} {images.shape}")
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"{directory}: {split} has {images.shape[0]} images but labels "
-                         f"of shape {labels.shape}")
-    if images.shape[0] != SIZES[split]:
-        log.warning("%s: %s split has %d samples (expected %d)",
-                    directory, split, images.shape[0], SIZES[split])
-    if indices is not None:
-        indices = np.asarray(indices, dtype=np.int64)
-        images, labels = images[indices], labels[indices]
-    x = images.astype(np.float32)
-    x /= 255.0
-    x -= MEAN
-    x /= STD
-    return x[:, None], labels.astype(np.int64)
+    x, y = read_split_uint8(directory, split, indices)
+    return normalise(x), y

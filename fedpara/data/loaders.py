@@ -5,8 +5,11 @@
 - :func:`load_client_test` ``(spec) -> TensorDataset``: the client's personalised test split
   (pFedPara), same class distribution as its train shard (natural roles for Shakespeare).
 
-A client computes its shard from the train *labels* alone (see :mod:`.partition`) and converts
-only its own rows to float. ``limit`` caps every returned dataset with a seeded subset.
+A client computes its shard from the train *labels* alone (see :mod:`.partition`) and reads
+only its own rows. Fashion-MNIST datasets keep those rows as uint8 and normalise each batch when
+it is read (:class:`~fedpara.data.lazy.NormalisedImages`, a ``TensorDataset`` whose ``.tensors``
+materialises float32 on demand); the other image sources hold float32 tensors. ``limit`` caps
+every returned dataset with a seeded subset.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from export.datafiles import TEST_TAG as _TEST_TAG
 from export.datafiles import seeded_subset as _cap
 
 from . import cifar, fashion_mnist, shakespeare
+from .lazy import NormalisedImages
 from .partition import local_test_indices, partition
 from .spec import DataSpec, as_spec
 from .synthetic import make_synthetic
@@ -32,6 +36,7 @@ log = logging.getLogger(__name__)
 
 Labels = Callable[[DataSpec, str], np.ndarray]
 Loader = Callable[[DataSpec, str, "np.ndarray | None"], tuple[torch.Tensor, torch.Tensor]]
+Lean = Callable[[DataSpec, str, "np.ndarray | None"], Dataset]
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class ImageSource:
     load: Loader
     num_classes: Callable[[DataSpec], int]
     input_shape: Callable[[DataSpec], tuple[int, ...]]
+    dataset: Lean | None = None  # same samples as ``load``, held leaner (uint8, normalised on read)
 
 
 def _synthetic_n(spec: DataSpec, split: str) -> int:
@@ -64,6 +70,7 @@ SOURCES: dict[str, ImageSource] = {
         load=lambda s, split, idx: fashion_mnist.load_fashion_mnist(split, s.path, idx),
         num_classes=lambda s: fashion_mnist.NUM_CLASSES,
         input_shape=lambda s: fashion_mnist.INPUT_SHAPE,
+        dataset=lambda s, split, idx: fashion_mnist.fashion_mnist_dataset(split, s.path, idx),
     ),
     "cifar10": ImageSource(
         labels=lambda s, split: cifar.read_cifar_labels(s.name, split, s.path, s.label),
@@ -83,6 +90,16 @@ SOURCES["cifar100"] = SOURCES["cifar10"]
 
 def _source(spec: DataSpec) -> ImageSource:
     return SOURCES[spec.name]
+
+
+def _dataset(source: ImageSource, spec: DataSpec, split: str, idx) -> TensorDataset:
+    if source.dataset is not None:
+        return source.dataset(spec, split, idx)
+    return TensorDataset(*source.load(spec, split, idx))
+
+
+def _labels_of(ds: TensorDataset) -> torch.Tensor:
+    return ds.labels if isinstance(ds, NormalisedImages) else ds.tensors[1]
 
 
 def client_indices(spec: DataSpec | str) -> np.ndarray:
@@ -105,13 +122,14 @@ def load_client_data(spec: DataSpec | str) -> tuple[TensorDataset, dict]:
         return _shakespeare_client(spec)
     source = _source(spec)
     idx = _cap(client_indices(spec), spec.limit, spec.seed, spec.index)
-    x, y = source.load(spec, "train", idx)
+    ds = _dataset(source, spec, "train", idx)
+    y = _labels_of(ds)
     num_classes = source.num_classes(spec)
     info = _client_info(spec, len(y), num_classes, tuple(source.input_shape(spec)),
                         class_counts=np.bincount(y.numpy(), minlength=num_classes).tolist())
     log.info("client %d/%d: %d %s samples (%s)", spec.index, spec.clients, len(y), spec.name,
              spec.partition)
-    return TensorDataset(x, y), info
+    return ds, info
 
 
 def load_test_data(spec: DataSpec | str) -> TensorDataset:
@@ -125,8 +143,7 @@ def load_test_data(spec: DataSpec | str) -> TensorDataset:
     if spec.limit is not None:
         n = len(source.labels(spec, "test"))
         idx = _cap(np.arange(n), spec.limit, spec.seed, _TEST_TAG)
-    x, y = source.load(spec, "test", idx)
-    return TensorDataset(x, y)
+    return _dataset(source, spec, "test", idx)
 
 
 def load_client_test(spec: DataSpec | str) -> TensorDataset:
@@ -146,8 +163,7 @@ def load_client_test(spec: DataSpec | str) -> TensorDataset:
         size = min(size, spec.limit)
     idx = local_test_indices(train_labels[shard], test_labels, seed=spec.seed,
                              index=spec.index, size=size)
-    x, y = source.load(spec, "test", idx)
-    return TensorDataset(x, y)
+    return _dataset(source, spec, "test", idx)
 
 
 def _shakespeare_roles(spec: DataSpec) -> list[str]:

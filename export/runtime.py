@@ -91,12 +91,20 @@ class OnnxModel:
         x = np.ascontiguousarray(np.asarray(x), dtype=self.input_dtype)
         return self.session.run(None, {self.input_name: x})[0]
 
-    def predict_all(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Logits for a whole array, in batches."""
+    def predict_all(self, x: np.ndarray, batch_size: int = 256, transform=None) -> np.ndarray:
+        """Logits for a whole array, in batches; ``transform(batch)`` (e.g. uint8 pixels -> float32
+        normalised) is applied to each batch, so only one converted batch exists at a time."""
         x = np.asarray(x)
         if len(x) == 0:
             return np.zeros((0, 0), np.float32)
-        return np.concatenate([self.predict(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        out = None
+        for i in range(0, len(x), batch_size):
+            batch = x[i:i + batch_size]
+            logits = self.predict(batch if transform is None else transform(batch))
+            if out is None:
+                out = np.empty((len(x), *logits.shape[1:]), dtype=logits.dtype)
+            out[i:i + len(logits)] = logits
+        return out
 
     def __repr__(self) -> str:
         return f"OnnxModel({str(self.path)!r}, provider={self.provider!r}, threads={self.threads})"

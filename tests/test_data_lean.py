@@ -130,3 +130,17 @@ def test_streamed_reader_size_errors_and_multi_member_gzip(tmp_path):
     multi.write_bytes(gzip.compress(body[:10]) + gzip.compress(body[10:]))
     np.testing.assert_array_equal(read_idx(multi), arr)
     np.testing.assert_array_equal(read_idx(multi, np.array([2, 0])), arr[[2, 0]])
+
+
+def test_infer_raw_inputs_are_uint8_and_batches_match_the_float_path(fm_dir):
+    from export.infer import load_inputs, load_raw_inputs
+    spec = f"fashion-mnist,path={fm_dir},limit=200,seed=1"
+    x, y, transform = load_raw_inputs(spec)
+    assert x.dtype == np.uint8 and x.shape == (200, 1, 28, 28) and transform is not None
+    fx, fy = load_inputs(spec)
+    assert fx.dtype == np.float32 and np.array_equal(transform(x[13:77]), fx[13:77]) and np.array_equal(y, fy)
+    # through fedpara.data (a split numpy alone does not serve): the dataset's uint8 pixels
+    tx, ty, tt = load_raw_inputs(f"fashion-mnist,path={fm_dir},clients=4,index=1", split="train")
+    assert tx.dtype == np.uint8
+    ex, ey = load_client_data(f"fashion-mnist,path={fm_dir},clients=4,index=1")[0].tensors
+    assert np.array_equal(tt(tx), ex.numpy()) and np.array_equal(ty, ey.numpy())

@@ -8,7 +8,8 @@ and the installed size of each install profile.
   paho-mqtt), loads client 0 of 10 (Fashion-MNIST: 6,000 images; Shakespeare: 3,000 sequences of
   its roles, capped because a full shard takes many minutes per epoch on one thread), builds
   the model, trains one local epoch (batch 64, 1 thread), evaluates on its local test split and
-  takes the global state that would be sent. Peak RSS is the kernel's high-water mark (VmHWM) of that process.
+  takes the global state that would be sent. Peak RSS is the kernel's high-water mark (VmHWM) of that process;
+  ``phase_peak_mb`` is that mark read after each phase (imports, data, train, local eval).
 * Infer: ``fedpara-infer`` (``export.infer.main``) on cnn28's ONNX export over the 10,000 test
   images, run with the ``[infer]`` venv's Python when one exists (``--infer-venv``, built by
   tests/test_infer_profile.py or ``python -m venv V && V/bin/pip install -c constraints.txt
@@ -17,6 +18,9 @@ and the installed size of each install profile.
   (this project excluded), read from this venv's package metadata; and ``du`` of the infer venv.
 
 Goals: cnn28 client <= 350 MB peak RSS; infer on cnn28 <= 120 MB without torch.
+
+``--baseline OLD.json`` (a previous run of this script, e.g. on the code before a change) adds a
+before/after table of peak RSS and infer latency to the markdown and the JSON.
 """
 from __future__ import annotations
 
@@ -53,16 +57,21 @@ def child_client(model: str, data: str) -> dict:
     from fedpara.wire import CodecPolicy, encode  # noqa: F401
     torch.set_num_threads(1)
     t_import = time.perf_counter() - t0
+    phases = {"import": _hwm_mb()}
     train, info = load_client_data(data)
+    phases["data"] = _hwm_mb()
     spec = ModelSpec(model=model, scheme="fedpara", ratio=0.1, num_classes=info["num_classes"])
     net = spec.build()
     t1 = time.perf_counter()
     stats = train_epochs(net, train, epochs=1, batch_size=64, lr=0.1)
+    phases["train"] = _hwm_mb()
     acc = evaluate(net, load_client_test(data))
+    phases["local_eval"] = _hwm_mb()
     state = fedpara.global_state(net)
     payload = sum(t.numel() * t.element_size() for t in state.values())
     return {"import_s": t_import, "round_s": time.perf_counter() - t1, "samples": info["num_samples"],
-            "train_s": stats["seconds"], "update_bytes": payload, "local_eval": acc}
+            "train_s": stats["seconds"], "update_bytes": payload, "local_eval": acc,
+            "phase_peak_mb": phases}
 
 
 def child_infer(onnx_path: str, data: str) -> dict:
@@ -93,6 +102,10 @@ def _hwm_kb(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _hwm_mb() -> float:
+    return round((_hwm_kb(os.getpid()) or 0) / 1024, 1)
 
 
 def measure(python: str, args: list[str], timeout: float = 900) -> dict:
@@ -184,19 +197,22 @@ def render(r: dict) -> str:
              "the script's docstring: a client *round* is a child process doing what `fedpara client` does "
              "in one round without MQTT; peak RSS is the kernel's VmHWM of that process.", "",
              "## Client round (FedPara, gamma 0.1, client 0 of 10, 1 local epoch)", "",
-             "| model | data | samples | import s | round s | peak RSS MB |", "|---|---|---|---|---|---|"]
+             "| model | data | samples | import s | round s | peak RSS MB | peak after import / data / "
+             "train / local eval MB |", "|---|---|---|---|---|---|---|"]
     for name, c in r["client"].items():
         if "error" in c:
-            lines.append(f"| {name} | {c['data']} | - | - | - | not measured: {c['error']} |")
+            lines.append(f"| {name} | {c['data']} | - | - | - | not measured: {c['error']} | - |")
         else:
+            ph = " / ".join(f"{v:.0f}" for v in c.get("phase_peak_mb", {}).values()) or "-"
             lines.append(f"| {name} | {c['data']} | {c['samples']} | {c['import_s']:.2f} | "
-                         f"{c['round_s']:.1f} | {c['peak_rss_mb']:.0f} |")
+                         f"{c['round_s']:.1f} | {c['peak_rss_mb']:.0f} | {ph} |")
     i = r["infer"]
     lines += ["", "## Inference without torch (`fedpara-infer`, cnn28)", "",
               f"{i['model']} on {i['data']}, run with {i['python']}: import {i['import_s']:.2f} s, "
               f"whole command {i['run_s']:.1f} s, batch-1 p50 {i['p50_ms']:.3f} ms, batch-64 "
               f"{i['throughput_64']:,.0f} samples/s, **peak RSS {i['peak_rss_mb']:.0f} MB**, torch imported: "
               f"{i['torch_imported']}.", "",
+              *_render_baseline(r),
               "## Goals", "",
               f"- cnn28 client <= {g['client_cnn28_mb']:.0f} MB peak RSS: "
               f"{r['client'].get('cnn28', {}).get('peak_rss_mb', 'n/a')} MB, {_ok(r['goals_met']['client_cnn28'])}",
@@ -215,12 +231,34 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _render_baseline(r: dict) -> list[str]:
+    b = r.get("baseline")
+    if not b:
+        return []
+    lines = [f"## Before / after ({b['label']})", "",
+             "Both measured by this script on the same machine, one after the other.", "",
+             "| figure | before | after |", "|---|---|---|"]
+    for name, c in r["client"].items():
+        old = b["client"].get(name, {})
+        if "peak_rss_mb" in c and "peak_rss_mb" in old:
+            lines.append(f"| client {name} peak RSS MB | {old['peak_rss_mb']:.0f} | {c['peak_rss_mb']:.0f} |")
+            lines.append(f"| client {name} round s | {old['round_s']:.1f} | {c['round_s']:.1f} |")
+    i, oi = r["infer"], b["infer"]
+    lines += [f"| infer cnn28 peak RSS MB | {oi['peak_rss_mb']:.0f} | {i['peak_rss_mb']:.0f} |",
+              f"| infer whole command s | {oi['run_s']:.2f} | {i['run_s']:.2f} |",
+              f"| infer batch-1 p50 ms | {oi['p50_ms']:.3f} | {i['p50_ms']:.3f} |",
+              f"| infer batch-64 samples/s | {oi['throughput_64']:,.0f} | {i['throughput_64']:,.0f} |", ""]
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "docs" / "footprint"), help="writes OUT.json and OUT.md")
     ap.add_argument("--infer-venv", type=Path, default=None, help="venv with only the [infer] profile")
     ap.add_argument("--models", default=",".join(CLIENT_CASES))
+    ap.add_argument("--baseline", type=Path, default=None, help="an earlier OUT.json to compare with")
+    ap.add_argument("--baseline-label", default="before -> after", help="what the baseline is")
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
@@ -251,6 +289,9 @@ def main() -> int:
     results["goals_met"] = {"client_cnn28": c.get("peak_rss_mb", 1e9) <= GOALS["client_cnn28_mb"],
                             "infer_cnn28": results["infer"]["peak_rss_mb"] <= GOALS["infer_cnn28_mb"]
                             and not results["infer"]["torch_imported"]}
+    if args.baseline:
+        old = json.loads(args.baseline.read_text())
+        results["baseline"] = {"label": args.baseline_label, "client": old["client"], "infer": old["infer"]}
     Path(args.out + ".json").write_text(json.dumps(results, indent=2) + "\n")
     Path(args.out + ".md").write_text(render(results))
     print(json.dumps(results["goals_met"]))

@@ -6,9 +6,10 @@ and the installed size of each install profile.
 * Client (cnn28, mlp, char_lstm; FedPara gamma 0.1): a child process does what ``fedpara client``
   does in one round, without MQTT: imports the client stack (torch, fedpara, edge_client.client,
   paho-mqtt), loads client 0 of 10 (Fashion-MNIST: 6,000 images; Shakespeare: 3,000 sequences of
-  its roles, capped because a full shard takes many minutes per epoch on one thread), builds
-  the model, trains one local epoch (batch 64, 1 thread), evaluates on its local test split and
-  takes the global state that would be sent. Peak RSS is the kernel's high-water mark (VmHWM) of that process;
+  its roles, capped because a full shard takes many minutes per epoch on one thread), and runs
+  the client's own ``edge_client.trainer.Trainer``: ``fit`` of one task (one local epoch, batch
+  64, 1 thread; builds the model, trains, saves its state), then ``evaluate_local`` on its local
+  test split, and takes the global state that would be sent. Peak RSS is the kernel's high-water mark (VmHWM) of that process;
   ``phase_peak_mb`` is that mark read after each phase (imports, data, train, local eval).
 * Infer: ``fedpara-infer`` (``export.infer.main``) on cnn28's ONNX export over the 10,000 test
   images, run with the ``[infer]`` venv's Python when one exists (``--infer-venv``, built by
@@ -51,24 +52,25 @@ def child_client(model: str, data: str) -> dict:
 
     import edge_client.client  # noqa: F401  (what `fedpara client` imports)
     import fedpara
-    from fedpara.data import load_client_data, load_client_test
+    from edge_client.trainer import Trainer
     from fedpara.models import ModelSpec
-    from fedpara.training import evaluate, train_epochs
+    from fedpara.runtime.messages import Task, TrainParams
     from fedpara.wire import CodecPolicy, encode  # noqa: F401
     torch.set_num_threads(1)
     t_import = time.perf_counter() - t0
     phases = {"import": _hwm_mb()}
-    train, info = load_client_data(data)
+    trainer = Trainer("bench", data, device="cpu", threads=1, state_dir=tempfile.mkdtemp(), eval_local=False)
+    info = trainer.data_info
     phases["data"] = _hwm_mb()
     spec = ModelSpec(model=model, scheme="fedpara", ratio=0.1, num_classes=info["num_classes"])
-    net = spec.build()
+    task = Task("bench-1-1", ("bench",), spec, TrainParams(epochs=1, batch_size=64, lr=0.1))
     t1 = time.perf_counter()
-    stats = train_epochs(net, train, epochs=1, batch_size=64, lr=0.1)
+    out = trainer.fit(task, 1, fedpara.global_state(spec.build(0)))  # the client's own code path
+    stats = {"seconds": out.metrics["train_s"]}
     phases["train"] = _hwm_mb()
-    acc = evaluate(net, load_client_test(data))
+    acc = trainer.evaluate_local()  # as the client does it after training
     phases["local_eval"] = _hwm_mb()
-    state = fedpara.global_state(net)
-    payload = sum(t.numel() * t.element_size() for t in state.values())
+    payload = sum(t.numel() * t.element_size() for t in out.tensors.values())
     return {"import_s": t_import, "round_s": time.perf_counter() - t1, "samples": info["num_samples"],
             "train_s": stats["seconds"], "update_bytes": payload, "local_eval": acc,
             "phase_peak_mb": phases}

@@ -112,7 +112,8 @@ def run_case(lab: LinkLab, name: str, case: dict, args, port: int, work: Path) -
         clients.append(lab.popen(link.ns, fedpara_cmd() + [
             "client", "--broker", f"mqtt://{link.hub_addr}:{port}", "--run", run_id,
             "--client-id", f"c{link.index}", "--data", train[link.index], "--energy", "off",
-            "--threads", "1", "--device", "cpu", "--state-dir", str(cdir / f"state{link.index}")],
+            "--threads", "1", "--device", "cpu", "--state-dir", str(cdir / f"state{link.index}"),
+            "--insecure"],
             env=env, cwd=cdir, stdout=open(cdir / f"client{link.index}.log", "w"), stderr=subprocess.STDOUT))
     # let the clients connect (and import torch) before the coordinator's round clock starts
     deadline = time.monotonic() + 60
@@ -123,7 +124,7 @@ def run_case(lab: LinkLab, name: str, case: dict, args, port: int, work: Path) -
         "--model", args.model, "--scheme", case["scheme"], "--downlink", case["downlink"],
         "--uplink", case["uplink"], "--test-data", test, "--min-clients", str(args.clients),
         "--deadline", str(args.deadline), "--batch-size", str(args.batch_size), "--lr", "0.05",
-        "--out", str(cdir / "run")]
+        "--out", str(cdir / "run"), "--insecure"]
     if case["ratio"] is not None:
         coord_argv += ["--ratio", str(case["ratio"])]
     t0 = time.monotonic()

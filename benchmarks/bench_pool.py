@@ -70,12 +70,12 @@ def main(argv=None) -> int:
     try:
         t0 = time.monotonic()
         pool = subprocess.Popen(
-            [sys.executable, "-m", "fedpara.runtime.cli", "client", "--broker", url, "--run", run_id, "--client-id", "sim",
+            [sys.executable, "-m", "fedpara.runtime.cli", "client", "--insecure", "--broker", url, "--run", run_id, "--client-id", "sim",
              "--pool", str(args.clients), "--threads", "1", "--device", "cpu", "--energy", "estimate",
              "--state-dir", str(tmp / "clients"),
              "--data", f"fashion-mnist,partition=dirichlet:0.5,clients={args.clients},limit={args.limit}"],
             env=env, stdout=open(tmp / "pool.log", "w"), stderr=subprocess.STDOUT)
-        cfg = CoordinatorConfig(run_id=run_id, model=args.model, scheme="fedpara", ratio=args.ratio,
+        cfg = CoordinatorConfig(insecure=True, run_id=run_id, model=args.model, scheme="fedpara", ratio=args.ratio,
                                 rounds=args.rounds, clients_per_round=args.per_round, min_clients=args.clients,
                                 wait_clients_s=600.0, round_deadline_s=300.0, lr=0.05, batch_size=32,
                                 uplink="fp16+zstd:3", downlink="fp16+zstd:3", out=str(tmp / "run"))

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from fedpara.runtime.messages import ProtocolError, Update
+from fedpara.runtime.messages import Failure, ProtocolError, Update
 from fedpara.wire import Message, MessageKind
 
 from .aggregate import check_compatible
@@ -27,6 +27,8 @@ class RoundState:
     sampled: frozenset[str]
     replied: frozenset[str]
     reference: Mapping[str, Tensor]  # the global state: keys and shapes an update must match
+    max_examples: int = 10_000_000   # config cap on one update's example count
+    announced: Mapping[str, int] = dataclasses.field(default_factory=dict)  # counts from statuses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Verdict:
     reason: str                     # "ok" or the counter name of the refusal
     detail: str = ""
     update: Update | None = None    # the typed update, when accepted
+    failure: Failure | None = None  # the client's failure report (reason "failed")
 
     @classmethod
     def refuse(cls, reason: str, detail: str = "") -> Verdict:
@@ -61,9 +64,18 @@ def judge_update(msg: Message, topic_client: str, state: RoundState) -> Verdict:
         return Verdict.refuse("duplicate", f"{topic_client} already replied")
     if msg.meta.get("task_id") != state.task_id:
         return Verdict.refuse("stale", f"{topic_client} answered task {msg.meta.get('task_id')!r:.40}")
+    if "failure" in msg.meta:
+        try:
+            return Verdict(False, "failed", update=None, failure=Failure.from_meta(msg.meta))
+        except ProtocolError as exc:
+            return Verdict.refuse("malformed", f"failure report from {topic_client}: {exc}")
     try:
         update = Update.from_meta(msg.meta)
         check_compatible(state.reference, msg.tensors)
     except (ProtocolError, ValueError) as exc:
         return Verdict.refuse("malformed", f"update from {topic_client}: {exc}")
+    # an update weighs no more than the client announced when it joined, nor than the config cap
+    cap = min(state.max_examples, state.announced.get(topic_client) or state.max_examples)
+    if update.num_examples > cap:
+        update = dataclasses.replace(update, num_examples=cap)
     return Verdict(True, "ok", update=update)

@@ -45,3 +45,98 @@ def fedavg(states: list[Mapping[str, Tensor]], weights: list[float]) -> dict[str
             acc += s[k].to(torch.float64) * (w / total)
         out[k] = acc.to(ref.dtype)
     return out
+
+
+# --- robust aggregation in factor space ---------------------------------------------------------
+# Each takes the clients' factor states (same keys and shapes) and returns one state; all of them
+# need every update at once (they rank or compare updates), unlike FedAvg.
+
+def _stack(states: list[Mapping[str, Tensor]], key: str) -> Tensor:  # (n, *shape) float64
+    return torch.stack([s[key].to(torch.float64) for s in states])
+
+
+@torch.no_grad()
+def coordinate_median(states: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Coordinate-wise median (Yin et al., 2018); tolerates fewer than half arbitrary updates."""
+    _check_all(states)
+    return {k: (_stack(states, k).median(dim=0).values if ref.is_floating_point() else ref.clone()).to(ref.dtype)
+            for k, ref in states[0].items()}
+
+
+@torch.no_grad()
+def trimmed_mean(states: list[Mapping[str, Tensor]], beta: float) -> dict[str, Tensor]:
+    """Coordinate-wise mean after dropping the ``floor(beta n)`` largest and smallest values
+    (Yin et al., 2018); tolerates up to ``beta n`` arbitrary updates."""
+    _check_all(states)
+    if not 0.0 <= beta < 0.5:
+        raise ValueError(f"trimmed mean: beta must be in [0, 0.5), got {beta}")
+    n = len(states)
+    cut = int(beta * n)
+    out = {}
+    for k, ref in states[0].items():
+        if not ref.is_floating_point():
+            out[k] = ref.clone()
+            continue
+        vals = _stack(states, k).sort(dim=0).values[cut:n - cut]
+        out[k] = vals.mean(dim=0).to(ref.dtype)
+    return out
+
+
+@torch.no_grad()
+def krum(states: list[Mapping[str, Tensor]], f: int) -> dict[str, Tensor]:
+    """Krum (Blanchard et al., 2017): the update closest to its ``n - f - 2`` nearest neighbours;
+    tolerates ``f`` arbitrary updates when ``n >= 2f + 3``."""
+    _check_all(states)
+    n = len(states)
+    if f < 0 or n < 2 * f + 3:
+        raise ValueError(f"krum: needs n >= 2f + 3 updates, got n={n}, f={f}")
+    flat = torch.stack([torch.cat([s[k].to(torch.float64).flatten() for k in states[0]]) for s in states])
+    dist = torch.cdist(flat, flat) ** 2  # (n, n)
+    scores = dist.sort(dim=1).values[:, 1:n - f - 1].sum(dim=1)  # skip the distance to itself
+    best = int(scores.argmin())
+    return {k: v.clone() for k, v in states[best].items()}
+
+
+@torch.no_grad()
+def delta_norms(reference: Mapping[str, Tensor], states: list[Mapping[str, Tensor]]) -> list[float]:
+    """L2 norm of each state's difference to ``reference`` over every float tensor (float64)."""
+    out = []
+    for s in states:
+        sq = sum(float(((s[k].to(torch.float64) - ref.to(torch.float64)) ** 2).sum())
+                 for k, ref in reference.items() if ref.is_floating_point())
+        out.append(sq ** 0.5)
+    return out
+
+
+@torch.no_grad()
+def norm_clip(reference: Mapping[str, Tensor], states: list[Mapping[str, Tensor]], weights: list[float],
+              tau: float) -> dict[str, Tensor]:
+    """FedAvg of the clients' deltas, each clipped to L2 norm ``tau`` (Sun et al., 2019): one
+    client can move the model by at most ``tau`` times its weight share."""
+    if tau <= 0:
+        raise ValueError(f"norm clip: tau must be > 0, got {tau}")
+    _check_all(states)
+    scales = [min(1.0, tau / n) if n > 0 else 1.0 for n in delta_norms(reference, states)]
+    clipped = [{k: (ref.to(torch.float64) + (s[k].to(torch.float64) - ref.to(torch.float64)) * c).to(ref.dtype)
+                if ref.is_floating_point() else s[k] for k, ref in reference.items()}
+               for s, c in zip(states, scales, strict=True)]
+    return fedavg(clipped, weights)
+
+
+def screen(reference: Mapping[str, Tensor], states: list[Mapping[str, Tensor]], factor: float) -> list[int]:
+    """Indices of the updates to keep: those whose delta norm is at most ``factor`` times the
+    median delta norm (and finite). With fewer than 3 updates there is no majority to compare
+    against, so only non-finite norms are dropped."""
+    norms = delta_norms(reference, states)
+    finite = [i for i, n in enumerate(norms) if n == n and n != float("inf")]
+    if len(finite) < 3 or factor <= 0:
+        return finite
+    med = sorted(norms[i] for i in finite)[len(finite) // 2]
+    return [i for i in finite if norms[i] <= factor * max(med, 1e-12)]
+
+
+def _check_all(states: list[Mapping[str, Tensor]]) -> None:
+    if not states:
+        raise ValueError("aggregation needs at least one state")
+    for s in states[1:]:
+        check_compatible(states[0], s)

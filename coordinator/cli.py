@@ -44,6 +44,7 @@ class CoordinatorCommand:
         from .server import Coordinator
 
         torch.set_num_threads(1)
+        broker = broker_from_args(args)  # the broker URL first: the cheapest mistake to report
         overrides = config_overrides(args, CoordinatorConfig)
         if args.resume:
             run_dir = RunDir(args.resume)
@@ -59,7 +60,7 @@ class CoordinatorCommand:
                       f"down {r['mqtt_bytes_down'] / 1e6:.2f} MB  up {r['mqtt_bytes_up'] / 1e6:.2f} MB  "
                       f"{r['duration_s']:.1f}s", flush=True)
 
-        coord = Coordinator(cfg, broker_from_args(args), resume=bool(args.resume), on_event=on_event)
+        coord = Coordinator(cfg, broker, resume=bool(args.resume), on_event=on_event)
         summary = coord.run()
         print(json.dumps({k: summary[k] for k in ("status", "rounds", "final_accuracy", "dense_ratio")}))
         return 0 if summary["status"] == "completed" else 1
@@ -67,3 +68,25 @@ class CoordinatorCommand:
 
 BROKER_COMMAND = BrokerCommand()
 COORDINATOR_COMMAND = CoordinatorCommand()
+
+
+class FleetCommand:
+    help = "write a Mosquitto password file and ACL for a fleet (each device publishes only its own topics)"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("clients", nargs="+", metavar="CLIENT_ID", help="the devices' client ids")
+        p.add_argument("--out", required=True, help="directory for passwd, acl, mosquitto.conf, credentials/")
+        p.add_argument("--run", default="+", help="restrict to one run id (default: every run)")
+        p.add_argument("--coordinator-user", default="coordinator", help="the coordinator's MQTT username")
+
+    def run(self, args) -> int:
+        from .fleet import write_fleet
+
+        users = write_fleet(args.out, args.clients, run=args.run, coordinator=args.coordinator_user)
+        print(f"wrote {args.out}/passwd, acl and mosquitto.conf (include it in Mosquitto's config) for "
+              f"{len(users)} users; give each machine its {args.out}/credentials/<user>.env (mode 0600), "
+              "e.g. as the systemd unit's EnvironmentFile")
+        return 0
+
+
+FLEET_COMMAND = FleetCommand()

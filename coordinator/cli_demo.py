@@ -13,6 +13,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from fedpara.runtime.flags import (
     config_overrides,
 )
 from fedpara.runtime.rundir import RunDir
+from fedpara.runtime.signing import new_key
 
 from .config import CoordinatorConfig
 from .events import ClientStatusChanged, ReplyAccepted, RoundCompleted, TaskSent
@@ -37,7 +39,7 @@ DEMO_DEFAULTS = {"lr": 0.05, "batch_size": 32, "uplink": "fp16+zstd:3", "downlin
                  "round_deadline_s": 300.0}
 # The coordinator fields the demo exposes as flags; the rest keep CoordinatorConfig's defaults.
 DEMO_FIELDS = ("model", "scheme", "ratio", "rounds", "local_epochs", "lr", "batch_size", "uplink", "downlink",
-               "seed")
+               "seed", "aggregator", "insecure")
 
 
 class DemoCommand:
@@ -79,12 +81,25 @@ class DemoCommand:
         client_data = f"{args.data},partition={partition},clients={args.clients},seed={seed}"
         if limit:
             client_data += f",limit={limit}"
+        try:  # a bad spec is the operator's, not a client's: say so before starting anything
+            parse_data_spec(f"{client_data},index=0")
+        except ValueError as exc:
+            raise ValueError(f"client data {client_data!r}: {exc}") from None
+        run_dir = RunDir(out)
+        client_ids = [f"client-{i}" for i in range(args.clients)]
+        trust_args = ["--insecure"]
+        if not given.get("insecure"):  # a careful operator's run: every message signed (docs/security.md)
+            keys = run_dir.root / "keys"
+            new_key("coordinator", keys)
+            for cid in client_ids:
+                new_key(cid, keys / "clients")
+            given.update(coordinator_key=str(keys / "coordinator.key"), trusted_keys=str(keys / "clients"))
+            trust_args = ["--key", str(keys / "clients"), "--coordinator-pub", str(keys / "coordinator.pub")]
         cfg = CoordinatorConfig(**{**given, "run_id": run_id, "num_classes": data.num_classes,
                                    "min_clients": args.clients, "test_data": test_data, "out": str(out)})
         t0 = time.monotonic()
         procs: list[subprocess.Popen] = []
         broker_proc = None
-        run_dir = RunDir(out)
         run_dir.logs.mkdir(parents=True, exist_ok=True)
         try:
             if args.broker:
@@ -94,17 +109,21 @@ class DemoCommand:
             args.broker = url
             broker = broker_from_args(args)
             print(f"broker {broker}  run {run_id}  {args.clients} clients  {cfg.model}/{cfg.scheme}"
-                  f" ratio {cfg.ratio}  -> {out}")
+                  f" ratio {cfg.ratio}  {'UNSIGNED (--insecure)' if cfg.insecure else 'signed'}  -> {out}")
             env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-            for i in range(args.clients):
-                cid = f"client-{i}"
+            for i, cid in enumerate(client_ids):
                 cmd = [sys.executable, "-m", "fedpara.runtime.cli", "client", "--broker", url, "--client-id", cid,
                        "--run", run_id, "--data", f"{client_data},index={i}", "--threads", "1",
-                       "--state-dir", str(run_dir.client_state(cid)), "--energy", "estimate", "--device", "cpu"]
+                       "--state-dir", str(run_dir.client_state(cid)), "--energy", "estimate", "--device", "cpu",
+                       *trust_args]
                 with open(run_dir.logs / f"{cid}.log", "wb") as log_file:
                     procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
             bar = tqdm(total=cfg.rounds, desc="rounds", unit="round", file=sys.stdout)
-            summary = Coordinator(cfg, broker, on_event=DemoProgress(bar)).run()
+            coordinator = Coordinator(cfg, broker, on_event=DemoProgress(bar))
+            watch = ClientWatch(procs, run_dir, coordinator)
+            watch.start()
+            summary = coordinator.run()
+            watch.stop()
             bar.close()
             deadline = time.monotonic() + 15
             for p in procs:
@@ -125,6 +144,33 @@ class DemoCommand:
         run_dir.write_summary(summary)
         print_table(summary)
         return 0 if summary["status"] == "completed" else 1
+
+
+class ClientWatch(threading.Thread):
+    """Ends the run, quoting the client's own last log line, as soon as a client process dies:
+    the coordinator would otherwise wait for it until its deadlines pass."""
+
+    def __init__(self, procs: list[subprocess.Popen], run_dir: RunDir, coordinator) -> None:
+        super().__init__(name="client-watch", daemon=True)
+        self.procs, self.run_dir, self.coordinator = procs, run_dir, coordinator
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(0.5):
+            for i, p in enumerate(self.procs):
+                if p.poll() is not None:
+                    self.coordinator.abort(f"client-{i} exited with code {p.returncode}: {self.last_line(i)}")
+                    return
+
+    def last_line(self, i: int) -> str:
+        try:
+            lines = (self.run_dir.logs / f"client-{i}.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return lines[-1][:300] if lines else "(empty log)"
+
+    def stop(self) -> None:
+        self.halt.set()
 
 
 class DemoProgress:

@@ -28,6 +28,8 @@ from fedpara.runtime.options import (
 from fedpara.runtime.topics import check_id
 from fedpara.wire import CodecPolicy
 
+from .strategy import parse_aggregator
+
 
 @dataclass
 class CoordinatorConfig:
@@ -48,6 +50,12 @@ class CoordinatorConfig:
     round_deadline_s: float = option(120.0, "seconds a round waits for replies", flag="--deadline")
     wait_clients_s: float = option(120.0, "seconds to wait for min_clients before giving up")
     max_attempts: int = option(3, "tries per round when too few clients reply (model kept each time)")
+    aggregator: str = option("fedavg", "fedavg | median | trimmed-mean:BETA | krum:F | norm-clip:TAU "
+                             "(docs/security.md says what each tolerates)")
+    screen_factor: float = option(10.0, "drop updates farther from the current model than this many times "
+                                  "the median distance (0: off)")
+    max_examples: int = option(10_000_000, "cap on the example count one client's update may claim "
+                               "(also capped by what the client announced)")
     # local training (sent to the clients with every task)
     local_epochs: int = option(1, "local epochs E per round")
     batch_size: int = option(64, "local batch size")
@@ -62,6 +70,11 @@ class CoordinatorConfig:
     downlink: str = option("fp32", "codec policy coordinator -> clients, e.g. 'fp16+zstd:3'")
     uplink: str = option("fp32", "codec policy clients -> coordinator, e.g. 'fp16' (FedPAQ)")
     max_packet: int = option(1_000_000, "largest MQTT packet to publish (bytes); payloads are chunked")
+    # trust (docs/security.md)
+    coordinator_key: str = option("", "the coordinator's Ed25519 private key (fedpara keys new coordinator --dir DIR)")
+    trusted_keys: str = option("", "directory of the clients' public keys, <client id>.pub each: only they take part")
+    insecure: bool = option(False, "run unsigned: anyone who can publish on the broker can take part (warns)")
+    max_message_age_s: float = option(600.0, "signed messages older (or newer) than this by our clock are refused")
     # output
     out: str = option("runs/demo", "run directory: metrics.jsonl, checkpoints/, summary.json")
 
@@ -73,6 +86,10 @@ class CoordinatorConfig:
         check_int("clients_per_round", self.clients_per_round, min=0)
         check_int("max_packet", self.max_packet, min=1024)
         check_int("seed", self.seed, min=0)
+        check_int("max_examples", self.max_examples, min=1)
+        check_number("screen_factor", self.screen_factor, min=0.0)
+        parse_aggregator(self.aggregator)
+        check_number("max_message_age_s", self.max_message_age_s, min=1.0)
         check_number("min_reply_fraction", self.min_reply_fraction, min=0.0, max=1.0, min_open=True)
         for name in ("round_deadline_s", "wait_clients_s", "lr"):
             check_number(name, getattr(self, name), min=0.0, min_open=True)
@@ -84,6 +101,12 @@ class CoordinatorConfig:
                 CodecPolicy.parse(getattr(self, name))
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+        if not self.insecure:
+            for name, what in (("coordinator_key", "the coordinator's private key"),
+                               ("trusted_keys", "a directory of the clients' public keys")):
+                if not getattr(self, name):
+                    raise ValueError(f"{name}: a signed run needs {what} (fedpara keys new ...), "
+                                     "or insecure = true to run unsigned")
 
     @property
     def spec(self) -> ModelSpec:

@@ -14,26 +14,58 @@ class ClientInfo:
     num_examples: int = 0
     device: str = ""
     last_seen: float = 0.0
+    heartbeat_s: float = 0.0  # 0: the client does not heartbeat; it never times out
+
+
+MISSED_HEARTBEATS = 3  # a client silent for this many heartbeat periods is gone, last will or not
 
 
 class ClientRegistry:
     """Which clients are online. Status updates are idempotent; the newest one wins."""
 
-    def __init__(self, clock=time.monotonic) -> None:
+    def __init__(self, clock=time.monotonic, max_clients: int = 100_000) -> None:
         self._clients: dict[str, ClientInfo] = {}
         self._clock = clock
+        self.max_clients = max_clients
+        self._order: dict[str, tuple[int, int]] = {}  # client -> (newest signed status seq, session)
 
     def update(self, client_id: str, status: Status) -> ClientInfo:
-        info = ClientInfo(client_id, status.online, status.num_examples, status.device, self._clock())
+        """Record a status; ValueError when the registry is full and ``client_id`` is new."""
+        if client_id not in self._clients and len(self._clients) >= self.max_clients:
+            raise ValueError(f"registry full ({self.max_clients} clients): status of {client_id} ignored")
+        info = ClientInfo(client_id, status.online, status.num_examples, status.device, self._clock(),
+                          status.heartbeat_s)
         self._clients[client_id] = info
         return info
+
+    def signed_status_order(self, client_id: str, seq: int, status: Status, fresh: bool) -> str:
+        """"ok" when a signed status may be applied: it is newer than the client's last one and
+        fresh, or it is the last will of the client's current connection (sealed when it
+        connected, so older: its ``seq`` equals the ``session`` that connection's statuses carry).
+        Else the counter to bump: "replayed" or "stale"."""
+        last = self._order.get(client_id)
+        if (last is None or seq > last[0]) and fresh:
+            if last is None and len(self._order) >= self.max_clients:
+                return "stale"
+            self._order[client_id] = (seq, status.session)
+            return "ok"
+        if not status.online and last is not None and status.session == last[1] == seq:
+            return "ok"
+        return "replayed" if fresh else "stale"
 
     def mark_offline(self, client_id: str) -> None:
         if client_id in self._clients:
             self._clients[client_id].online = False
 
+    def is_live(self, client_id: str) -> bool:
+        """Online, and heard from within ``MISSED_HEARTBEATS`` of its heartbeat periods."""
+        info = self._clients.get(client_id)
+        if info is None or not info.online:
+            return False
+        return info.heartbeat_s <= 0 or self._clock() - info.last_seen <= MISSED_HEARTBEATS * info.heartbeat_s
+
     def live(self) -> list[str]:
-        return sorted(c for c, info in self._clients.items() if info.online)
+        return sorted(c for c in self._clients if self.is_live(c))
 
     def get(self, client_id: str) -> ClientInfo | None:
         return self._clients.get(client_id)

@@ -12,6 +12,7 @@ message is counted under ``ignored``; nothing a client sends can crash the loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -19,13 +20,20 @@ import secrets
 import time
 from collections import Counter
 
+import torch
+from safetensors import SafetensorError
+
 from fedpara import global_state, load_state
 from fedpara.data import load_test_data
 from fedpara.models import ModelSpec
 from fedpara.runtime.checkpoint import load_checkpoint, save_checkpoint, state_digest
+from fedpara.runtime.inbox import Inbox
 from fedpara.runtime.messages import Control, ProtocolError, Status, Task, TrainParams
 from fedpara.runtime.mqtt import BrokerURL, MqttSession
 from fedpara.runtime.rundir import RunDir
+from fedpara.runtime.signing import (
+    AuthError,
+)
 from fedpara.runtime.topics import Topics
 from fedpara.state import state_bytes
 from fedpara.training import evaluate
@@ -36,8 +44,6 @@ from fedpara.wire import (
     Reassembler,
     WireConfig,
     WireError,
-    decode,
-    encode,
     framed_bytes,
 )
 
@@ -45,14 +51,24 @@ from . import report
 from .acceptance import RoundState, judge_update
 from .config import CoordinatorConfig
 from .events import ClientStatusChanged, ReplyAccepted, RoundCompleted, TaskSent
+from .preflight import check_model_fits_data, trust
 from .registry import ClientRegistry
 from .strategy import FedAvg, FitResult
 
 log = logging.getLogger(__name__)
 
 
+MAX_SENDERS = 10_000  # distinct update topics the coordinator reassembles for at once
+STATUS_EVERY_S = 30.0  # the coordinator repeats its signed status (clients refuse old ones)
+
+
 class RunFailed(RuntimeError):
-    """The run cannot continue (no clients, too few replies after every attempt)."""
+    """The run cannot continue (no clients, too few replies after every attempt). ``resumable``
+    failures (the run directory could not be written) leave the clients waiting for a resume."""
+
+    def __init__(self, message: str, *, resumable: bool = False) -> None:
+        super().__init__(message)
+        self.resumable = resumable
 
 
 class Coordinator:
@@ -62,15 +78,21 @@ class Coordinator:
         self.run_dir = RunDir(cfg.out)
         self.on_event = on_event
         self.spec: ModelSpec = cfg.spec
-        self.strategy = FedAvg(cfg.clients_per_round, cfg.seed)
+        self.strategy = FedAvg(cfg.clients_per_round, cfg.seed, cfg.aggregator, cfg.screen_factor)
         self.wire = WireConfig(downlink=cfg.downlink, uplink=cfg.uplink)
         self.limits = Limits()
+        self.seal, self.opener = trust(cfg)
+        self._status_sent = 0.0
         self.registry = ClientRegistry()
-        self.reassembler = Reassembler(timeout_s=max(60.0, cfg.round_deadline_s))
+        # one reassembler per sender topic: a peer cannot void another's chunks by reusing their
+        # message id, and each sender's partial messages are capped on their own
+        self._reassemblers: dict[str, Reassembler] = {}
         self.ignored: Counter = Counter()
         self.model = self.spec.build(cfg.seed)
         self.state = global_state(self.model)
         self.dense_bytes = state_bytes(self.spec.dense().build(cfg.seed).state_dict())
+        # a sender's unfinished messages may hold at most two full fp32 updates of this model
+        self._partial_cap = max(1 << 20, 2 * state_bytes(self.state) + (1 << 16))
         self.rows: list[dict] = []
         self.start_round = 1
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -82,10 +104,13 @@ class Coordinator:
             self.run_dir.start_metrics()
         self.run_dir.write_config(cfg.to_dict())
         self.test_data = load_test_data(cfg.test_data)
+        check_model_fits_data(self.model, self.spec, self.test_data, cfg.test_data)
+        self._abort: str | None = None
         self.session: MqttSession | None = None
         self._session_token = secrets.token_hex(4)  # tells tasks of a resumed coordinator apart
         self._attempt: RoundState | None = None
         self._results: dict[str, FitResult] = {}
+        self._failures: dict[str, str] = {}
         self._up_framed = 0
         self._socket_prev: tuple[int, int] | None = None
 
@@ -112,13 +137,22 @@ class Coordinator:
 
     # --- inbound -----------------------------------------------------------------------------
     def _status_payload(self, state: str) -> bytes:
-        return encode(Message(MessageKind.STATUS, self.cfg.run_id, 0, "coordinator",
-                              meta=Status(state, role="coordinator").to_meta())).data
+        self._status_sent = time.monotonic()
+        return self.seal.seal(Message(MessageKind.STATUS, self.cfg.run_id, 0, "coordinator",
+                                      meta=Status(state, role="coordinator").to_meta())).data
+
+    def abort(self, reason: str) -> None:
+        """End the run as failed from another thread (e.g. the demo saw a client process die)."""
+        self._abort = reason
 
     def _pump(self, timeout: float) -> None:
         """Handle incoming messages for up to ``timeout`` seconds."""
         end = time.monotonic() + timeout
         while True:
+            if self._abort is not None:
+                raise RunFailed(self._abort)
+            if time.monotonic() - self._status_sent > STATUS_EVERY_S:  # signed heartbeat
+                self.session.publish(self.topics.coordinator, self._status_payload("online"), retain=True)
             try:
                 topic, payload = self.session.inbox.get(timeout=max(0.0, min(0.2, end - time.monotonic())))
             except queue.Empty:
@@ -127,9 +161,12 @@ class Coordinator:
                 continue
             try:
                 self._handle(topic, payload)
+            except AuthError as exc:  # unsigned, forged, unknown, replayed: counted, changes nothing
+                self.ignored[exc.reason] += 1
+                log.info("refused message on %s: %s", topic, str(exc))
             except (WireError, ValueError) as exc:
                 self.ignored["malformed"] += 1
-                log.warning("ignored message on %s: %s", topic, exc)
+                log.warning("ignored message on %s: %s", topic, str(exc))  # str: keep no frame alive
             except Exception:  # a bug must not take the coordinator down mid-run
                 self.ignored["error"] += 1
                 log.exception("error handling a message on %s", topic)
@@ -148,25 +185,44 @@ class Coordinator:
             self.ignored["unknown_topic"] += 1
 
     def _handle_status(self, client: str, topic: str, payload: bytes) -> None:
-        if not payload:  # a cleared retained status
-            self.registry.mark_offline(client)
+        if not payload:  # a cleared retained status: news only when nobody can sign
+            if not self.opener.signed:
+                self.registry.mark_offline(client)
             return
-        msg = decode(payload, self.limits)
+        msg = self.opener.open(payload, self.limits, sender=client, ordered=False)
         if msg.kind != MessageKind.STATUS or msg.run_id != self.cfg.run_id or msg.sender != client:
             raise ProtocolError(f"status on {topic} is not a status from {client} for run {self.cfg.run_id}")
-        info = self.registry.update(client, Status.from_meta(msg.meta))
+        status = Status.from_meta(msg.meta)
+        if self.opener.signed:
+            verdict = self.registry.signed_status_order(client, msg.meta["seq"], status, self.opener.fresh(msg.meta["seq"]))
+            if verdict != "ok":
+                self.ignored[verdict] += 1
+                return
+        info = self.registry.update(client, status)
         self._emit(ClientStatusChanged(client, info.online))
 
     def _handle_update(self, client: str, topic: str, payload: bytes) -> None:
         self._up_framed += framed_bytes([len(payload)], topic)
-        data = self.reassembler.add(payload)
+        reassembler = self._reassemblers.get(topic)
+        if reassembler is None:
+            if len(self._reassemblers) >= MAX_SENDERS:
+                self.ignored["too_many_senders"] += 1
+                return
+            reassembler = self._reassemblers[topic] = Reassembler(
+                timeout_s=max(60.0, self.cfg.round_deadline_s), max_partial_bytes=self._partial_cap, max_messages=4)
+        data = reassembler.add(payload)
         if data is None:
             return
-        msg = decode(data, self.limits)
+        msg = self.opener.open(data, self.limits, sender=client)
         if self._attempt is None:  # between rounds: a late reply to a round already aggregated
             self.ignored["stale"] += 1
             return
         verdict = judge_update(msg, client, self._attempt)
+        if verdict.failure is not None:
+            self._failures[client] = f"{verdict.failure.error}: {verdict.failure.reason}"[:300]
+            self._attempt = dataclasses.replace(self._attempt, replied=self._attempt.replied | {client})
+            log.warning("round %d: %s cannot run the task: %s", self._attempt.round, client, self._failures[client])
+            return
         if not verdict.accepted:
             self.ignored[verdict.reason] += 1
             log.log(logging.WARNING if verdict.reason == "malformed" else logging.INFO,
@@ -176,7 +232,7 @@ class Coordinator:
         self._results[client] = FitResult(client, tensors, verdict.update.num_examples, verdict.update.metrics,
                                           len(data))
         a = self._attempt
-        self._attempt = RoundState(a.run_id, a.round, a.task_id, a.sampled, frozenset(self._results), a.reference)
+        self._attempt = dataclasses.replace(a, replied=a.replied | {client})
         self._emit(ReplyAccepted(a.round, client, len(self._results), len(a.sampled)))
 
     # --- the round loop ----------------------------------------------------------------------
@@ -202,32 +258,45 @@ class Coordinator:
 
     def _send_task(self, rnd: int, task: Task, live: list[str]) -> dict:
         cfg = self.cfg
-        enc = encode(Message(MessageKind.TASK, cfg.run_id, rnd, "coordinator", self.state, task.to_meta()),
-                     self.wire)
+        enc = self.seal.seal(Message(MessageKind.TASK, cfg.run_id, rnd, "coordinator", self.state, task.to_meta()),
+                             self.wire)
         broadcast = set(task.selected) == set(live)
         topics = [self.topics.task] if broadcast else [self.topics.task_for(c) for c in task.selected]
-        framed = 0
+        if not self.session.connected.wait(cfg.wait_clients_s):  # never publish into a dead connection
+            raise RunFailed(f"round {rnd}: no connection to the broker {self.broker} for {cfg.wait_clients_s:.0f} s")
+        framed, complete = 0, True
         for topic in topics:
             frames, stats = enc.split(cfg.max_packet, topic)
             if not self.session.publish_all(topic, frames, timeout=cfg.round_deadline_s):
                 log.warning("round %d: publishing the task on %s did not complete", rnd, topic)
+                complete = False
             framed += stats.framed_bytes
         # the broker delivers one copy to every subscriber of the fan-out topic
         receivers = len(live) if broadcast else len(task.selected)
         mqtt_down = framed * receivers if broadcast else framed
         return {"bytes_down": enc.stats.payload_bytes * receivers, "mqtt_bytes_down": mqtt_down,
-                "raw_bytes_down": enc.stats.raw_bytes * receivers, "receivers": receivers}
+                "raw_bytes_down": enc.stats.raw_bytes * receivers, "receivers": receivers}, complete
 
     def _collect(self, rnd: int, attempt: int, live: list[str]) -> tuple[list[str], dict]:
         """One attempt: sample, send the task, wait for replies until all or the deadline."""
         sampled = self.strategy.sample(live, rnd, attempt)
         task = self._task(rnd, attempt, sampled)
-        self._results = {}
-        self._attempt = RoundState(self.cfg.run_id, rnd, task.task_id, frozenset(sampled), frozenset(), self.state)
-        sent = self._send_task(rnd, task, live)
+        self._results, self._failures = {}, {}
+        announced = {c: info.num_examples for c in sampled if (info := self.registry.get(c)) is not None}
+        self._attempt = RoundState(self.cfg.run_id, rnd, task.task_id, frozenset(sampled), frozenset(), self.state,
+                                   self.cfg.max_examples, announced)
+        sent, complete = self._send_task(rnd, task, live)
         self._emit(TaskSent(rnd, attempt, tuple(sampled)))
-        deadline = time.monotonic() + self.cfg.round_deadline_s
-        while len(self._results) < len(sampled) and time.monotonic() < deadline:
+        # a task that did not reach the broker will get no replies: try again at once
+        deadline = time.monotonic() + (self.cfg.round_deadline_s if complete else 0.0)
+        while time.monotonic() < deadline:
+            pending = [c for c in sampled if c not in self._results and c not in self._failures]
+            if not pending:
+                break
+            if not any(self.registry.is_live(c) for c in pending):  # last will, offline, or silent
+                log.warning("round %d attempt %d: %s gone; not waiting for the deadline", rnd, attempt,
+                            ", ".join(pending))
+                break
             self._pump(min(0.5, max(0.0, deadline - time.monotonic())))
         return sampled, sent
 
@@ -245,11 +314,32 @@ class Coordinator:
                 break
             log.warning("round %d attempt %d: %d of %d sampled clients replied (need %d); model kept",
                         rnd, attempt, len(self._results), len(sampled), needed)
+            if self._failures and len(self._failures) == len(sampled):
+                break  # every sampled client said it cannot run this task: retrying will not help
         else:
-            raise RunFailed(f"round {rnd}: too few replies after {cfg.max_attempts} attempts")
+            raise RunFailed(f"round {rnd}: too few replies after {cfg.max_attempts} attempts"
+                            + self._failure_text())
+        if len(self._results) < needed:
+            raise RunFailed(f"round {rnd}: every sampled client failed" + self._failure_text())
         results = list(self._results.values())
         self._attempt = None
-        self.state = self.strategy.aggregate(results)
+        if self.session.inbox.dropped:
+            self.ignored["backpressure"] = sum(self.session.inbox.dropped.values())
+        kept, screened = self.strategy.screen(self.state, results)
+        for c in screened:
+            self.ignored["screened"] += 1
+            log.warning("round %d: update from %s screened out (far from the others)", rnd, c)
+        try:
+            new_state = self.strategy.aggregate(self.state, kept) if kept else None
+        except ValueError as exc:  # e.g. krum:F with fewer than 2F + 3 updates this round
+            log.warning("round %d: %s cannot aggregate: %s", rnd, self.cfg.aggregator, exc)
+            new_state = None
+        if new_state is None or not all(bool(torch.isfinite(t).all()) for t in new_state.values()
+                                        if t.is_floating_point()):
+            self.ignored["aggregate_rejected"] += 1
+            log.warning("round %d: no usable aggregate (all updates screened or non-finite); model kept", rnd)
+        else:
+            self.state = new_state
         load_state(self.model, self.state)
         ev = evaluate(self.model, self.test_data, batch_size=cfg.eval_batch_size)
         row = report.round_row(rnd=rnd, attempt=attempt, evaluation=ev, sampled=sampled,
@@ -257,49 +347,66 @@ class Coordinator:
                                mqtt_bytes_up=self._up_framed, dense_bytes=self.dense_bytes, lr=self._lr(rnd),
                                duration_s=time.monotonic() - t0, ignored=self.ignored,
                                personalised=self.spec.scheme == "pfedpara")
+        row["screened"] = screened
+        row["failures"] = dict(self._failures)
         sock = self.session.socket_bytes()
         if sock is not None:  # what the coordinator's own TCP connection moved this round (kernel count)
             prev = self._socket_prev or sock
             row["socket_bytes_sent"], row["socket_bytes_received"] = sock[0] - prev[0], sock[1] - prev[1]
         self._socket_prev = sock
-        save_checkpoint(self.run_dir.checkpoint(rnd), self.state, self.spec, round=rnd,
-                        accuracy=row["accuracy"], run_id=cfg.run_id)
-        self.run_dir.append_metrics(row)
+        try:  # atomic checkpoint first, then the metrics line: a resume redoes a round half-written
+            save_checkpoint(self.run_dir.checkpoint(rnd), self.state, self.spec, round=rnd,
+                            accuracy=row["accuracy"], run_id=cfg.run_id)
+            self.run_dir.append_metrics(row)
+        except (OSError, SafetensorError) as exc:  # a full disk, a read-only or vanished directory
+            raise RunFailed(f"round {rnd}: cannot write the run directory {self.run_dir.root}: {exc}; "
+                            "free space and --resume (no round is lost or repeated)", resumable=True) from None
         return row
+
+    def _failure_text(self) -> str:
+        return "; " + "; ".join(f"{c}: {r}" for c, r in sorted(self._failures.items())) if self._failures else ""
 
     def run(self) -> dict:
         cfg = self.cfg
         t0 = time.monotonic()
-        self.session = MqttSession(self.broker, f"coordinator-{cfg.run_id}",
+        # an unpredictable MQTT client id: nobody can take over our session by connecting with it
+        # each sender topic may hold two updates' worth of unread bytes and refills that budget in
+        # 10 s: an honest client sends one update per round; a flood beyond is dropped and counted
+        budget = max(4 << 20, 2 * self._partial_cap)
+        inbox = Inbox(per_topic_bytes=budget, total_bytes=1 << 30, rate_bytes_per_s=max(1 << 20, budget / 10))
+        self.session = MqttSession(self.broker, f"coordinator-{cfg.run_id}-{secrets.token_hex(4)}",
                                    [(self.topics.status_all, 1), (self.topics.update_all, 1)],
-                                   will=(self.topics.coordinator, self._status_payload("offline"), 1, True))
+                                   will=(self.topics.coordinator, self._status_payload("offline"), 1, True),
+                                   inbox=inbox)
         self.session.start()
         self._socket_prev = self.session.socket_bytes()
         self.session.publish(self.topics.coordinator, self._status_payload("online"), retain=True)
         status = "interrupted"  # unless the loop ends or fails cleanly: then clients keep waiting
+        tell_clients = False
         try:
             for rnd in range(self.start_round, cfg.rounds + 1):
                 row = self._run_round(rnd)
                 self.rows.append(row)
                 self._emit(RoundCompleted(rnd, row))
-            status = "completed"
+            status, tell_clients = "completed", True
         except RunFailed as exc:
-            status = f"failed: {exc}"
+            status, tell_clients = f"failed: {exc}", not exc.resumable
             log.error("%s", exc)
         finally:
             try:
-                self._finish(status)
+                self._finish(status, tell_clients)
             finally:
                 self.session.stop()
         return self._summary(status, time.monotonic() - t0)
 
-    def _finish(self, status: str) -> None:
-        """Tell the clients the run is over (not after a crash or Ctrl-C: a resume may follow)."""
-        if status != "interrupted":
+    def _finish(self, status: str, tell_clients: bool) -> None:
+        """Tell the clients the run is over (not after a crash, Ctrl-C or a resumable failure such
+        as a full disk: a resume may follow)."""
+        if tell_clients:
             done = self.rows[-1]["round"] if self.rows else 0
             msg = Message(MessageKind.CONTROL, self.cfg.run_id, done, "coordinator",
                           meta=Control("finish", status, done).to_meta())
-            self.session.publish_all(self.topics.control, [encode(msg).data], timeout=10)
+            self.session.publish_all(self.topics.control, [self.seal.seal(msg).data], timeout=10)
         self.session.publish(self.topics.coordinator, self._status_payload("offline"), retain=True).wait_for_publish(5)
 
     def _summary(self, status: str, wall: float) -> dict:
@@ -309,5 +416,8 @@ class Coordinator:
             params=sum(t.numel() for t in self.state.values()), digest=state_digest(self.state),
             ignored=dict(self.ignored),
             checkpoint=str(self.run_dir.checkpoint(rows[-1]["round"])) if rows else None)
-        self.run_dir.write_summary(summary)
+        try:
+            self.run_dir.write_summary(summary)
+        except OSError as exc:  # a full disk must not turn a clean failure into a traceback
+            log.error("cannot write %s: %s", self.run_dir.summary_path, exc)
         return summary

@@ -40,11 +40,11 @@ class ClientCommand:
                                             ("external_file", args.energy_file)) if v is not None}
         if args.stay:
             args.exit_on_finish = False
+        broker = broker_from_args(args)  # the broker URL first: the cheapest mistake to report
         cfg = ClientConfig.load(args.config, **config_overrides(args, ClientConfig))
         if energy_options:  # flags add to (and win over) the file's [client.energy_options]
             cfg = dataclasses.replace(cfg, energy_options={**cfg.energy_options, **energy_options})
         torch.set_num_threads(cfg.threads)
-        broker = broker_from_args(args)
         if args.pool:
             runner = ClientPool(pool_configs(cfg, args.pool, args.pool_offset), broker)
         else:

@@ -11,12 +11,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections import Counter
 
-from fedpara.runtime.messages import Control, ProtocolError, Status, Task, Update
+from fedpara.runtime.messages import (
+    Control,
+    Failure,
+    ProtocolError,
+    Status,
+    Task,
+    Update,
+)
 from fedpara.runtime.mqtt import BrokerURL, MqttSession
+from fedpara.runtime.signing import (
+    AuthError,
+    Plain,
+    Signer,
+    Verifier,
+    load_private_key,
+    load_public_key,
+)
 from fedpara.runtime.topics import Topics
 from fedpara.wire import (
     CodecPolicy,
@@ -25,8 +41,6 @@ from fedpara.wire import (
     MessageKind,
     Reassembler,
     WireError,
-    decode,
-    encode,
     framed_bytes,
     parse_chunk,
 )
@@ -35,6 +49,19 @@ from .config import ClientConfig
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+def trust(cfg: ClientConfig):
+    """(sealer, opener): our Ed25519 signer and the coordinator's verifier, or, with ``insecure``,
+    plain envelopes (with a warning)."""
+    if cfg.insecure:
+        log.warning("%s: insecure: messages are not signed; this device obeys anyone who can publish on "
+                    "the broker (docs/security.md)", cfg.client_id)
+        return Plain(cfg.client_id), Plain()
+    return (Signer(load_private_key(cfg.key_path), cfg.client_id),
+            Verifier({"coordinator": load_public_key(cfg.coordinator_pub)}, max_age_s=cfg.max_message_age_s))
+
+
+NO_COORDINATOR_WARNING_S = 60.0  # warn once when nothing of our run's coordinator was seen by then
 
 
 # --- work items for the training thread ----------------------------------------------------
@@ -63,10 +90,16 @@ class EdgeClient:
         self.trainer = Trainer(cfg.client_id, cfg.data, device=cfg.device, threads=cfg.threads,
                                state_dir=cfg.state_dir, eval_local=cfg.eval_local, lock=train_lock)
         self.limits = Limits()
+        self.seal, self.opener = trust(cfg)
+        self._session_seq = 0
+        self._last_status = b""
+        self._reasserted = 0.0
         self.reassembler = Reassembler(timeout_s=300.0)
         self.counters: Counter = Counter()
         self.rounds_done: list[int] = []
         self.finished = threading.Event()
+        self.coordinator_seen = threading.Event()  # its status or a task for our run arrived
+        self._quiet_timer: threading.Timer | None = None
         self.finish_meta: dict = {}
         self._seen: set[str] = set()
         self._work: queue.Queue = queue.Queue()
@@ -102,21 +135,39 @@ class EdgeClient:
         return self.trainer.test_data
 
     # --- presence --------------------------------------------------------------------------
-    def _status(self, state: str) -> bytes:
-        meta = Status(state, self.trainer.num_examples, str(self.trainer.device)).to_meta()
-        return encode(Message(MessageKind.STATUS, self.cfg.run_id, 0, self.cfg.client_id, meta=meta)).data
+    def _status(self, state: str, *, will: bool = False) -> bytes:
+        """Our signed status. The last will is sealed once, at connect time, with ``seq`` equal to
+        the ``session`` every later status of this connection carries: the coordinator accepts it
+        though it is older than our heartbeats, and refuses any other old status (docs/security.md)."""
+        seq = None
+        if will:
+            seq = self._session_seq = self.seal.next_seq()
+        meta = Status(state, self.trainer.num_examples, str(self.trainer.device), heartbeat_s=self.cfg.heartbeat_s,
+                      session=self._session_seq).to_meta()
+        return self.seal.seal(Message(MessageKind.STATUS, self.cfg.run_id, 0, self.cfg.client_id, meta=meta),
+                              seq=seq).data
 
-    def _announce(self, session: MqttSession) -> None:  # on every (re)connect
-        session.publish(self.topics.status(self.cfg.client_id), self._status("online"), retain=True)
+    def _announce(self, session: MqttSession) -> None:  # on every (re)connect, and as heartbeat
+        payload = self._status("online")
+        self._last_status = payload
+        session.publish(self.topics.status(self.cfg.client_id), payload, retain=True)
 
     def start(self) -> None:
         me = self.cfg.client_id
-        self.session = MqttSession(
-            self.broker, f"fp-{self.cfg.run_id}-{me}",
-            [(self.topics.task, 1), (self.topics.task_for(me), 1), (self.topics.control, 1)],
-            will=(self.topics.status(me), self._status("offline"), 1, True), on_connect=self._announce)
+        will = self._status("offline", will=True)
+        self.session = MqttSession(  # an unpredictable MQTT client id: nobody can take our session over
+            self.broker, f"fp-{self.cfg.run_id}-{me}-{secrets.token_hex(3)}",
+            [(self.topics.task, 1), (self.topics.task_for(me), 1), (self.topics.control, 1),
+             (self.topics.coordinator, 1), (self.topics.status(me), 1)],
+            will=(self.topics.status(me), will, 1, True), on_connect=self._announce)
         self.session.start()
-        for target, name in ((self._dispatch, "dispatch"), (self._train_loop, "train")):
+        loops = [(self._dispatch, "dispatch"), (self._train_loop, "train")]
+        if self.cfg.heartbeat_s > 0:
+            loops.append((self._heartbeat, "heartbeat"))
+        self._quiet_timer = threading.Timer(NO_COORDINATOR_WARNING_S, self._warn_if_no_coordinator)
+        self._quiet_timer.daemon = True
+        self._quiet_timer.start()
+        for target, name in loops:
             t = threading.Thread(target=target, name=f"{me}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -126,6 +177,8 @@ class EdgeClient:
 
     def stop(self) -> None:
         self.finished.set()
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
         if self.session is not None:
             try:
                 info = self.session.publish(self.topics.status(self.cfg.client_id), self._status("offline"), retain=True)
@@ -137,6 +190,20 @@ class EdgeClient:
         if self.energy is not None:
             self.energy.close()
 
+    def _warn_if_no_coordinator(self) -> None:
+        if not self.coordinator_seen.is_set() and not self.finished.is_set():
+            log.warning("%s: no coordinator has announced run %r on %s after %.0f s: is --run right?",
+                        self.cfg.client_id, self.cfg.run_id, self.broker, NO_COORDINATOR_WARNING_S)
+
+    def _heartbeat(self) -> None:
+        """Repeat the retained online status: liveness that survives a lost last will."""
+        while not self.finished.wait(self.cfg.heartbeat_s):
+            if self.session.connected.is_set():
+                try:
+                    self._announce(self.session)
+                except (RuntimeError, ValueError) as exc:  # disconnected meanwhile: the next one will do
+                    log.debug("%s: heartbeat not sent: %s", self.cfg.client_id, exc)
+
     # --- inbound (dispatch thread) ---------------------------------------------------------
     def _dispatch(self) -> None:
         while not self.finished.is_set():
@@ -146,16 +213,32 @@ class EdgeClient:
                 continue
             try:
                 self._handle(topic, payload)
+            except AuthError as exc:  # unsigned, forged, replayed: counted, never obeyed
+                self.counters[exc.reason] += 1
+                log.info("%s: refused message on %s: %s", self.cfg.client_id, topic, str(exc))
             except (WireError, ValueError) as exc:
                 self.counters["malformed"] += 1
-                log.warning("%s: ignored message on %s: %s", self.cfg.client_id, topic, exc)
+                log.warning("%s: ignored message on %s: %s", self.cfg.client_id, topic, str(exc))
             except Exception:
                 self.counters["error"] += 1
                 log.exception("%s: error handling a message on %s", self.cfg.client_id, topic)
 
     def _handle(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.status(self.cfg.client_id):
+            # someone cleared or overwrote our retained status: say again who we are (at most 1/s)
+            if payload != self._last_status and not self.finished.is_set() and time.monotonic() - self._reasserted > 1:
+                self._reasserted = time.monotonic()
+                self.counters["status_reasserted"] += 1
+                self._announce(self.session)
+            return
+        if topic == self.topics.coordinator:
+            if payload:
+                msg = self.opener.open(payload, self.limits, sender="coordinator")
+                if msg.kind == MessageKind.STATUS and msg.run_id == self.cfg.run_id:
+                    self.coordinator_seen.set()
+            return
         if topic == self.topics.control:
-            msg = decode(payload, self.limits)
+            msg = self.opener.open(payload, self.limits, sender="coordinator")
             if msg.kind == MessageKind.CONTROL and msg.run_id == self.cfg.run_id:
                 control = Control.from_meta(msg.meta)
                 self.finish_meta = control.to_meta()
@@ -178,7 +261,7 @@ class EdgeClient:
         transfer = {"task_payload_bytes": len(data), "task_mqtt_bytes": framed,
                     "download_s": time.monotonic() - first}
         t0 = time.perf_counter()
-        msg = decode(data, self.limits)
+        msg = self.opener.open(data, self.limits, sender="coordinator")
         if msg.kind != MessageKind.TASK or msg.run_id != self.cfg.run_id:
             raise ValueError(f"expected a task for run {self.cfg.run_id}, got {msg.kind} for {msg.run_id!r}")
         selected = msg.meta.get("selected")
@@ -190,6 +273,7 @@ class EdgeClient:
             self.counters["duplicate"] += 1
             return
         self._seen.add(task.task_id)
+        self.coordinator_seen.set()
         transfer["decode_s"] = time.perf_counter() - t0
         self._work.put(_Train(msg.round, task, msg, transfer))
 
@@ -216,16 +300,31 @@ class EdgeClient:
                 return
             if isinstance(item, _Finish):
                 self._on_finish()
-                return
+                if self.cfg.exit_on_finish:
+                    return
+                continue  # --stay: serve the next run (or a resumed one) with the same state
             try:
                 with self.trainer.lock:
                     self._run_task(item)
-            except (ValueError, KeyError, TypeError, WireError, ProtocolError) as exc:
+            except (ValueError, KeyError, TypeError, WireError, ProtocolError, RuntimeError) as exc:
                 self.counters["bad_task"] += 1
                 log.warning("%s: could not run round %s: %s", self.cfg.client_id, item.round, exc)
-            except Exception:
+                self._send_failure(item, exc)
+            except Exception as exc:
                 self.counters["error"] += 1
                 log.exception("%s: training failed in round %s", self.cfg.client_id, item.round)
+                self._send_failure(item, exc)
+
+    def _send_failure(self, item: _Train, exc: BaseException) -> None:
+        """Tell the coordinator at once that this task cannot run here, and why."""
+        meta = Failure(item.task.task_id, str(exc) or type(exc).__name__, type(exc).__name__).to_meta()
+        msg = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, item.round, self.cfg.client_id, meta=meta))
+        topic = self.topics.update(self.cfg.client_id)
+        frames, _ = msg.split(item.task.max_packet, topic)
+        try:
+            self.session.publish_all(topic, frames, timeout=10)
+        except (RuntimeError, ValueError) as pub_exc:
+            log.warning("%s: could not report the failure: %s", self.cfg.client_id, pub_exc)
 
     def _phase(self, name: str, **kw):
         if self.energy is None:
@@ -250,7 +349,7 @@ class EdgeClient:
             if "prev_upload_energy" in self._carry:
                 metrics["energy"]["prev_upload"] = self._carry["prev_upload_energy"]
         update = Update(task.task_id, out.num_examples, metrics)
-        enc = encode(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, out.tensors, update.to_meta()),
+        enc = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, out.tensors, update.to_meta()),
                      CodecPolicy.parse(task.uplink))
         topic = self.topics.update(me)
         frames, stats = enc.split(task.max_packet, topic)

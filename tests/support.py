@@ -5,15 +5,21 @@ Benchmarks import this file by path (``sys.path`` gets ``tests/``); it imports n
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 from coordinator.broker import free_port, wait_for_port
+from fedpara.runtime.mqtt import parse_broker_url
+from fedpara.runtime.topics import Topics
+from fedpara.wire import Message, Reassembler, WireError, decode
 
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
-__all__ = ["MOSQUITTO", "free_port", "mosquitto_conf", "start_mosquitto", "wait_for_port"]
+__all__ = ["MOSQUITTO", "Sniffer", "free_port", "mosquitto_conf", "start_mosquitto", "wait_for_port"]
 
 
 def mosquitto_conf(work: Path, port: int, extra: str = "", *, host: str | None = "127.0.0.1",
@@ -41,3 +47,47 @@ def start_mosquitto(work: Path, extra: str = "", *, anonymous: bool = True) -> t
         proc.kill()
         raise
     return proc, f"mqtt://127.0.0.1:{port}"
+
+
+class Sniffer:
+    """A separate MQTT connection that records every message of a run (what the broker carried)."""
+
+    def __init__(self, url: str, run_id: str) -> None:
+        b = parse_broker_url(url)
+        self.messages: list[tuple[str, bytes]] = []
+        import paho.mqtt.client as mqtt
+
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sniff-{secrets.token_hex(3)}")
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload)))
+        ready = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: (c.subscribe(f"{Topics(run_id).base}/#", 1), ready.set())
+        self.client.connect(b.host, b.port)
+        self.client.loop_start()
+        assert ready.wait(10)
+        time.sleep(0.2)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """QoS 1 publish; on a busy machine the broker may drop us: wait for paho's reconnect."""
+        deadline = time.monotonic() + 20
+        while True:
+            info = self.client.publish(topic, payload, qos=1)
+            if info.rc == 0 or time.monotonic() > deadline:
+                info.wait_for_publish(10)
+                return
+            time.sleep(0.2)
+
+    def decoded(self) -> list[tuple[str, Message]]:
+        out, reasm = [], Reassembler()
+        for topic, payload in self.messages:
+            if "/task" in topic or "/update/" in topic:
+                try:
+                    data = reasm.add(payload)
+                except WireError:
+                    continue
+                if data is not None:
+                    out.append((topic, decode(data)))
+        return out
+
+    def stop(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()

@@ -262,14 +262,14 @@ def test_metrics_bytes_agree_with_mosquitto_sys(tmp_path):
         procs.append(subprocess.Popen(
             FEDPARA + ["coordinator", "--broker", url, "--run", run, "--rounds", "1", "--model", "mlp",
                        "--scheme", "fedpara", "--ratio", "0.1", "--test-data", "fashion-mnist,limit=500",
-                       "--min-clients", "2", "--deadline", "60", "--out", str(out)],
+                       "--min-clients", "2", "--deadline", "60", "--out", str(out), "--insecure"],
             env=env, cwd=tmp_path, stdout=open(tmp_path / "coordinator.log", "w"), stderr=subprocess.STDOUT))
         for i in range(2):
             procs.append(subprocess.Popen(
                 FEDPARA + ["client", "--broker", url, "--run", run, "--client-id", f"c{i}",
                            "--data", f"fashion-mnist,partition=iid,clients=2,index={i},limit=300",
                            "--energy", "estimate", "--threads", "1", "--device", "cpu",
-                           "--state-dir", str(tmp_path / f"state{i}")],
+                           "--state-dir", str(tmp_path / f"state{i}"), "--insecure"],
                 env=env, cwd=tmp_path, stdout=open(tmp_path / f"client{i}.log", "w"), stderr=subprocess.STDOUT))
         for p in procs:
             p.wait(timeout=45)

@@ -1,4 +1,6 @@
 """Typed configs: TOML + flags, errors that name the field."""
+from pathlib import Path
+
 import pytest
 
 from coordinator.config import CoordinatorConfig
@@ -8,7 +10,8 @@ from fedpara.runtime.mqtt import parse_broker_url
 
 def test_coordinator_toml_and_overrides(tmp_path):
     f = tmp_path / "run.toml"
-    f.write_text('[run]\nrun_id = "r1"\nmodel = "mlp"\nscheme = "pfedpara"\nratio = 0.5\nrounds = 7\nlr = 1\n')
+    f.write_text('[run]\nrun_id = "r1"\nmodel = "mlp"\nscheme = "pfedpara"\nratio = 0.5\nrounds = 7\nlr = 1\n'
+                 'insecure = true\n')
     cfg = CoordinatorConfig.load(f, rounds=3, uplink="fp16")
     assert (cfg.run_id, cfg.model, cfg.scheme, cfg.rounds, cfg.uplink, cfg.lr) == ("r1", "mlp", "pfedpara", 3, "fp16", 1.0)
     assert cfg.spec.scheme == "pfedpara"
@@ -43,10 +46,19 @@ def test_client_config_errors_name_the_field(kw, field):
 
 def test_client_config_toml(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('[client]\nclient_id = "pi-07"\nthreads = 4\n')
+    f.write_text('[client]\nclient_id = "pi-07"\nthreads = 4\nkey = "keys/pi-07.key"\ncoordinator_pub = "keys/c.pub"\n')
     cfg = ClientConfig.load(f, run_id="r9")
     assert (cfg.client_id, cfg.threads, cfg.run_id) == ("pi-07", 4, "r9")
     assert cfg.state_dir.endswith("pi-07")
+    assert (cfg.key_path, cfg.insecure) == (Path("keys/pi-07.key"), False)
+
+
+def test_signed_is_the_default_and_insecure_is_explicit():
+    with pytest.raises(ValueError, match="key: a signed run needs"):
+        ClientConfig()
+    with pytest.raises(ValueError, match="coordinator_key: a signed run needs"):
+        CoordinatorConfig()
+    assert ClientConfig(insecure=True).insecure and CoordinatorConfig(insecure=True).insecure
 
 
 def test_broker_urls(monkeypatch):
@@ -65,7 +77,8 @@ def test_client_energy_options_reach_the_meter(tmp_path):
     from edge_client.client import EdgeClient
     readings = tmp_path / "watts.log"
     readings.write_text("2026-11-26T10:00:00 4.5\n")
-    cfg = ClientConfig(client_id="pi", data="synthetic,n=64", state_dir=str(tmp_path / "s"), energy="external",
+    cfg = ClientConfig(client_id="pi", data="synthetic,n=64", state_dir=str(tmp_path / "s"), insecure=True,
+                       energy="external",
                        energy_options={"external_file": str(readings), "link": "lte"})
     client = EdgeClient(cfg, parse_broker_url("mqtt://127.0.0.1:1"))  # never connects
     assert client.energy.source.startswith("external")

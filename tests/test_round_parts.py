@@ -27,22 +27,22 @@ def _result(cid, value, n, **metrics):
 
 
 def test_fedavg_weights_by_examples_in_float64():
-    out = FedAvg().aggregate([_result("a", 1.0, 1), _result("b", 4.0, 2)])
+    out = FedAvg().aggregate(REF, [_result("a", 1.0, 1), _result("b", 4.0, 2)])
     assert torch.allclose(out["w"], torch.full((2, 3), 3.0)) and out["w"].dtype == torch.float32
 
 
 def test_fedavg_is_order_independent():
     rs = [_result(c, v, n) for c, v, n in (("a", 0.1, 3), ("b", 0.7, 5), ("c", 1e-3, 11))]
-    a, b = FedAvg().aggregate(rs), FedAvg().aggregate(rs[::-1])
+    a, b = FedAvg().aggregate(REF, rs), FedAvg().aggregate(REF, rs[::-1])
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_fedavg_refuses_mismatched_or_empty():
     bad = FitResult("x", {"w": torch.zeros(3, 2), "b": torch.zeros(2)}, 1)
     with pytest.raises(ValueError, match="shape mismatch"):
-        FedAvg().aggregate([_result("a", 1, 1), bad])
+        FedAvg().aggregate(REF, [_result("a", 1, 1), bad])
     with pytest.raises(ValueError, match="no results"):
-        FedAvg().aggregate([])
+        FedAvg().aggregate(REF, [])
 
 
 def test_sampling_is_seeded_sorted_and_bounded():

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(cmd.run(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+    except (ValueError, TypeError, OSError) as exc:  # OSError: ConnectionError, missing file, full disk
         print(f"fedpara {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

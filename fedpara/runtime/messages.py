@@ -18,7 +18,7 @@ from typing import Any
 
 from fedpara.models import ModelSpec
 
-from .options import check_choice, check_int, check_number, check_str
+from .options import check_choice, check_int, check_number, check_str  # noqa: F401
 
 
 class ProtocolError(ValueError):
@@ -118,6 +118,40 @@ def _check_task_id(name: str, value: Any) -> str:
 
 
 # --- update ---------------------------------------------------------------------------------
+#: The metrics an update may carry (anything else is dropped): the client's training and local
+#: evaluation, the task's transfer, what its previous upload cost, and its energy report.
+METRIC_KEYS = frozenset({"loss", "train_s", "steps", "local_accuracy", "local_loss", "task_payload_bytes",
+                         "task_mqtt_bytes", "download_s", "decode_s", "prev_upload", "prev_socket_bytes",
+                         "energy"})
+MAX_METRIC_NUMBER = 1e15   # larger values are dropped: no counter or joule figure gets near it
+MAX_METRIC_STRING = 128    # characters
+MAX_METRIC_ITEMS = 64      # entries per nested object
+MAX_METRIC_DEPTH = 3
+
+
+def sanitize_metrics(value: Any, depth: int = 0) -> dict:
+    """Only known top-level keys; nested objects of short string keys, bools, short strings and
+    finite numbers within +-1e15; at most 64 entries and 3 levels. Everything else is dropped, so
+    what reaches metrics.jsonl is bounded in size and is strict JSON."""
+    if not isinstance(value, Mapping):
+        return {}
+    out: dict = {}
+    for k, v in list(value.items())[:MAX_METRIC_ITEMS]:
+        if not isinstance(k, str) or len(k) > 64 or (depth == 0 and k not in METRIC_KEYS):
+            continue
+        if isinstance(v, bool):
+            out[k] = v
+        elif isinstance(v, (int, float)):
+            if abs(v) <= MAX_METRIC_NUMBER:  # also false for NaN; exact for huge ints (no overflow)
+                out[k] = v
+        elif isinstance(v, str):
+            if len(v) <= MAX_METRIC_STRING:
+                out[k] = v
+        elif isinstance(v, Mapping) and depth + 1 < MAX_METRIC_DEPTH:
+            out[k] = sanitize_metrics(v, depth + 1)
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Update:
     task_id: str
@@ -130,10 +164,28 @@ class Update:
     @classmethod
     def from_meta(cls, meta: Any) -> Update:
         m = _meta("update", meta)
-        metrics = m.get("metrics", {})
         return cls(task_id=_field("update", m, "task_id", _check_task_id),
-                   num_examples=_field("update", m, "num_examples", check_int, min=1),
-                   metrics=dict(metrics) if isinstance(metrics, Mapping) else {})
+                   num_examples=_field("update", m, "num_examples", check_int, min=1, max=1 << 53),
+                   metrics=sanitize_metrics(m.get("metrics", {})))
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """A client that cannot run a task says so at once (an update with no tensors)."""
+
+    task_id: str
+    reason: str
+    error: str = ""   # the exception type
+
+    def to_meta(self) -> dict:
+        return {"task_id": self.task_id, "failure": {"reason": self.reason[:500], "error": self.error[:64]}}
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> Failure:
+        m = _meta("failure", meta)
+        f = _meta("failure.failure", m.get("failure"))
+        return cls(task_id=_field("failure", m, "task_id", _check_task_id),
+                   reason=str(f.get("reason", ""))[:500], error=str(f.get("error", ""))[:64])
 
 
 # --- status ---------------------------------------------------------------------------------
@@ -142,10 +194,15 @@ STATES = ("online", "offline")
 
 @dataclasses.dataclass(frozen=True)
 class Status:
+    """Presence. A client repeats its online status every ``heartbeat_s`` seconds (0: it does
+    not), so that a coordinator can tell a dead client from a quiet one when the last will is lost."""
+
     state: str
     num_examples: int = 0
     device: str = ""
     role: str = "client"
+    heartbeat_s: float = 0.0
+    session: int = 0  # signed runs: the seq of this connection's last will (see docs/security.md)
 
     @property
     def online(self) -> bool:
@@ -154,7 +211,8 @@ class Status:
     def to_meta(self) -> dict:
         if self.role == "coordinator":
             return {"state": self.state, "role": "coordinator"}
-        return {"state": self.state, "num_examples": self.num_examples, "device": self.device}
+        return {"state": self.state, "num_examples": self.num_examples, "device": self.device,
+                "heartbeat_s": self.heartbeat_s, "session": self.session}
 
     @classmethod
     def from_meta(cls, meta: Any) -> Status:
@@ -163,7 +221,9 @@ class Status:
         return cls(state=_field("status", m, "state", check_choice, STATES),
                    num_examples=_field("status", m, "num_examples", check_int, min=0, default=0),
                    device=str(device)[:64] if isinstance(device, str) else "",
-                   role="coordinator" if m.get("role") == "coordinator" else "client")
+                   role="coordinator" if m.get("role") == "coordinator" else "client",
+                   heartbeat_s=_field("status", m, "heartbeat_s", check_number, min=0.0, max=86400.0, default=0.0),
+                session=_field("status", m, "session", check_int, min=0, max=(1 << 63) - 1, default=0))
 
 
 # --- control --------------------------------------------------------------------------------

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import queue
+import socket
 import ssl
 import threading
 import time
 from urllib.parse import unquote, urlsplit
+
+from .inbox import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,12 @@ class MqttSession:
 
     def __init__(self, url: BrokerURL, client_id: str, subscriptions: list[tuple[str, int]], *,
                  will: tuple[str, bytes, int, bool] | None = None, keepalive: int = 30,
-                 inbox: queue.Queue | None = None, on_connect=None) -> None:
+                 inbox: Inbox | None = None, on_connect=None) -> None:
         import paho.mqtt.client as mqtt
 
         self.url, self.client_id = url, client_id
         self.subscriptions = list(subscriptions)
-        self.inbox: queue.Queue = inbox if inbox is not None else queue.Queue()
+        self.inbox: Inbox = inbox if inbox is not None else Inbox()
         self.connected = threading.Event()
         self.connects = 0
         self._on_connect_hook = on_connect
@@ -89,11 +91,17 @@ class MqttSession:
         self._sock = None
         self._sock_last: tuple[int, int] | None = None
         self._sock_base = (0, 0)
+        self.refused: str | None = None  # the broker's reason when it refused our CONNECT
+        self._refused_event = threading.Event()
 
     # --- paho callbacks (network thread): enqueue only -------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.warning("%s: connection to %s refused: %s", self.client_id, self.url, reason_code)
+            # before the first connection start() raises it as an error; later it is news
+            log.log(logging.WARNING if self.connects else logging.DEBUG, "%s: connection to %s refused: %s",
+                    self.client_id, self.url, reason_code)
+            self.refused = str(reason_code)
+            self._refused_event.set()
             return
         for topic, qos in self.subscriptions:
             client.subscribe(topic, qos)
@@ -109,24 +117,39 @@ class MqttSession:
             log.info("%s: disconnected (%s); reconnecting", self.client_id, reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:
-        self.inbox.put((msg.topic, bytes(msg.payload)))
+        self.inbox.put(msg.topic, bytes(msg.payload))  # over its budget: dropped and counted
 
     # --- API ---------------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> None:
-        """Connect (retrying until ``timeout``) and start the network thread."""
+        """Connect and start the network thread. A refused TCP connection is retried until
+        ``timeout`` (the broker may be starting); an unknown host, a TLS failure or a broker that
+        refuses our credentials fail at once. Every failure is a one-line ``ConnectionError``."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 self._client.connect(self.url.host, self.url.port, keepalive=self.keepalive)
                 break
+            except socket.gaierror as exc:
+                raise ConnectionError(f"MQTT broker {self.url}: unknown host ({exc.strerror})") from None
+            except (ssl.SSLError, ConnectionResetError) as exc:
+                if not self.url.tls and not isinstance(exc, ssl.SSLError):
+                    raise ConnectionError(f"MQTT broker {self.url}: connection reset (a TLS port spoken "
+                                          "to in plain MQTT? use mqtts://)") from None
+                reason = getattr(exc, "reason", None) or exc.strerror or exc
+                raise ConnectionError(f"MQTT broker {self.url}: TLS failed ({reason}); is it a TLS port, "
+                                      "and does --ca-file sign its certificate?") from None
             except OSError as exc:
                 if time.monotonic() > deadline:
-                    raise ConnectionError(f"cannot reach MQTT broker {self.url}: {exc}") from exc
+                    raise ConnectionError(f"cannot reach MQTT broker {self.url}: "
+                                          f"{exc.strerror or exc} (after {timeout:.0f} s)") from None
                 time.sleep(0.5)
         self._client.loop_start()
-        if not self.connected.wait(max(0.1, deadline - time.monotonic())):
-            self.stop()
-            raise ConnectionError(f"MQTT broker {self.url} did not accept the connection")
+        while not self.connected.wait(0.05):
+            if self._refused_event.is_set() or time.monotonic() > deadline:
+                self.stop(graceful=False)
+                why = f"refused the connection: {self.refused}" if self.refused else \
+                    "did not accept the connection (a TLS port spoken to in plain MQTT, or not a broker?)"
+                raise ConnectionError(f"MQTT broker {self.url} {why}")
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False):
         return self._client.publish(topic, payload, qos=qos, retain=retain)

@@ -43,12 +43,20 @@ def load_config(cls, path: str | Path | None, table: str, overrides: dict[str, A
     data: dict[str, Any] = {}
     source = str(path) if path is not None else "config"
     if path is not None:
+        if Path(path).is_dir():
+            raise ValueError(f"{path}: is a directory; --config takes a TOML file")
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path}: invalid TOML: {exc}") from None
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such config file") from None
     if isinstance(data.get(table), dict):
+        outside = sorted(k for k in data if k != table)
+        if outside:  # keys beside the table would be silently ignored
+            raise ValueError(f"{source}: keys {outside} are outside the [{table}] table; put every key "
+                             f"under [{table}] or write them all without a table")
         data = dict(data[table])
     data.update({k: v for k, v in overrides.items() if v is not None})
     return from_mapping(cls, data, source)

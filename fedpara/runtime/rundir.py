@@ -21,6 +21,7 @@ round that a resume redoes, is not.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -45,6 +46,17 @@ def read_json_lines(path: Path) -> list[dict]:
         if isinstance(row, dict) and isinstance(row.get("round"), int):
             rows.append(row)
     return rows
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (strict JSON readers reject NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 class RunDir:
@@ -104,8 +116,9 @@ class RunDir:
         return rows
 
     def append_metrics(self, row: dict) -> None:
+        """Append one strict JSON line (NaN and infinities become null)."""
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
             f.flush()
 
     def last_recorded_round(self) -> int | None:
@@ -133,7 +146,7 @@ class RunDir:
         return _read_object(self.config_path, "run config")
 
     def write_summary(self, summary: dict) -> None:
-        self.summary_path.write_text(json.dumps(summary, indent=2))
+        self.summary_path.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
 
     def read_summary(self) -> dict:
         """The summary, or {} when the run has none yet."""

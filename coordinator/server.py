@@ -5,17 +5,15 @@ once (broker fan-out) or per client, collect updates until every sampled client 
 deadline passed, then let the strategy aggregate if at least ``min_reply_fraction`` replied;
 otherwise keep the model and sample again. Evaluate, checkpoint, append one line to metrics.jsonl.
 
-Who decides what: :mod:`.strategy` samples and aggregates, :mod:`.acceptance` judges each update,
-:mod:`.registry` knows who is live, :mod:`.report` writes rows and the summary,
+Who decides what: :mod:`.inbound` drains and opens messages, :mod:`.strategy` samples and
+aggregates, :mod:`.acceptance` judges each update, :mod:`.registry` knows who is live, :mod:`.report` writes rows and the summary,
 :class:`~fedpara.runtime.rundir.RunDir` owns the files. Failures are values: every refused
 message is counted under ``ignored``; nothing a client sends can crash the loop.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import queue
 import secrets
 import time
 from collections import Counter
@@ -28,12 +26,9 @@ from fedpara.data import load_test_data
 from fedpara.models import ModelSpec
 from fedpara.runtime.checkpoint import load_checkpoint, save_checkpoint, state_digest
 from fedpara.runtime.inbox import Inbox
-from fedpara.runtime.messages import Control, ProtocolError, Status, Task, TrainParams
+from fedpara.runtime.messages import Control, Status, Task, TrainParams
 from fedpara.runtime.mqtt import BrokerURL, MqttSession
 from fedpara.runtime.rundir import RunDir
-from fedpara.runtime.signing import (
-    AuthError,
-)
 from fedpara.runtime.topics import Topics
 from fedpara.state import state_bytes
 from fedpara.training import evaluate
@@ -43,14 +38,13 @@ from fedpara.wire import (
     MessageKind,
     Reassembler,
     WireConfig,
-    WireError,
-    framed_bytes,
 )
 
 from . import report
-from .acceptance import RoundState, judge_update
+from .acceptance import RoundState
 from .config import CoordinatorConfig
-from .events import ClientStatusChanged, ReplyAccepted, RoundCompleted, TaskSent
+from .events import RoundCompleted, TaskSent
+from .inbound import Inbound, RunFailed
 from .preflight import check_model_fits_data, trust
 from .registry import ClientRegistry
 from .strategy import FedAvg, FitResult
@@ -58,20 +52,7 @@ from .strategy import FedAvg, FitResult
 log = logging.getLogger(__name__)
 
 
-MAX_SENDERS = 10_000  # distinct update topics the coordinator reassembles for at once
-STATUS_EVERY_S = 30.0  # the coordinator repeats its signed status (clients refuse old ones)
-
-
-class RunFailed(RuntimeError):
-    """The run cannot continue (no clients, too few replies after every attempt). ``resumable``
-    failures (the run directory could not be written) leave the clients waiting for a resume."""
-
-    def __init__(self, message: str, *, resumable: bool = False) -> None:
-        super().__init__(message)
-        self.resumable = resumable
-
-
-class Coordinator:
+class Coordinator(Inbound):
     def __init__(self, cfg: CoordinatorConfig, broker: BrokerURL, *, resume: bool = False, on_event=None) -> None:
         self.cfg, self.broker = cfg, broker
         self.topics = Topics(cfg.run_id)
@@ -141,108 +122,14 @@ class Coordinator:
         return self.seal.seal(Message(MessageKind.STATUS, self.cfg.run_id, 0, "coordinator",
                                       meta=Status(state, role="coordinator").to_meta())).data
 
-    def abort(self, reason: str) -> None:
-        """End the run as failed from another thread (e.g. the demo saw a client process die)."""
-        self._abort = reason
-
-    def _pump(self, timeout: float) -> None:
-        """Handle incoming messages for up to ``timeout`` seconds."""
-        end = time.monotonic() + timeout
-        while True:
-            if self._abort is not None:
-                raise RunFailed(self._abort)
-            if time.monotonic() - self._status_sent > STATUS_EVERY_S:  # signed heartbeat
-                self.session.publish(self.topics.coordinator, self._status_payload("online"), retain=True)
-            try:
-                topic, payload = self.session.inbox.get(timeout=max(0.0, min(0.2, end - time.monotonic())))
-            except queue.Empty:
-                if time.monotonic() >= end:
-                    return
-                continue
-            try:
-                self._handle(topic, payload)
-            except AuthError as exc:  # unsigned, forged, unknown, replayed: counted, changes nothing
-                self.ignored[exc.reason] += 1
-                log.info("refused message on %s: %s", topic, str(exc))
-            except (WireError, ValueError) as exc:
-                self.ignored["malformed"] += 1
-                log.warning("ignored message on %s: %s", topic, str(exc))  # str: keep no frame alive
-            except Exception:  # a bug must not take the coordinator down mid-run
-                self.ignored["error"] += 1
-                log.exception("error handling a message on %s", topic)
-            if time.monotonic() >= end:
-                return
-
-    def _handle(self, topic: str, payload: bytes) -> None:
-        client = self.topics.client_of(topic)
-        if client is None:
-            self.ignored["unknown_topic"] += 1
-        elif topic == self.topics.status(client):
-            self._handle_status(client, topic, payload)
-        elif topic == self.topics.update(client):
-            self._handle_update(client, topic, payload)
-        else:
-            self.ignored["unknown_topic"] += 1
-
-    def _handle_status(self, client: str, topic: str, payload: bytes) -> None:
-        if not payload:  # a cleared retained status: news only when nobody can sign
-            if not self.opener.signed:
-                self.registry.mark_offline(client)
-            return
-        msg = self.opener.open(payload, self.limits, sender=client, ordered=False)
-        if msg.kind != MessageKind.STATUS or msg.run_id != self.cfg.run_id or msg.sender != client:
-            raise ProtocolError(f"status on {topic} is not a status from {client} for run {self.cfg.run_id}")
-        status = Status.from_meta(msg.meta)
-        if self.opener.signed:
-            verdict = self.registry.signed_status_order(client, msg.meta["seq"], status, self.opener.fresh(msg.meta["seq"]))
-            if verdict != "ok":
-                self.ignored[verdict] += 1
-                return
-        info = self.registry.update(client, status)
-        self._emit(ClientStatusChanged(client, info.online))
-
-    def _handle_update(self, client: str, topic: str, payload: bytes) -> None:
-        self._up_framed += framed_bytes([len(payload)], topic)
-        reassembler = self._reassemblers.get(topic)
-        if reassembler is None:
-            if len(self._reassemblers) >= MAX_SENDERS:
-                self.ignored["too_many_senders"] += 1
-                return
-            reassembler = self._reassemblers[topic] = Reassembler(
-                timeout_s=max(60.0, self.cfg.round_deadline_s), max_partial_bytes=self._partial_cap, max_messages=4)
-        data = reassembler.add(payload)
-        if data is None:
-            return
-        msg = self.opener.open(data, self.limits, sender=client)
-        if self._attempt is None:  # between rounds: a late reply to a round already aggregated
-            self.ignored["stale"] += 1
-            return
-        verdict = judge_update(msg, client, self._attempt)
-        if verdict.failure is not None:
-            self._failures[client] = f"{verdict.failure.error}: {verdict.failure.reason}"[:300]
-            self._attempt = dataclasses.replace(self._attempt, replied=self._attempt.replied | {client})
-            log.warning("round %d: %s cannot run the task: %s", self._attempt.round, client, self._failures[client])
-            return
-        if not verdict.accepted:
-            self.ignored[verdict.reason] += 1
-            log.log(logging.WARNING if verdict.reason == "malformed" else logging.INFO,
-                    "ignored update: %s", verdict.detail)
-            return
-        tensors = {k: v.to(self.state[k].dtype) for k, v in msg.tensors.items()}
-        self._results[client] = FitResult(client, tensors, verdict.update.num_examples, verdict.update.metrics,
-                                          len(data))
-        a = self._attempt
-        self._attempt = dataclasses.replace(a, replied=a.replied | {client})
-        self._emit(ReplyAccepted(a.round, client, len(self._results), len(a.sampled)))
-
-    # --- the round loop ----------------------------------------------------------------------
     def _wait_for_clients(self) -> list[str]:
         deadline = time.monotonic() + self.cfg.wait_clients_s
         while len(self.registry.live()) < self.cfg.min_clients:
             if time.monotonic() > deadline:
                 raise RunFailed(f"only {len(self.registry.live())} live clients after "
                                 f"{self.cfg.wait_clients_s:.0f}s; need min_clients={self.cfg.min_clients}")
-            self._pump(0.5)
+            self._pump(0.5, until=lambda: len(self.registry.live()) >= self.cfg.min_clients)
+        self._pump(0.0, until=lambda: len(self.session.inbox) == 0)  # what already arrived counts too
         return self.registry.live()
 
     def _lr(self, rnd: int) -> float:
@@ -297,7 +184,8 @@ class Coordinator:
                 log.warning("round %d attempt %d: %s gone; not waiting for the deadline", rnd, attempt,
                             ", ".join(pending))
                 break
-            self._pump(min(0.5, max(0.0, deadline - time.monotonic())))
+            self._pump(min(0.5, max(0.0, deadline - time.monotonic())),
+                       until=lambda: all(c in self._results or c in self._failures for c in sampled))
         return sampled, sent
 
     def _run_round(self, rnd: int) -> dict:
@@ -384,6 +272,7 @@ class Coordinator:
         status = "interrupted"  # unless the loop ends or fails cleanly: then clients keep waiting
         tell_clients = False
         try:
+            self._pump(0.5)  # the clients' retained statuses arrive in a burst after subscribing
             for rnd in range(self.start_round, cfg.rounds + 1):
                 row = self._run_round(rnd)
                 self.rows.append(row)

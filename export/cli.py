@@ -44,15 +44,8 @@ def recorded_data(source: Path) -> str | None:
 
 def _load_data(text: str, scheme: str | None = None, split: str = "auto"):
     """(x, y) from a data spec; the client's own test split for pFedPara (or ``split=local``)."""
-    from fedpara.data import load_client_data, load_client_test, load_test_data, parse_data_spec
-    spec = parse_data_spec(text)
-    if split == "train":
-        ds, _ = load_client_data(spec)
-    elif split == "local" or (split == "auto" and scheme == "pfedpara" and spec.clients > 1):
-        ds = load_client_test(spec)
-    else:
-        ds = load_test_data(spec)
-    return ds.tensors
+    from .infer import dataset_for
+    return dataset_for(text, scheme, split).tensors
 
 
 def _default_out(source: Path) -> Path:

@@ -67,6 +67,19 @@ def load_inputs(text: str, scheme: str | None = None,
     return (x if transform is None else transform(x)), labels
 
 
+def dataset_for(text: str, scheme: str | None = None, split: str = "auto"):
+    """The torch dataset a data spec names: the client's training data (``split=train``), its own
+    test split (``local``, or ``auto`` for pFedPara with clients), else the held-out test split."""
+    from fedpara.data import load_client_data, load_client_test, load_test_data, parse_data_spec
+
+    spec = parse_data_spec(text)
+    if split == "train":
+        return load_client_data(spec)[0]
+    if split == "local" or (split == "auto" and scheme == "pfedpara" and spec.clients > 1):
+        return load_client_test(spec)
+    return load_test_data(spec)
+
+
 def load_raw_inputs(text: str, scheme: str | None = None,
                     split: str = "auto") -> tuple[np.ndarray, np.ndarray | None, Callable | None]:
     """Like :func:`load_inputs` but ``(x, labels, transform)``: image datasets come as uint8
@@ -86,18 +99,12 @@ def load_raw_inputs(text: str, scheme: str | None = None,
         x, y = datafiles.read_split_uint8(directory, "test", idx)
         return x, y, datafiles.normalise
     try:
-        from fedpara.data import load_client_data, load_client_test, load_test_data, parse_data_spec
+        import fedpara.data  # noqa: F401  (needs torch)
     except ImportError as exc:
         raise ValueError(f"--data {text} (split {split}) needs fedpara.data, which needs torch "
                          f"({exc}); without torch use an .npy file of inputs or Fashion-MNIST's "
                          "test split (fashion-mnist[,path=DIR][,limit=N][,seed=S])") from None
-    spec = parse_data_spec(text)
-    if split == "train":
-        ds, _ = load_client_data(spec)
-    elif split == "local" or (split == "auto" and scheme == "pfedpara" and spec.clients > 1):
-        ds = load_client_test(spec)
-    else:
-        ds = load_test_data(spec)
+    ds = dataset_for(text, scheme, split)
     if hasattr(ds, "images") and hasattr(ds, "lut"):  # fedpara.data's uint8 NormalisedImages
         lut = ds.lut
         return ds.images, ds.labels.numpy(), lambda batch: lut[batch]

@@ -101,15 +101,19 @@ def test_seal_open_and_every_refusal(keys):
 TRAIN = "fashion-mnist,partition=iid,clients=3,index={i},limit=150"
 
 
-def _signed_run(url, keys, out, run_id, attack=None):
-    cfg = CoordinatorConfig(run_id=run_id, model="mlp", scheme="fedpara", ratio=0.3, rounds=3, min_clients=3,
-                            test_data="fashion-mnist,limit=300", out=str(out / "run"), round_deadline_s=30.0,
-                            wait_clients_s=60.0, lr=0.05, batch_size=32, coordinator_key=str(keys / "coordinator.key"),
-                            trusted_keys=str(keys / "clients"))
+def _signed_run(url, keys, out, run_id, attack=None, poison=None, **kw):
+    base = dict(run_id=run_id, model="mlp", scheme="fedpara", ratio=0.3, rounds=3, min_clients=3,
+                test_data="fashion-mnist,limit=300", out=str(out / "run"), round_deadline_s=30.0,
+                wait_clients_s=60.0, lr=0.05, batch_size=32, coordinator_key=str(keys / "coordinator.key"),
+                trusted_keys=str(keys / "clients"))
+    cfg = CoordinatorConfig(**{**base, **kw})
     clients = [EdgeClient(ClientConfig(client_id=f"c{i}", run_id=run_id, data=TRAIN.format(i=i), energy="off",
                                        state_dir=str(out / f"s{i}"), key=str(keys / "clients"),
                                        coordinator_pub=str(keys / "coordinator.pub")), parse_broker_url(url))
                for i in range(3)]
+    if poison is not None:
+        honest = clients[2].trainer.fit
+        clients[2].trainer.fit = lambda *a, **k: poison(honest(*a, **k))
     for c in clients:
         c.start()
     try:
@@ -230,3 +234,20 @@ def test_a_client_with_an_untrusted_key_never_takes_part(amqtt_broker, keys, tmp
         impostor.stop()
     assert summary["status"].startswith("failed: only 0 live clients")
     assert summary["ignored"].get("bad_signature", 0) >= 1
+
+
+@needs_fmnist
+def test_a_signed_broken_update_is_that_clients_failure(amqtt_broker, keys, tmp_path):
+    """c2 signs NaN factors: the signature holds, so the coordinator knows the broken update is
+    c2's and ends the attempt without waiting for the 30 s deadline."""
+    import torch
+
+    from edge_client.trainer import FitOutput
+
+    def nan(out):
+        return FitOutput({k: torch.full_like(v, float("nan")) for k, v in out.tensors.items()}, 150, out.metrics)
+
+    summary, rows, _ = _signed_run(amqtt_broker, keys, tmp_path, f"nan-{secrets.token_hex(2)}", poison=nan,
+                                   rounds=1, min_reply_fraction=0.5)
+    assert summary["status"] == "completed" and rows[0]["clients"] == ["c0", "c1"]
+    assert rows[0]["failures"]["c2"].startswith("malformed update") and rows[0]["duration_s"] < 20

@@ -1,0 +1,153 @@
+"""The coordinator's inbound side: draining the inbox, opening and judging each message.
+
+A mixin of :class:`coordinator.server.Coordinator` (it uses the coordinator's session, registry,
+opener, attempt state and counters); kept apart so that the round loop reads as orchestration.
+Every refused message is counted under ``ignored`` by reason; nothing received raises out of
+:meth:`Inbound._pump` except an abort.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import time
+
+from fedpara.runtime.messages import ProtocolError, Status
+from fedpara.runtime.signing import AuthError
+from fedpara.wire import MessageKind, Reassembler, WireError, framed_bytes
+
+from .acceptance import judge_update
+from .events import ClientStatusChanged, ReplyAccepted
+from .strategy import FitResult
+
+log = logging.getLogger("coordinator.server")  # one logger name for the coordinator's messages
+
+MAX_SENDERS = 10_000  # distinct update topics the coordinator reassembles for at once
+STATUS_EVERY_S = 30.0  # the coordinator repeats its signed status (clients refuse old ones)
+
+
+class RunFailed(RuntimeError):
+    """The run cannot continue (no clients, too few replies after every attempt). ``resumable``
+    failures (the run directory could not be written) leave the clients waiting for a resume."""
+
+    def __init__(self, message: str, *, resumable: bool = False) -> None:
+        super().__init__(message)
+        self.resumable = resumable
+
+
+class Inbound:
+    """Message handling for the coordinator (see the module docstring)."""
+
+    def abort(self, reason: str) -> None:
+        """End the run as failed from another thread (e.g. the demo saw a client process die)."""
+        self._abort = reason
+
+    def _pump(self, timeout: float, until=None) -> None:
+        """Handle incoming messages for up to ``timeout`` seconds, or until ``until()`` holds after
+        a message (so the loop wakes on the last expected reply, not at the end of a window)."""
+        end = time.monotonic() + timeout
+        while True:
+            if self._abort is not None:
+                raise RunFailed(self._abort)
+            if time.monotonic() - self._status_sent > STATUS_EVERY_S:  # signed heartbeat
+                self.session.publish(self.topics.coordinator, self._status_payload("online"), retain=True)
+            if until is not None and until():
+                return
+            try:
+                topic, payload = self.session.inbox.get(timeout=max(0.0, min(0.2, end - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= end:
+                    return
+                continue
+            try:
+                self._handle(topic, payload)
+            except AuthError as exc:  # unsigned, forged, unknown, replayed: counted, changes nothing
+                self.ignored[exc.reason] += 1
+                log.info("refused message on %s: %s", topic, str(exc))
+            except (WireError, ValueError) as exc:
+                self.ignored["malformed"] += 1
+                log.warning("ignored message on %s: %s", topic, str(exc))  # str: keep no frame alive
+            except Exception:  # a bug must not take the coordinator down mid-run
+                self.ignored["error"] += 1
+                log.exception("error handling a message on %s", topic)
+            if time.monotonic() >= end or (until is not None and until()):
+                return
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        client = self.topics.client_of(topic)
+        if client is None:
+            self.ignored["unknown_topic"] += 1
+        elif topic == self.topics.status(client):
+            self._handle_status(client, topic, payload)
+        elif topic == self.topics.update(client):
+            self._handle_update(client, topic, payload)
+        else:
+            self.ignored["unknown_topic"] += 1
+
+    def _handle_status(self, client: str, topic: str, payload: bytes) -> None:
+        if not payload:  # a cleared retained status: news only when nobody can sign
+            if not self.opener.signed:
+                self.registry.mark_offline(client)
+            return
+        msg = self.opener.open(payload, self.limits, sender=client, ordered=False)
+        if msg.kind != MessageKind.STATUS or msg.run_id != self.cfg.run_id or msg.sender != client:
+            raise ProtocolError(f"status on {topic} is not a status from {client} for run {self.cfg.run_id}")
+        status = Status.from_meta(msg.meta)
+        if self.opener.signed:
+            verdict = self.registry.signed_status_order(client, msg.meta["seq"], status, self.opener.fresh(msg.meta["seq"]))
+            if verdict != "ok":
+                self.ignored[verdict] += 1
+                return
+        info = self.registry.update(client, status)
+        self._emit(ClientStatusChanged(client, info.online))
+
+    def _handle_update(self, client: str, topic: str, payload: bytes) -> None:
+        self._up_framed += framed_bytes([len(payload)], topic)
+        reassembler = self._reassemblers.get(topic)
+        if reassembler is None:
+            if len(self._reassemblers) >= MAX_SENDERS:
+                self.ignored["too_many_senders"] += 1
+                return
+            reassembler = self._reassemblers[topic] = Reassembler(
+                timeout_s=max(60.0, self.cfg.round_deadline_s), max_partial_bytes=self._partial_cap, max_messages=4)
+        data = reassembler.add(payload)
+        if data is None:
+            return
+        try:
+            msg = self.opener.open(data, self.limits, sender=client)
+        except WireError as exc:  # signed runs: the signature held, so this really is the client's
+            self._broken_update(client, str(exc))
+            raise
+        if self._attempt is None:  # between rounds: a late reply to a round already aggregated
+            self.ignored["stale"] += 1
+            return
+        verdict = judge_update(msg, client, self._attempt)
+        if verdict.reason == "malformed" and msg.meta.get("task_id") == self._attempt.task_id:
+            self._broken_update(client, verdict.detail)
+        if verdict.failure is not None:
+            self._failures[client] = f"{verdict.failure.error}: {verdict.failure.reason}"[:300]
+            self._attempt = dataclasses.replace(self._attempt, replied=self._attempt.replied | {client})
+            log.warning("round %d: %s cannot run the task: %s", self._attempt.round, client, self._failures[client])
+            return
+        if not verdict.accepted:
+            self.ignored[verdict.reason] += 1
+            log.log(logging.WARNING if verdict.reason == "malformed" else logging.INFO,
+                    "ignored update: %s", verdict.detail)
+            return
+        tensors = {k: v.to(self.state[k].dtype) for k, v in msg.tensors.items()}
+        self._results[client] = FitResult(client, tensors, verdict.update.num_examples, verdict.update.metrics,
+                                          len(data))
+        a = self._attempt
+        self._attempt = dataclasses.replace(a, replied=a.replied | {client})
+        self._emit(ReplyAccepted(a.round, client, len(self._results), len(a.sampled)))
+
+    # --- the round loop ----------------------------------------------------------------------
+    def _broken_update(self, client: str, why: str) -> None:
+        """A signed update from a sampled client that cannot be used counts as that client's
+        failure for this attempt, so the round does not wait for it until the deadline. (Unsigned
+        runs cannot tell the client from anyone else on its topic, so there it is only counted.)"""
+        a = self._attempt
+        if not self.opener.signed or a is None or client not in a.sampled or client in a.replied:
+            return
+        self._failures[client] = f"malformed update: {why}"[:300]
+        self._attempt = dataclasses.replace(a, replied=a.replied | {client})

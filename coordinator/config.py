@@ -21,7 +21,6 @@ from fedpara.runtime.options import (
     check_int,
     check_number,
     from_mapping,
-    help_table,
     load_config,
     option,
 )
@@ -125,6 +124,3 @@ class CoordinatorConfig:
         """TOML file (optional, keys flat or under [run]) with flag overrides (None is ignored)."""
         return load_config(cls, path, "run", overrides)
 
-    @classmethod
-    def help_table(cls) -> list[tuple[str, Any, str]]:
-        return help_table(cls)

@@ -125,9 +125,7 @@ class Inbound:
         if verdict.reason == "malformed" and msg.meta.get("task_id") == self._attempt.task_id:
             self._broken_update(client, verdict.detail)
         if verdict.failure is not None:
-            self._failures[client] = f"{verdict.failure.error}: {verdict.failure.reason}"[:300]
-            self._attempt = dataclasses.replace(self._attempt, replied=self._attempt.replied | {client})
-            log.warning("round %d: %s cannot run the task: %s", self._attempt.round, client, self._failures[client])
+            self._record_failure(client, f"{verdict.failure.error}: {verdict.failure.reason}")
             return
         if not verdict.accepted:
             self.ignored[verdict.reason] += 1
@@ -141,13 +139,16 @@ class Inbound:
         self._attempt = dataclasses.replace(a, replied=a.replied | {client})
         self._emit(ReplyAccepted(a.round, client, len(self._results), len(a.sampled)))
 
-    # --- the round loop ----------------------------------------------------------------------
     def _broken_update(self, client: str, why: str) -> None:
         """A signed update from a sampled client that cannot be used counts as that client's
         failure for this attempt, so the round does not wait for it until the deadline. (Unsigned
         runs cannot tell the client from anyone else on its topic, so there it is only counted.)"""
         a = self._attempt
-        if not self.opener.signed or a is None or client not in a.sampled or client in a.replied:
-            return
-        self._failures[client] = f"malformed update: {why}"[:300]
-        self._attempt = dataclasses.replace(a, replied=a.replied | {client})
+        if self.opener.signed and a is not None and client in a.sampled and client not in a.replied:
+            self._record_failure(client, f"malformed update: {why}")
+
+    def _record_failure(self, client: str, reason: str) -> None:
+        """The client answered this attempt, with a failure: recorded and quoted, not waited for."""
+        self._failures[client] = reason[:300]
+        self._attempt = dataclasses.replace(self._attempt, replied=self._attempt.replied | {client})
+        log.warning("round %d: %s cannot run the task: %s", self._attempt.round, client, self._failures[client])

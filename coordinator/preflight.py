@@ -6,13 +6,7 @@ import logging
 import torch
 
 from fedpara.models import ModelSpec
-from fedpara.runtime.signing import (
-    Plain,
-    Signer,
-    Verifier,
-    load_private_key,
-    load_trust_dir,
-)
+from fedpara.runtime.signing import endpoints, load_trust_dir
 
 from .config import CoordinatorConfig
 
@@ -20,14 +14,12 @@ log = logging.getLogger(__name__)
 
 
 def trust(cfg: CoordinatorConfig):
-    """(sealer, opener) for the coordinator: Ed25519 signing and verification, or, with
-    ``insecure``, plain envelopes (with a warning)."""
+    """(sealer, opener) for the coordinator; an insecure run says what it gives up."""
     if cfg.insecure:
         log.warning("insecure run: messages are not signed; anyone who can publish on the broker can take "
                     "part in run %s, impersonate clients or end it (docs/security.md)", cfg.run_id)
-        return Plain("coordinator"), Plain()
-    key = load_private_key(cfg.coordinator_key)
-    return Signer(key, "coordinator"), Verifier(load_trust_dir(cfg.trusted_keys), max_age_s=cfg.max_message_age_s)
+    return endpoints("coordinator", insecure=cfg.insecure, key_path=cfg.coordinator_key,
+                     trusted=lambda: load_trust_dir(cfg.trusted_keys), max_age_s=cfg.max_message_age_s)
 
 
 def check_model_fits_data(model, spec: ModelSpec, data, data_spec: str) -> None:

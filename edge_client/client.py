@@ -25,14 +25,7 @@ from fedpara.runtime.messages import (
     Update,
 )
 from fedpara.runtime.mqtt import BrokerURL, MqttSession
-from fedpara.runtime.signing import (
-    AuthError,
-    Plain,
-    Signer,
-    Verifier,
-    load_private_key,
-    load_public_key,
-)
+from fedpara.runtime.signing import AuthError, endpoints, load_public_key
 from fedpara.runtime.topics import Topics
 from fedpara.wire import (
     CodecPolicy,
@@ -51,14 +44,14 @@ from .trainer import Trainer
 log = logging.getLogger(__name__)
 
 def trust(cfg: ClientConfig):
-    """(sealer, opener): our Ed25519 signer and the coordinator's verifier, or, with ``insecure``,
-    plain envelopes (with a warning)."""
+    """(sealer, opener): our signer and the coordinator's verifier; an insecure client says what
+    it gives up."""
     if cfg.insecure:
         log.warning("%s: insecure: messages are not signed; this device obeys anyone who can publish on "
                     "the broker (docs/security.md)", cfg.client_id)
-        return Plain(cfg.client_id), Plain()
-    return (Signer(load_private_key(cfg.key_path), cfg.client_id),
-            Verifier({"coordinator": load_public_key(cfg.coordinator_pub)}, max_age_s=cfg.max_message_age_s))
+    return endpoints(cfg.client_id, insecure=cfg.insecure, key_path=cfg.key_path,
+                     trusted=lambda: {"coordinator": load_public_key(cfg.coordinator_pub)},
+                     max_age_s=cfg.max_message_age_s)
 
 
 NO_COORDINATOR_WARNING_S = 60.0  # warn once when nothing of our run's coordinator was seen by then

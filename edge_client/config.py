@@ -5,7 +5,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedpara.data import parse_data_spec
-from fedpara.runtime.options import check_device, check_int, check_number, load_config, option
+from fedpara.runtime.options import (
+    check_device,
+    check_int,
+    check_number,
+    load_config,
+    option,
+)
 from fedpara.runtime.topics import check_id
 
 

@@ -5,8 +5,15 @@ paper's and what is ours.
 """
 from . import models
 from .convert import compose, convert, keep_dense
-from .layers import (FactorisedLayer, FedParaConv2d, FedParaLinear, LowRankConv2d, LowRankLinear,
-                     PFedParaConv2d, PFedParaLinear)
+from .layers import (
+                     FactorisedLayer,
+                     FedParaConv2d,
+                     FedParaLinear,
+                     LowRankConv2d,
+                     LowRankLinear,
+                     PFedParaConv2d,
+                     PFedParaLinear,
+)
 from .lstm import FactorisedLSTM, FactorisedMatrix
 from .rank import rank_for_ratio
 from .state import count_params, global_state, load_state, local_state

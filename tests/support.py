@@ -19,7 +19,8 @@ from fedpara.wire import Message, Reassembler, WireError, decode
 
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
-__all__ = ["MOSQUITTO", "Sniffer", "free_port", "mosquitto_conf", "start_mosquitto", "wait_for_port"]
+__all__ = ["MOSQUITTO", "TRAIN", "Sniffer", "coord_cfg", "free_port", "mosquitto_conf", "start_clients",
+           "start_mosquitto", "wait_for_port"]
 
 
 def mosquitto_conf(work: Path, port: int, extra: str = "", *, host: str | None = "127.0.0.1",
@@ -91,3 +92,36 @@ class Sniffer:
     def stop(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+# --- small federated runs for the runtime tests ------------------------------------------
+TRAIN = "fashion-mnist,partition=iid,clients={n},index={i},limit=150"
+
+
+def coord_cfg(tmp_path, **kw):
+    """An insecure mlp run of 2 rounds on Fashion-MNIST for 3 clients; ``kw`` overrides."""
+    from coordinator.config import CoordinatorConfig
+
+    base = dict(run_id=f"t-{secrets.token_hex(3)}", model="mlp", scheme="fedpara", ratio=0.3, rounds=2,
+                min_clients=3, test_data="fashion-mnist,limit=400", out=str(tmp_path / "run"),
+                round_deadline_s=30.0, wait_clients_s=60.0, lr=0.05, batch_size=32, insecure=True)
+    base.update(kw)
+    return CoordinatorConfig(**base)
+
+
+def start_clients(url, cfg, tmp_path, n, *, first=0, total=None, **kw):
+    """``n`` started in-process edge clients c<first>.. of ``total`` IID partitions."""
+    from edge_client.client import EdgeClient
+    from edge_client.config import ClientConfig
+
+    total = total or n
+    broker = parse_broker_url(url) if isinstance(url, str) else url
+    kw.setdefault("energy", "estimate")
+    kw.setdefault("insecure", True)
+    clients = []
+    for i in range(first, first + n):
+        c = EdgeClient(ClientConfig(client_id=f"c{i}", run_id=cfg.run_id, data=TRAIN.format(n=total, i=i),
+                                    state_dir=str(tmp_path / f"state-c{i}"), **kw), broker)
+        c.start()
+        clients.append(c)
+    return clients

@@ -9,7 +9,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from export import datafiles
-from fedpara.data import fashion_mnist, load_client_data, load_client_test, load_test_data
+from fedpara.data import (
+    fashion_mnist,
+    load_client_data,
+    load_client_test,
+    load_test_data,
+)
 from fedpara.data.idx import encode_idx, parse_idx, read_idx, write_idx
 from fedpara.data.lazy import NormalisedImages
 from fedpara.data.loaders import client_indices

@@ -5,7 +5,12 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from fedpara.data import fashion_mnist, load_client_data, load_client_test, load_test_data
+from fedpara.data import (
+    fashion_mnist,
+    load_client_data,
+    load_client_test,
+    load_test_data,
+)
 from fedpara.data.idx import write_idx
 from fedpara.data.loaders import client_indices
 from fedpara.data.spec import parse_data_spec

@@ -6,8 +6,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedpara.data.partition import (dirichlet, dirichlet_assignment, iid, local_test_indices,
-                                    parse_scheme, partition, shards)
+from fedpara.data.partition import (
+    dirichlet,
+    dirichlet_assignment,
+    iid,
+    local_test_indices,
+    parse_scheme,
+    partition,
+    shards,
+)
 
 torch.set_num_threads(1)
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,12 +9,19 @@ import torch
 from conftest import fashion_mnist_available, needs_fmnist
 
 import fedpara
-from export import OnnxModel, check_parity, export_model, export_onnx, quantize_int8, read_metadata
+from export import (
+    OnnxModel,
+    check_parity,
+    export_model,
+    export_onnx,
+    quantize_int8,
+    read_metadata,
+)
 from export.pipeline import torch_logits
 from fedpara import models
+from fedpara.data import load_client_data, load_test_data
 from fedpara.models import ModelSpec
 from fedpara.runtime.checkpoint import state_digest
-from fedpara.data import load_client_data, load_test_data
 from fedpara.training import train_epochs
 
 MODELS = ("cnn28", "mlp", "vgg16", "char_lstm")

@@ -10,37 +10,17 @@ import time
 
 import paho.mqtt.client as mqtt
 from conftest import needs_fmnist
-from support import MOSQUITTO, start_mosquitto, wait_for_port
+from support import MOSQUITTO, coord_cfg, start_clients, start_mosquitto, wait_for_port
 
-from coordinator.config import CoordinatorConfig
 from coordinator.events import RoundCompleted
 from coordinator.server import Coordinator
-from edge_client.client import EdgeClient
-from edge_client.config import ClientConfig
 from fedpara.runtime.mqtt import parse_broker_url
 from fedpara.runtime.rundir import RunDir
 from fedpara.runtime.topics import Topics
 
 pytestmark = needs_fmnist
-TRAIN = "fashion-mnist,partition=iid,clients={n},index={i},limit=150"
-
-
-def _cfg(tmp_path, **kw) -> CoordinatorConfig:
-    base = dict(run_id=f"t-{secrets.token_hex(3)}", model="mlp", scheme="fedpara", ratio=0.3, rounds=2,
-                min_clients=3, test_data="fashion-mnist,limit=400", out=str(tmp_path / "run"),
-                round_deadline_s=30.0, wait_clients_s=60.0, lr=0.05, batch_size=32, insecure=True)
-    base.update(kw)
-    return CoordinatorConfig(**base)
-
-
 def _clients(url, cfg, tmp_path, n, **kw):
-    out = []
-    for i in range(n):
-        c = EdgeClient(ClientConfig(client_id=f"c{i}", run_id=cfg.run_id, data=TRAIN.format(n=n, i=i),
-                                    state_dir=str(tmp_path / f"s{i}"), energy="off", insecure=True, **kw), parse_broker_url(url))
-        c.start()
-        out.append(c)
-    return out
+    return start_clients(url, cfg, tmp_path, n, energy="off", **kw)
 
 
 def _raw(url: str, on_message=None, subscribe: str | None = None) -> mqtt.Client:
@@ -66,7 +46,7 @@ def _rss_mb() -> float:
 def test_a_flooding_insider_costs_bounded_memory(mosquitto_broker, tmp_path):
     """c2 floods its own update topic with 2 MB messages (what the per-client ACL allows) for the
     whole run; the coordinator's memory stays bounded and the honest clients' rounds complete."""
-    cfg = _cfg(tmp_path, min_clients=2)
+    cfg = coord_cfg(tmp_path, min_clients=2)
     clients = _clients(mosquitto_broker, cfg, tmp_path, 2)
     b = parse_broker_url(mosquitto_broker)
     flood = (  # the attacker is its own process: its send queue is not our memory
@@ -105,7 +85,7 @@ def test_a_flooding_insider_costs_bounded_memory(mosquitto_broker, tmp_path):
 def test_chunks_injected_on_another_topic_do_not_void_an_update(mosquitto_broker, tmp_path):
     """c2 reads c0's update chunks and re-publishes each, altered, with c0's message id on its own
     topic: per-sender reassembly keeps c0's multi-chunk updates intact."""
-    cfg = _cfg(tmp_path, min_clients=2, max_packet=4096)
+    cfg = coord_cfg(tmp_path, min_clients=2, max_packet=4096)
     topics = Topics(cfg.run_id)
     injected = [0]
     spy = None
@@ -138,7 +118,7 @@ def test_a_client_that_dies_while_the_broker_is_down_leaves_the_live_set(tmp_pat
         pytest.skip("mosquitto is not installed")
     proc, url = start_mosquitto(tmp_path)
     port = int(url.rsplit(":", 1)[1])
-    cfg = _cfg(tmp_path, rounds=2, min_clients=2, round_deadline_s=40.0, max_attempts=3)
+    cfg = coord_cfg(tmp_path, rounds=2, min_clients=2, round_deadline_s=40.0, max_attempts=3)
     clients = _clients(url, cfg, tmp_path, 3, heartbeat_s=1.0)
     state = {"proc": proc}
 

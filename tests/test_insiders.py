@@ -6,48 +6,33 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import time
 
 import pytest
 import torch
 from conftest import needs_fmnist
+from support import coord_cfg, start_clients
 
-from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
-from edge_client.client import EdgeClient
-from edge_client.config import ClientConfig
 from edge_client.trainer import FitOutput
 from fedpara.runtime.mqtt import parse_broker_url
 from fedpara.runtime.rundir import RunDir
 
 pytestmark = needs_fmnist
-TRAIN = "fashion-mnist,partition=iid,clients={n},index={i},limit=150"
-
-
-def _cfg(tmp_path, **kw) -> CoordinatorConfig:
-    base = dict(run_id=f"t-{secrets.token_hex(3)}", model="mlp", scheme="fedpara", ratio=0.3, rounds=2,
-                min_clients=4, test_data="fashion-mnist,limit=400", out=str(tmp_path / "run"),
-                round_deadline_s=30.0, wait_clients_s=60.0, lr=0.05, batch_size=32, insecure=True)
-    base.update(kw)
-    return CoordinatorConfig(**base)
+def _cfg(tmp_path, **kw):
+    return coord_cfg(tmp_path, **{"min_clients": 4, **kw})
 
 
 def _clients(url, cfg, tmp_path, n, evil=(), poison=None, **kw):
     """n edge clients; those in ``evil`` pass their honest FitOutput through ``poison``."""
-    out = []
-    for i in range(n):
-        c = EdgeClient(ClientConfig(client_id=f"c{i}", run_id=cfg.run_id, data=TRAIN.format(n=n, i=i),
-                                    state_dir=str(tmp_path / f"s{i}"), energy="off", insecure=True, **kw), parse_broker_url(url))
-        if i in evil:
-            honest_fit = c.trainer.fit
+    clients = start_clients(url, cfg, tmp_path, n, energy="off", **kw)
+    for i in evil:  # the trainer is asked only once a task arrives
+        honest_fit = clients[i].trainer.fit
 
-            def poisoned(*a, _fit=honest_fit, **kw):
-                return (poison or _huge)(_fit(*a, **kw))
-            c.trainer.fit = poisoned
-        c.start()
-        out.append(c)
-    return out
+        def poisoned(*a, _fit=honest_fit, **kw):
+            return (poison or _huge)(_fit(*a, **kw))
+        clients[i].trainer.fit = poisoned
+    return clients
 
 
 def _huge(out: FitOutput) -> FitOutput:

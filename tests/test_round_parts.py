@@ -14,7 +14,14 @@ from coordinator.registry import ClientRegistry
 from coordinator.report import round_row, summarize
 from coordinator.strategy import FedAvg, FitResult
 from fedpara.models import ModelSpec
-from fedpara.runtime.messages import Control, ProtocolError, Status, Task, TrainParams, Update
+from fedpara.runtime.messages import (
+    Control,
+    ProtocolError,
+    Status,
+    Task,
+    TrainParams,
+    Update,
+)
 from fedpara.runtime.rundir import RunDir
 from fedpara.wire import Message, MessageKind
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -12,44 +11,18 @@ import time
 
 import pytest
 from conftest import needs_fmnist
-from support import Sniffer
+from support import TRAIN, Sniffer, coord_cfg, start_clients
 
-from coordinator.config import CoordinatorConfig
 from coordinator.events import RoundCompleted, TaskSent
 from coordinator.server import Coordinator
 from edge_client.client import EdgeClient
 from edge_client.config import ClientConfig
+from fedpara.runtime.mqtt import parse_broker_url
 from fedpara.runtime.rundir import read_json_lines as read_metrics
 from fedpara.runtime.topics import Topics
-from fedpara.runtime.mqtt import parse_broker_url
 from fedpara.wire import Message, MessageKind, encode
 
 pytestmark = needs_fmnist
-
-TRAIN = "fashion-mnist,partition=iid,clients={n},index={i},limit=150"
-
-
-def coord_cfg(tmp_path, **kw) -> CoordinatorConfig:
-    base = dict(run_id=f"t-{secrets.token_hex(3)}", model="mlp", scheme="fedpara", ratio=0.3, rounds=2,
-                min_clients=3, test_data="fashion-mnist,limit=400", out=str(tmp_path / "run"),
-                round_deadline_s=30.0, wait_clients_s=60.0, lr=0.05, batch_size=32, insecure=True)
-    base.update(kw)
-    return CoordinatorConfig(**base)
-
-
-def start_clients(url, cfg, tmp_path, n, *, first=0, total=None, **kw) -> list[EdgeClient]:
-    total = total or n
-    broker = parse_broker_url(url) if isinstance(url, str) else url
-    kw.setdefault("energy", "estimate")
-    kw.setdefault("insecure", True)
-    clients = []
-    for i in range(first, first + n):
-        c = EdgeClient(ClientConfig(client_id=f"c{i}", run_id=cfg.run_id, data=TRAIN.format(n=total, i=i),
-                                    state_dir=str(tmp_path / f"state-c{i}"), **kw), broker)
-        c.start()
-        clients.append(c)
-    return clients
-
 
 def stop_all(clients):
     for c in clients:

@@ -6,8 +6,18 @@ import random
 import pytest
 import torch
 
-from fedpara.wire import (CHUNK_HEADER_BYTES, Message, Reassembler, WireError, decode, encode,
-                          framed_bytes, max_chunk_payload, mqtt_publish_bytes, split)
+from fedpara.wire import (
+    CHUNK_HEADER_BYTES,
+    Message,
+    Reassembler,
+    WireError,
+    decode,
+    encode,
+    framed_bytes,
+    max_chunk_payload,
+    mqtt_publish_bytes,
+    split,
+)
 
 torch.set_num_threads(1)
 

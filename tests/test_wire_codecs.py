@@ -6,8 +6,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
 
-from fedpara.wire import (INT8_MIN_ROW, CodecPolicy, CodecSpec, Message, WireConfig, WireError,
-                          decode, encode)
+from fedpara.wire import (
+    INT8_MIN_ROW,
+    CodecPolicy,
+    CodecSpec,
+    Message,
+    WireConfig,
+    WireError,
+    decode,
+    encode,
+)
 
 torch.set_num_threads(1)
 
@@ -172,9 +180,10 @@ def test_constant_rows_and_empty_tensors():
 
 def test_body_sections_are_plain_safetensors():
     safetensors_torch = pytest.importorskip("safetensors.torch")
-    from fedpara.wire.envelope import PREFIX_BYTES
     import json
     import struct
+
+    from fedpara.wire.envelope import PREFIX_BYTES
 
     t = {"a": torch.randn(3, 4), "b": torch.randn(5).bfloat16(), "c": torch.arange(7)}
     enc = encode(Message("task", tensors=t), "raw")

@@ -7,11 +7,10 @@ import struct
 import pytest
 import torch
 import zstandard
+from wire_support import rebuild, sample_messages, split_envelope
 
 from fedpara.wire import Limits, Message, MessageKind, WireError, decode, encode
 from fedpara.wire.envelope import PREFIX_BYTES
-
-from wire_support import rebuild, sample_messages, split_envelope
 
 torch.set_num_threads(1)
 

@@ -7,10 +7,9 @@ import struct
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from wire_support import rebuild, resign, sample_messages, split_envelope
 
 from fedpara.wire import Limits, Reassembler, WireError, decode, split
-
-from wire_support import rebuild, resign, sample_messages, split_envelope
 
 torch.set_num_threads(1)
 

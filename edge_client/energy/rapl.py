@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .base import EnergyError, EnergyMeter, EnergyReading, MeterUnavailable, TextReader, default_read_text
+from .base import (
+    EnergyError,
+    EnergyMeter,
+    EnergyReading,
+    MeterUnavailable,
+    TextReader,
+    default_read_text,
+)
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,14 @@ from .cifar import load_cifar, read_cifar_bin
 from .fashion_mnist import find_fashion_mnist, load_fashion_mnist
 from .idx import parse_idx, read_idx, write_idx
 from .loaders import client_indices, load_client_data, load_client_test, load_test_data
-from .partition import (dirichlet, iid, local_test_indices, parse_scheme, partition,
-                        shards)
+from .partition import (
+                        dirichlet,
+                        iid,
+                        local_test_indices,
+                        parse_scheme,
+                        partition,
+                        shards,
+)
 from .shakespeare import VOCAB, VOCAB_SIZE, load_shakespeare, parse_play
 from .spec import DataSpec, format_data_spec, parse_data_spec
 from .synthetic import make_synthetic

@@ -27,8 +27,18 @@ import numpy as np
 import torch
 
 from export import datafiles
-from export.datafiles import (CLASSES, DEBIAN_DIR, ENV_VAR, INPUT_SHAPE, INSTALL_HINT, MEAN,
-                              NUM_CLASSES, PIXEL_LUT, STD, SUBDIR)
+from export.datafiles import (
+    CLASSES,
+    DEBIAN_DIR,
+    ENV_VAR,
+    INPUT_SHAPE,
+    INSTALL_HINT,
+    MEAN,
+    NUM_CLASSES,
+    PIXEL_LUT,
+    STD,
+    SUBDIR,
+)
 
 from .lazy import NormalisedImages
 

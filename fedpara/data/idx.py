@@ -7,7 +7,14 @@ PyTorch. This module keeps the names ``fedpara.data`` has always offered.
 
 from __future__ import annotations
 
-from export.datafiles import (IDX_DTYPES, MAX_BYTES, MAX_NDIM, encode_idx, parse_idx, read_idx,
-                              write_idx)
+from export.datafiles import (
+                              IDX_DTYPES,
+                              MAX_BYTES,
+                              MAX_NDIM,
+                              encode_idx,
+                              parse_idx,
+                              read_idx,
+                              write_idx,
+)
 
 __all__ = ["IDX_DTYPES", "MAX_BYTES", "MAX_NDIM", "encode_idx", "parse_idx", "read_idx", "write_idx"]

@@ -99,7 +99,9 @@ def parse_play(text: str) -> dict[str, str]:
 def find_texts(path: str | os.PathLike | None = None) -> list[Path]:
     """Play files under ``path`` (a file or a directory), else ``$FEDPARA_DATA/shakespeare``."""
     if path is None:
-        from .fetch import default_dir  # $FEDPARA_DATA/shakespeare or ~/.cache/fedpara/shakespeare
+        from .fetch import (
+            default_dir,  # $FEDPARA_DATA/shakespeare or ~/.cache/fedpara/shakespeare
+        )
 
         path = default_dir()
         if not path.is_dir():

@@ -83,9 +83,6 @@ class Inbox:
             self._total -= len(payload)
             return topic, payload
 
-    def put_nowait(self, item: tuple[str, bytes]) -> None:  # queue.Queue compatibility (tests)
-        self.put(*item)
-
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)

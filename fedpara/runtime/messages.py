@@ -17,8 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedpara.models import ModelSpec
-
-from .options import check_choice, check_int, check_number, check_str  # noqa: F401
+from fedpara.validate import check_choice, check_int, check_number, check_str
 
 
 class ProtocolError(ValueError):

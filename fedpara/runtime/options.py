@@ -82,8 +82,3 @@ def field_type(f: dataclasses.Field) -> type:
     """The Python type of a field, read off its default."""
     return type(f.default if f.default is not dataclasses.MISSING else f.default_factory())
 
-
-def help_table(cls) -> list[tuple[str, Any, str]]:
-    """(name, default, help) for every field: for docs and ``--help`` tables."""
-    return [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(),
-             f.metadata.get("help", "")) for f in dataclasses.fields(cls)]

@@ -17,6 +17,7 @@ hand-written beyond the framing.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import threading
@@ -133,7 +134,7 @@ class Signer:
         """Sign ``message`` with the next ``seq`` (or ``seq``, one taken from ``next_seq``)."""
         if message.sender != self.sender:
             raise ValueError(f"signer of {self.sender!r} cannot sign a message from {message.sender!r}")
-        message.meta = {**message.meta, "seq": self.next_seq() if seq is None else seq}
+        message = dataclasses.replace(message, meta={**message.meta, "seq": self.next_seq() if seq is None else seq})
         enc = encode(message, policy)
         signature = self.key.sign(_CONTEXT + enc.data[_DIGEST])
         return Encoded(enc.data + TRAILER_MAGIC + signature, enc.stats)
@@ -169,7 +170,8 @@ class Verifier:
         key = self.keys.get(sender)
         if key is None:
             raise AuthError("unknown_sender", f"no trusted key for {sender!r}")
-        envelope, signature = data[:-TRAILER_BYTES], data[-SIGNATURE_BYTES:]
+        view = memoryview(data)  # no copy of a (possibly 60 MB) payload
+        envelope, signature = view[:-TRAILER_BYTES], view[-SIGNATURE_BYTES:]
         try:
             key.verify(bytes(signature), _CONTEXT + bytes(envelope[_DIGEST]))
         except InvalidSignature:
@@ -197,6 +199,16 @@ class Verifier:
 
     def fresh(self, seq: int) -> bool:
         return abs(self.clock() - seq) <= self.max_age_ns
+
+
+def endpoints(sender: str, *, insecure: bool, key_path=None, trusted=None, max_age_s: float = 600.0):
+    """(sealer, opener) for ``sender``: a Signer with its private key and a Verifier of the
+    ``trusted`` keys (a mapping, or a callable returning one, read only in a signed run), or, when
+    ``insecure``, plain envelopes both ways (the caller warns)."""
+    if insecure:
+        return Plain(sender), Plain()
+    keys = trusted() if callable(trusted) else trusted
+    return Signer(load_private_key(key_path), sender), Verifier(keys, max_age_s=max_age_s)
 
 
 class Plain:

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from .blob import FROM_TORCH, ST_DTYPES, TORCH_NAMES, to_numpy
-from .policy import CodecSpec
 from .limits import WireError
+from .policy import CodecSpec
 
 #: int8 needs at least this many elements per output channel, else the tensor goes as fp32
 #: (a per-row scale + offset costs 8 bytes; below 16 elements int8 would not beat fp16).

@@ -42,8 +42,15 @@ import zstandard
 from . import blob
 from .accounting import TensorStats, WireStats
 from .codecs import decode_tensor, encode_tensor, expected_parts, is_float
+from .limits import (
+    ENVELOPE_MAGIC,
+    WIRE_MAJOR,
+    WIRE_MINOR,
+    Limits,
+    MessageKind,
+    WireError,
+)
 from .policy import CodecPolicy, CodecSpec, WireConfig
-from .limits import ENVELOPE_MAGIC, WIRE_MAJOR, WIRE_MINOR, Limits, MessageKind, WireError
 
 _PREFIX = struct.Struct("<4sBBBBIQ32s")
 PREFIX_BYTES = _PREFIX.size  # 52

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 from fedpara.runtime.messages import Status
@@ -28,6 +29,7 @@ class ClientRegistry:
         self._clock = clock
         self.max_clients = max_clients
         self._order: dict[str, tuple[int, int]] = {}  # client -> (newest signed status seq, session)
+        self._lock = threading.Lock()  # writers: the coordinator thread; readers: also a dashboard
 
     def update(self, client_id: str, status: Status) -> ClientInfo:
         """Record a status; ValueError when the registry is full and ``client_id`` is new."""
@@ -35,7 +37,8 @@ class ClientRegistry:
             raise ValueError(f"registry full ({self.max_clients} clients): status of {client_id} ignored")
         info = ClientInfo(client_id, status.online, status.num_examples, status.device, self._clock(),
                           status.heartbeat_s)
-        self._clients[client_id] = info
+        with self._lock:
+            self._clients[client_id] = info
         return info
 
     def signed_status_order(self, client_id: str, seq: int, status: Status, fresh: bool) -> str:
@@ -54,8 +57,15 @@ class ClientRegistry:
         return "replayed" if fresh else "stale"
 
     def mark_offline(self, client_id: str) -> None:
-        if client_id in self._clients:
-            self._clients[client_id].online = False
+        with self._lock:
+            if client_id in self._clients:
+                self._clients[client_id] = dataclasses.replace(self._clients[client_id], online=False)
+
+    def snapshot(self) -> list[tuple[ClientInfo, bool]]:
+        """``(info, live)`` for every known client, sorted by id: copies, safe from any thread."""
+        with self._lock:
+            infos = list(self._clients.values())
+        return [(info, self.is_live(info.client_id)) for info in sorted(infos, key=lambda i: i.client_id)]
 
     def is_live(self, client_id: str) -> bool:
         """Online, and heard from within ``MISSED_HEARTBEATS`` of its heartbeat periods."""

@@ -13,6 +13,7 @@ from fedpara.runtime.flags import (
 from fedpara.runtime.rundir import RunDir
 
 from .config import CoordinatorConfig
+from .observe import Listeners, observers
 
 
 class BrokerCommand:
@@ -56,18 +57,37 @@ class CoordinatorCommand:
         def on_event(event) -> None:
             if isinstance(event, RoundCompleted):
                 r = event.row
-                print(f"round {r['round']:>4}  acc {r['accuracy']:.4f}  replied {r['replied']}/{r['sampled']}  "
+                acc = f"{r['accuracy']:.4f}" if isinstance(r.get("accuracy"), float) else "  -   "
+                print(f"round {r['round']:>4}  acc {acc}  replied {r['replied']}/{r['sampled']}  "
                       f"down {r['mqtt_bytes_down'] / 1e6:.2f} MB  up {r['mqtt_bytes_up'] / 1e6:.2f} MB  "
                       f"{r['duration_s']:.1f}s", flush=True)
 
-        coord = Coordinator(cfg, broker, resume=bool(args.resume), on_event=on_event)
-        summary = coord.run()
+        listeners = Listeners(on_event)
+        coord = Coordinator(cfg, broker, resume=bool(args.resume), on_event=listeners)
+        with observers(cfg, coord, listeners, resume=bool(args.resume), echo=lambda s: print(s, flush=True)) as obs:
+            summary = coord.run()
+            obs.finish(summary)
         print(json.dumps({k: summary[k] for k in ("status", "rounds", "final_accuracy", "dense_ratio")}))
         return 0 if summary["status"] == "completed" else 1
 
 
+class ReportCommand:
+    help = "write a self-contained HTML report of a run (finished or in progress): plots, bytes, energy, timing"
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (metrics.jsonl, summary.json, ...)")
+        p.add_argument("--out", metavar="FILE", help="where to write it (default RUN_DIR/report.html)")
+
+    def run(self, args) -> int:
+        from .htmlreport import write_report
+
+        print(write_report(args.run_dir, args.out))
+        return 0
+
+
 BROKER_COMMAND = BrokerCommand()
 COORDINATOR_COMMAND = CoordinatorCommand()
+REPORT_COMMAND = ReportCommand()
 
 
 class FleetCommand:

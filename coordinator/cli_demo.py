@@ -3,7 +3,8 @@
 Starts the embedded MQTT broker (a child process), N edge-client processes with their own
 Fashion-MNIST partitions, and the coordinator (this process), trains for a few rounds with a
 progress bar, then prints what was measured: test accuracy, MB that crossed the broker, what the
-dense model would have cost (computed exactly from its size), and the ratio.
+dense model would have cost (computed exactly from its size), and the ratio, and writes the run's
+HTML report (``RUN_DIR/report.html``). ``--dashboard HOST:PORT`` serves the live dashboard.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from fedpara.runtime.signing import new_key
 
 from .config import CoordinatorConfig
 from .events import ClientStatusChanged, ReplyAccepted, RoundCompleted, TaskSent
+from .observe import Listeners, observers
 
 # Where the demo departs from CoordinatorConfig's defaults, and why (stated once; flags show them).
 # lr and batch size are the settings the README's demo figures were measured with (cnn28 on
@@ -39,7 +41,7 @@ DEMO_DEFAULTS = {"lr": 0.05, "batch_size": 32, "uplink": "fp16+zstd:3", "downlin
                  "round_deadline_s": 300.0}
 # The coordinator fields the demo exposes as flags; the rest keep CoordinatorConfig's defaults.
 DEMO_FIELDS = ("model", "scheme", "ratio", "rounds", "local_epochs", "lr", "batch_size", "uplink", "downlink",
-               "seed", "aggregator", "insecure")
+               "seed", "aggregator", "insecure", "dashboard", "tensorboard")
 
 
 class DemoCommand:
@@ -118,13 +120,17 @@ class DemoCommand:
                        *trust_args]
                 with open(run_dir.logs / f"{cid}.log", "wb") as log_file:
                     procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
-            bar = tqdm(total=cfg.rounds, desc="rounds", unit="round", file=sys.stdout)
-            coordinator = Coordinator(cfg, broker, on_event=DemoProgress(bar))
-            watch = ClientWatch(procs, run_dir, coordinator)
-            watch.start()
-            summary = coordinator.run()
-            watch.stop()
-            bar.close()
+            listeners = Listeners()
+            coordinator = Coordinator(cfg, broker, on_event=listeners)
+            with observers(cfg, coordinator, listeners, echo=lambda s: print(s, flush=True)) as obs:
+                bar = tqdm(total=cfg.rounds, desc="rounds", unit="round", file=sys.stdout)
+                listeners.add(DemoProgress(bar))
+                watch = ClientWatch(procs, run_dir, coordinator)
+                watch.start()
+                summary = coordinator.run()
+                obs.finish(summary)
+                watch.stop()
+                bar.close()
             deadline = time.monotonic() + 15
             for p in procs:
                 try:
@@ -143,6 +149,7 @@ class DemoCommand:
         summary["demo_wall_s"] = time.monotonic() - t0
         run_dir.write_summary(summary)
         print_table(summary)
+        print_report(run_dir)
         return 0 if summary["status"] == "completed" else 1
 
 
@@ -190,7 +197,8 @@ class DemoProgress:
             bar.set_postfix_str(f"acc {self.acc} | replies {event.replies}/{event.expected}")
         elif isinstance(event, RoundCompleted):
             row = event.row
-            self.acc = f"{row['accuracy']:.3f}"
+            if isinstance(row.get("accuracy"), float):  # None in a round that was not evaluated
+                self.acc = f"{row['accuracy']:.3f}"
             bar.set_postfix(acc=self.acc, MB=f"{(row['mqtt_bytes_down'] + row['mqtt_bytes_up']) / 1e6:.2f}")
             bar.update(1)
 
@@ -214,6 +222,16 @@ def print_table(s: dict) -> None:
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
     print(f"\nrun directory: {Path(s['checkpoint']).parent.parent if s.get('checkpoint') else '-'}")
+
+
+def print_report(run_dir: RunDir) -> None:
+    """Write the run's HTML report and say where it is (a failure to write it fails nothing)."""
+    from .htmlreport import write_report
+
+    try:
+        print(f"report: {write_report(run_dir)}")
+    except (ImportError, OSError, ValueError) as exc:
+        print(f"report: not written ({exc}); try `fedpara report {run_dir.root}`")
 
 
 DEMO_COMMAND = DemoCommand()

@@ -76,6 +76,9 @@ class CoordinatorConfig:
     max_message_age_s: float = option(600.0, "signed messages older (or newer) than this by our clock are refused")
     # output
     out: str = option("runs/demo", "run directory: metrics.jsonl, checkpoints/, summary.json")
+    dashboard: str = option("", "serve a live dashboard and Prometheus /metrics on HOST:PORT (':8050' = loopback; "
+                            "docs/dashboard.md)")
+    tensorboard: str = option("", "also log scalars to TensorBoard in this directory (needs tensorboard installed)")
 
     def __post_init__(self) -> None:
         check_id("run_id", self.run_id)
@@ -88,6 +91,9 @@ class CoordinatorConfig:
         check_int("max_examples", self.max_examples, min=1)
         check_number("screen_factor", self.screen_factor, min=0.0)
         parse_aggregator(self.aggregator)
+        if self.dashboard:
+            from .observe import parse_listen
+            parse_listen("dashboard", self.dashboard)  # ValueError naming the field
         check_number("max_message_age_s", self.max_message_age_s, min=1.0)
         check_number("min_reply_fraction", self.min_reply_fraction, min=0.0, max=1.0, min_open=True)
         for name in ("round_deadline_s", "wait_clients_s", "lr"):

@@ -5,6 +5,8 @@
       metrics.jsonl                one JSON object per completed round, appended
       checkpoints/round-NNNN.safetensors   global factors after round N (fedpara-checkpoint/1)
       summary.json                 totals when the run ends
+      clients.jsonl                clients online over time (one line per change, one per round)
+      report.html                  ``fedpara report``'s self-contained report (when written)
       logs/                        child processes' logs (demo)
       clients/<id>/                client state directories (demo)
 
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 METRICS, CONFIG, SUMMARY, CHECKPOINTS = "metrics.jsonl", "config.json", "summary.json", "checkpoints"
+CLIENT_TIMELINE, REPORT = "clients.jsonl", "report.html"
 ROUND_FILE = re.compile(r"^round-(\d+)\.safetensors$")
 
 
@@ -89,6 +92,14 @@ class RunDir:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def client_timeline_path(self) -> Path:
+        return self.root / CLIENT_TIMELINE
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / REPORT
+
     def checkpoint(self, rnd: int) -> Path:
         return self.checkpoints / f"round-{rnd:04d}.safetensors"
 
@@ -136,6 +147,20 @@ class RunDir:
             raise FileNotFoundError(f"run directory {self.root} has no checkpoints "
                                     f"({CHECKPOINTS}/round-NNNN.safetensors)")
         return max(rounds)[1]
+
+    # clients online over time (coordinator.observe.ClientTimeline writes, reports read)
+    def start_client_timeline(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.client_timeline_path.write_text("")
+
+    def append_client_timeline(self, record: dict) -> None:
+        """Append one strict JSON line (a dict with an int ``round``, like a metrics row)."""
+        with open(self.client_timeline_path, "a") as f:
+            f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+
+    def read_client_timeline(self) -> list[dict]:
+        """The complete records of clients.jsonl ([] when the run has none); a torn line ends it."""
+        return read_json_lines(self.client_timeline_path)
 
     # config and summary
     def write_config(self, config: dict) -> None:

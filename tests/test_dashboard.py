@@ -121,6 +121,20 @@ def test_metrics_after_events_parse_as_prometheus_text():
     assert v[("fedpara_run_info", (("model", "mlp"), ("run_id", "r1")))] == 1
 
 
+def test_grafana_panels_query_only_metrics_we_export():
+    """docs/grafana-dashboard.json stays in step with /metrics."""
+    import re
+
+    doc = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(fedpara_[a-z_]+)", e)}
+    m = RunMetrics(run_info={"run_id": "r"})
+    feed_round(m, 1, ignored={"stale": 1})
+    exported = {s.name for f in text_string_to_metric_families(m.exposition().decode()) for s in f.samples}
+    assert used and used <= exported, used - exported
+    assert len({p["id"] for p in doc["panels"]}) == len(doc["panels"])
+
+
 def test_two_coordinators_in_one_process_keep_their_own_metrics():
     a, b = RunMetrics(), RunMetrics()
     feed_round(a, 1)

@@ -116,7 +116,7 @@ class DashboardState:
             self.status, self.current_round = f"run {status}", None
 
     # --- readers (HTTP threads) ---------------------------------------------------------------
-    def _clients(self, sampled: set[str], replied: set[str]) -> tuple[list[dict], int, int]:
+    def _clients(self, sampled: set[str], replied: set[str], online: dict[str, bool]) -> tuple[list[dict], int, int]:
         now = self.clock()
         out = []
         if self.registry is not None:
@@ -128,7 +128,7 @@ class DashboardState:
                             "heartbeat_s": info.heartbeat_s})
         else:
             out = [{"id": c, "online": o, "live": o, "last_seen_s": None, "device": "", "num_examples": 0,
-                    "heartbeat_s": 0} for c, o in sorted(self.online.items())]
+                    "heartbeat_s": 0} for c, o in sorted(online.items())]
         for c in out:
             if not c["live"]:
                 c["state"] = "offline" if not c["online"] else "silent (missed heartbeats)"
@@ -147,9 +147,10 @@ class DashboardState:
         with self._lock:
             rows = list(self.rows)
             status, current, attempt = self.status, self.current_round, self.attempt
-            sampled, replied = list(self.sampled), list(self.replied)
+            sampled, replied, online = list(self.sampled), list(self.replied), dict(self.online)
             key = self._figure_key_locked()
-        clients, live, known = self._clients(set(sampled) if current else set(), set(replied) if current else set())
+        clients, live, known = self._clients(set(sampled) if current else set(), set(replied) if current else set(),
+                                             online)
         h = runview.headline(rows)
         last = rows[-1] if rows else {}
         return {
@@ -222,7 +223,10 @@ class Dashboard:
         if not is_loopback(host):
             log.warning("dashboard bound to %s:%d, not loopback: anyone who can reach it sees this run's "
                         "clients and metrics (read-only); put it behind a firewall or a reverse proxy", host, port)
-        self.httpd = _Server((host, port), self._handler())
+        try:
+            self.httpd = _Server((host, port), self._handler())
+        except OSError as exc:  # port taken, address not ours: the operator's setting, named
+            raise OSError(f"dashboard: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self.host, self.port = host, self.httpd.server_address[1]
         self._thread: threading.Thread | None = None
         self._cache: dict[str, bytes] = {}

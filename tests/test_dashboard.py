@@ -207,6 +207,21 @@ def test_dashboard_endpoints_read_only_and_nothing_secret(tmp_path):
         assert request(dash.url, path="/api/state")[0] == 200  # still serving
 
 
+def test_a_taken_port_is_a_named_error():
+    with Dashboard(DashboardState(run_info={}, rounds_total=1), RunMetrics()) as first:
+        with pytest.raises(OSError, match="dashboard: cannot listen on 127.0.0.1"):
+            Dashboard(DashboardState(run_info={}, rounds_total=1), RunMetrics(), port=first.port)
+
+
+def test_the_page_works_without_a_registry():
+    state = DashboardState(run_info={"run_id": "r"}, rounds_total=2)
+    state(ClientStatusChanged("a", True))
+    state(ClientStatusChanged("b", False))
+    snap = state.snapshot()
+    assert [(c["id"], c["state"]) for c in snap["clients"]] == [("a", "idle"), ("b", "offline")]
+    assert snap["clients_online"] == 1 and snap["status"] == "waiting for clients"
+
+
 def test_binding_beyond_loopback_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="coordinator.dashboard"):
         dash = Dashboard(DashboardState(run_info={}, rounds_total=1), RunMetrics(), host="0.0.0.0", port=0)
@@ -307,7 +322,7 @@ def test_dashboard_in_a_real_browser_during_a_real_run(tmp_path):
 
     def slow_round(event):  # on the coordinator's thread: each round stays on screen for > 1 poll
         if isinstance(event, RoundCompleted) and event.round < cfg.rounds:
-            time.sleep(1.6)
+            time.sleep(2.0)
 
     try:
         listeners = Listeners()

@@ -98,37 +98,20 @@ def _converter(module: nn.Module):
     return None
 
 
-def convert(model: nn.Module, ratio: float | None = None, *, rank: int | Mapping[str, int] | None = None,
-            scheme: str = "fedpara", skip: Iterable[str] = (), form: str = "tensor", tanh: bool = False,
-            targets: Iterable[str] | None = None) -> nn.Module:
-    """Replace nn.Linear / nn.Conv2d / nn.LSTM in ``model`` by factorised layers, in place.
-
-    ratio   the paper's gamma in [0, 1] (rank rule of :mod:`fedpara.rank`), or
-    rank    one rank for every layer, or a map {layer name or fnmatch pattern: rank} that overrides
-            the ratio for the layers it names.
-    scheme  "fedpara" | "lowrank" | "pfedpara".   form  "tensor" (Prop. 3) | "matrix" (Prop. 1) for convs.
-    skip    layer names/patterns to leave dense; modules marked with :func:`keep_dense` stay dense.
-    targets if given, only these names/patterns are converted, and each must be a supported type.
-    """
-    kernels.halves(scheme)
-    if form not in kernels.FORMS:
-        raise ValueError(f"form must be one of {kernels.FORMS}, got {form!r}")
-    if ratio is None and rank is None:
-        raise ValueError("convert needs ratio= or rank=")
-    if ratio is not None:
-        check_number("ratio", ratio, min=0.0, max=1.0)
+def _plan(model: nn.Module, skip: Iterable[str] = (), targets: Iterable[str] | None = None):
+    """``[(name, builder)]``: the modules :func:`convert` replaces (same rules for :func:`match_init`).
+    Returns None when the whole model is marked :func:`keep_dense`."""
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip)
     targets = None if targets is None else ((targets,) if isinstance(targets, str) else tuple(targets))
     supported = ", ".join(c.__name__ for c in CONVERTERS)
-
     kept: set[str] = set()
     plan = []
     for name, module in model.named_modules():
         if not name:
             if getattr(module, KEEP_DENSE_ATTR, False):
-                return model
+                return None
             continue
         if any(name.startswith(k + ".") for k in kept):
             continue
@@ -152,11 +135,60 @@ def convert(model: nn.Module, ratio: float | None = None, *, rank: int | Mapping
         for t in targets:
             if not any(_matches(n, (t,)) for n, _ in model.named_modules() if n):
                 raise ValueError(f"target {t!r} matches no module in the model")
+    return plan
+
+
+def convert(model: nn.Module, ratio: float | None = None, *, rank: int | Mapping[str, int] | None = None,
+            scheme: str = "fedpara", skip: Iterable[str] = (), form: str = "tensor", tanh: bool = False,
+            targets: Iterable[str] | None = None) -> nn.Module:
+    """Replace nn.Linear / nn.Conv2d / nn.LSTM in ``model`` by factorised layers, in place.
+
+    ratio   the paper's gamma in [0, 1] (rank rule of :mod:`fedpara.rank`), or
+    rank    one rank for every layer, or a map {layer name or fnmatch pattern: rank} that overrides
+            the ratio for the layers it names.
+    scheme  "fedpara" | "lowrank" | "pfedpara".   form  "tensor" (Prop. 3) | "matrix" (Prop. 1) for convs.
+    skip    layer names/patterns to leave dense; modules marked with :func:`keep_dense` stay dense.
+    targets if given, only these names/patterns are converted, and each must be a supported type.
+    """
+    kernels.halves(scheme)
+    if form not in kernels.FORMS:
+        raise ValueError(f"form must be one of {kernels.FORMS}, got {form!r}")
+    if ratio is None and rank is None:
+        raise ValueError("convert needs ratio= or rank=")
+    if ratio is not None:
+        check_number("ratio", ratio, min=0.0, max=1.0)
+    plan = _plan(model, skip, targets)
+    if plan is None:
+        return model
     for name, fn in plan:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, fn(getattr(parent, child), name, ratio, rank, scheme, form, tanh))
     log.debug("converted %d layers to %s", len(plan), scheme)
+    return model
+
+
+@torch.no_grad()
+def match_init(model: nn.Module, *, skip: Iterable[str] = (), targets: Iterable[str] | None = None) -> nn.Module:
+    """Give a *dense* model the initial weight std its factorised twin's composed weights get, in place.
+
+    Every nn.Linear / nn.Conv2d that :func:`convert` would replace gets N(0, He std) weights
+    (``kernels.he_std(fan_in)``, what the factor stds are chosen to compose to) instead of torch's
+    default (std 1/sqrt(3 fan_in), sqrt(6) = 2.45x smaller); biases keep torch's default, as in the
+    factorised layers. LSTMs keep torch's init, which is the std FactorisedLSTM composes to. Layers
+    that stay dense in the factorised model (:func:`keep_dense`) are left alone in both, so the dense
+    baseline and the factorised model start from the same weight scale everywhere.
+    """
+    plan = _plan(model, skip, targets)
+    for name, _ in plan or ():
+        m = model.get_submodule(name)
+        if isinstance(m, nn.Linear):
+            fan_in = m.in_features
+        elif isinstance(m, nn.Conv2d):
+            fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        else:
+            continue
+        m.weight.normal_(0.0, kernels.he_std(fan_in))
     return model
 
 

@@ -6,12 +6,21 @@
                 input channel, where the tensor form would be capped at rank 1, so it stays dense
                 (160 parameters) -- ours.
 * ``mlp``       784-256-C, the paper's pFedPara model.
+* ``mlp2``      784-512-512-C: two hidden layers (factorised), the output layer stays dense -- the
+                MLP of the fidelity study (docs/fidelity.md), where rank can matter.
 * ``char_lstm`` the paper's Shakespeare model: embedding 8, 2-layer LSTM 256, Linear(256, vocab).
                 The embedding stays dense (it is a lookup table).
 
 ``build`` returns a dense model; factorise it with :func:`fedpara.convert`. A :class:`ModelSpec`
 names a model, its scheme and ratio: everything needed to rebuild the same factorised model on
 every device, with the same initial factors for the same seed.
+
+Schemes (``ModelSpec.scheme``): ``fedpara``, ``lowrank``, ``pfedpara`` factorise the model
+(:mod:`fedpara.kernels`); ``dense`` and ``fedper`` do not. Dense models built by a spec get He
+initialisation in the layers the factorised schemes would factorise (:func:`fedpara.convert.match_init`),
+so dense and factorised baselines start from the same weight scale. ``fedper`` (FedPer, Arivazhagan
+et al. 2019, the paper's personalisation baseline) is the dense model with its classifier head
+(the last nn.Linear) kept on the device (:func:`fedpara.state.mark_personal`).
 """
 from __future__ import annotations
 
@@ -23,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .convert import convert, keep_dense
+from .convert import convert, keep_dense, match_init
+from .state import mark_personal
 from .validate import check_bool, check_choice, check_int, check_number
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -73,6 +83,17 @@ class MLP(nn.Module):
         return self.fc2(self.fc1(x.flatten(1)).relu())
 
 
+class MLP2(nn.Module):
+    def __init__(self, num_classes: int = 10, in_features: int = 784, hidden: int = 512) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = keep_dense(nn.Linear(hidden, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, ...) -> (B, C)
+        return self.fc3(self.fc2(self.fc1(x.flatten(1)).relu()).relu())
+
+
 class CharLSTM(nn.Module):
     def __init__(self, num_classes: int = 80, embed: int = 8, hidden: int = 256, layers: int = 2) -> None:
         super().__init__()
@@ -85,10 +106,11 @@ class CharLSTM(nn.Module):
         return self.head(out[:, -1])
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"vgg16": VGG16, "cnn28": CNN28, "mlp": MLP,
+MODELS: dict[str, Callable[..., nn.Module]] = {"vgg16": VGG16, "cnn28": CNN28, "mlp": MLP, "mlp2": MLP2,
                                                "char_lstm": CharLSTM}
 # char_lstm: 80-character windows of token ids (LEAF Shakespeare)
-INPUT_SHAPES = {"vgg16": (3, 32, 32), "cnn28": (1, 28, 28), "mlp": (1, 28, 28), "char_lstm": (80,)}
+INPUT_SHAPES = {"vgg16": (3, 32, 32), "cnn28": (1, 28, 28), "mlp": (1, 28, 28), "mlp2": (1, 28, 28),
+                "char_lstm": (80,)}
 
 
 def build(name: str, num_classes: int = 10, **kw) -> nn.Module:
@@ -107,7 +129,17 @@ def example_input(name: str, batch: int = 2, num_classes: int = 10):
     return torch.randn(batch, *INPUT_SHAPES[name])
 
 
-SCHEMES = ("dense",) + kernels.SCHEMES
+SCHEMES = ("dense",) + kernels.SCHEMES + ("fedper",)
+# schemes whose models keep part of their state on the device (evaluated per client)
+PERSONALISED = ("pfedpara", "fedper")
+
+
+def head_name(model: nn.Module) -> str:
+    """The classifier head FedPer keeps personal: the last nn.Linear in module order."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head for FedPer")
+    return names[-1]
 _BUILD_LOCK = threading.Lock()
 
 
@@ -118,7 +150,7 @@ class ModelSpec:
 
     model: str = dataclasses.field(default="cnn28", metadata={"help": "reference model name"})
     num_classes: int = dataclasses.field(default=10, metadata={"help": "number of classes"})
-    scheme: str = dataclasses.field(default="fedpara", metadata={"help": "dense|fedpara|lowrank|pfedpara"})
+    scheme: str = dataclasses.field(default="fedpara", metadata={"help": "dense|fedpara|lowrank|pfedpara|fedper"})
     ratio: float = dataclasses.field(default=0.1, metadata={"help": "the paper's gamma in [0, 1]"})
     form: str = dataclasses.field(default="tensor", metadata={"help": "conv form: tensor|matrix"})
     tanh: bool = dataclasses.field(default=False, metadata={"help": "tanh on the halves (App. B)"})
@@ -142,12 +174,21 @@ class ModelSpec:
         with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build(self.model, num_classes=self.num_classes)
-            if self.scheme != "dense":
+            if self.scheme in ("dense", "fedper"):
+                match_init(model)  # He, like the composed weights of the factorised schemes
+                if self.scheme == "fedper":
+                    mark_personal(model.get_submodule(head_name(model)))
+            else:
                 convert(model, ratio=self.ratio, scheme=self.scheme, form=self.form, tanh=self.tanh)
         return model
 
+    @property
+    def personalised(self) -> bool:
+        """True when part of the model stays on each device (pFedPara, FedPer)."""
+        return self.scheme in PERSONALISED
+
     def dense(self) -> ModelSpec:
-        """The same model, unfactorised (the baseline whose bytes we compare against)."""
+        """The same model, unfactorised, everything shared (the baseline whose bytes we compare against)."""
         return dataclasses.replace(self, scheme="dense")
 
     def to_dict(self) -> dict:

@@ -1,7 +1,9 @@
 """Factor state: what travels (global) and what stays on the device (local), and sizes.
 
 For FedPara, low-rank and dense models everything is global. For pFedPara (paper Sec. 2.3) the
-second half of every layer (t2, x2, y2) and, our choice, its bias never leave the device.
+second half of every layer (t2, x2, y2) and, our choice, its bias never leave the device. For
+FedPer (Arivazhagan et al., 2019; the paper's personalisation baseline) every tensor of a module
+marked with :func:`mark_personal` (the classifier head) stays on the device.
 """
 from __future__ import annotations
 
@@ -13,11 +15,22 @@ from .layers import FactorisedLayer
 from .lstm import FactorisedLSTM
 
 
+PERSONAL_ATTR = "fedpara_personal"
+
+
+def mark_personal(module: nn.Module) -> nn.Module:
+    """Mark a module: all of its parameters and buffers stay on the device (FedPer's head)."""
+    setattr(module, PERSONAL_ATTR, True)
+    return module
+
+
 def local_names(model: nn.Module) -> set[str]:
     """Fully qualified state-dict keys that stay on the device."""
     out: set[str] = set()
     for prefix, module in model.named_modules():
-        if isinstance(module, (FactorisedLayer, FactorisedLSTM)):
+        if getattr(module, PERSONAL_ATTR, False):
+            out.update(f"{prefix}.{n}" if prefix else n for n in module.state_dict())
+        elif isinstance(module, (FactorisedLayer, FactorisedLSTM)):
             out.update(f"{prefix}.{n}" if prefix else n for n in module.local_names)
     return out
 
@@ -29,7 +42,7 @@ def global_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def local_state(model: nn.Module) -> dict[str, Tensor]:
-    """The tensors that stay on the device (empty unless the model is pFedPara)."""
+    """The tensors that stay on the device (empty unless the model is pFedPara or FedPer)."""
     local = local_names(model)
     return {k: v for k, v in model.state_dict().items() if k in local}
 

@@ -11,7 +11,13 @@ Typical use on a device::
 from .cifar import load_cifar, read_cifar_bin
 from .fashion_mnist import find_fashion_mnist, load_fashion_mnist
 from .idx import parse_idx, read_idx, write_idx
-from .loaders import client_indices, load_client_data, load_client_test, load_test_data
+from .loaders import (
+                      client_indices,
+                      load_client_data,
+                      load_client_test,
+                      load_test_data,
+                      validation_indices,
+)
 from .partition import (
                         dirichlet,
                         iid,
@@ -19,6 +25,7 @@ from .partition import (
                         parse_scheme,
                         partition,
                         shards,
+                        validation_split,
 )
 from .shakespeare import VOCAB, VOCAB_SIZE, load_shakespeare, parse_play
 from .spec import DataSpec, format_data_spec, parse_data_spec
@@ -29,5 +36,5 @@ __all__ = [
     "format_data_spec", "iid", "load_cifar", "load_client_data", "load_client_test",
     "load_fashion_mnist", "load_shakespeare", "load_test_data", "local_test_indices",
     "make_synthetic", "parse_data_spec", "parse_idx", "parse_play", "parse_scheme", "partition",
-    "read_cifar_bin", "read_idx", "shards", "write_idx",
+    "read_cifar_bin", "read_idx", "shards", "validation_indices", "validation_split", "write_idx",
 ]

@@ -1,7 +1,8 @@
 """Entry points used by the CLI, the edge client and the coordinator.
 
 - :func:`load_client_data` ``(spec) -> (TensorDataset, info)``: client ``spec.index``'s train shard.
-- :func:`load_test_data` ``(spec) -> TensorDataset``: the full test split, for the server.
+- :func:`load_test_data` ``(spec) -> TensorDataset``: the full test split, for the server (with
+  ``val=FRAC,split=val``: the validation rows held out of the train split instead).
 - :func:`load_client_test` ``(spec) -> TensorDataset``: the client's personalised test split
   (pFedPara), same class distribution as its train shard (natural roles for Shakespeare).
 
@@ -9,7 +10,9 @@ A client computes its shard from the train *labels* alone (see :mod:`.partition`
 only its own rows. Fashion-MNIST datasets keep those rows as uint8 and normalise each batch when
 it is read (:class:`~fedpara.data.lazy.NormalisedImages`, a ``TensorDataset`` whose ``.tensors``
 materialises float32 on demand); the other image sources hold float32 tensors. ``limit`` caps
-every returned dataset with a seeded subset.
+every returned dataset with a seeded subset. ``val=FRAC`` holds a seeded fraction of the train
+split out of every client's shard (:func:`~fedpara.data.partition.validation_split`; Shakespeare:
+the last FRAC of each role's train windows), so hyperparameters can be chosen without the test split.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from export.datafiles import seeded_subset as _cap
 
 from . import cifar, fashion_mnist, shakespeare
 from .lazy import NormalisedImages
-from .partition import local_test_indices, partition
+from .partition import local_test_indices, partition, validation_split
 from .spec import DataSpec, as_spec
 from .synthetic import make_synthetic
 
@@ -102,11 +105,27 @@ def _labels_of(ds: TensorDataset) -> torch.Tensor:
     return ds.labels if isinstance(ds, NormalisedImages) else ds.tensors[1]
 
 
+def _shard(spec: DataSpec, labels: np.ndarray) -> np.ndarray:
+    """Client ``spec.index``'s rows of the train split: partitioned over what ``val`` leaves."""
+    if spec.val is None:
+        return partition(labels, spec.partition, spec.clients, spec.index, spec.seed)
+    fit, _ = validation_split(len(labels), spec.val, spec.seed)
+    return fit[partition(labels[fit], spec.partition, spec.clients, spec.index, spec.seed)]
+
+
 def client_indices(spec: DataSpec | str) -> np.ndarray:
     """Client ``spec.index``'s train indices (before ``limit``), from the train labels alone."""
     spec = as_spec(spec)
-    labels = _source(spec).labels(spec, "train")
-    return partition(labels, spec.partition, spec.clients, spec.index, spec.seed)
+    return _shard(spec, _source(spec).labels(spec, "train"))
+
+
+def validation_indices(spec: DataSpec | str) -> np.ndarray:
+    """The train-split rows ``val=FRAC`` holds out (before ``limit``); disjoint from every shard."""
+    spec = as_spec(spec)
+    if spec.val is None:
+        raise ValueError("validation_indices needs a data spec with val=FRAC")
+    n = len(_source(spec).labels(spec, "train"))
+    return validation_split(n, spec.val, spec.seed)[1]
 
 
 def _client_info(spec: DataSpec, num_samples: int, num_classes: int, input_shape: tuple, **extra) -> dict:
@@ -133,12 +152,18 @@ def load_client_data(spec: DataSpec | str) -> tuple[TensorDataset, dict]:
 
 
 def load_test_data(spec: DataSpec | str) -> TensorDataset:
-    """The full test split (capped by ``limit``), for the server's global evaluation."""
+    """The full test split (capped by ``limit``), for the server's global evaluation; with
+    ``split=val`` the validation rows held out of the train split instead."""
     spec = as_spec(spec)
+    split = "val" if spec.split == "val" else "test"
     if spec.name == "shakespeare":
-        x, y, _ = shakespeare.load_shakespeare("test", spec.path, limit=spec.limit, seed=spec.seed)
+        x, y, _ = shakespeare.load_shakespeare(split, spec.path, limit=spec.limit, seed=spec.seed,
+                                               val_fraction=spec.val or 0.0)
         return TensorDataset(x, y)
     source = _source(spec)
+    if split == "val":
+        idx = _cap(validation_indices(spec), spec.limit, spec.seed, _TEST_TAG)
+        return _dataset(source, spec, "train", idx)
     idx = None
     if spec.limit is not None:
         n = len(source.labels(spec, "test"))
@@ -157,7 +182,7 @@ def load_client_test(spec: DataSpec | str) -> TensorDataset:
     source = _source(spec)
     train_labels = source.labels(spec, "train")
     test_labels = source.labels(spec, "test")
-    shard = partition(train_labels, spec.partition, spec.clients, spec.index, spec.seed)
+    shard = _shard(spec, train_labels)
     size = spec.test_size or max(len(test_labels) // spec.clients, 1)
     if spec.limit is not None:
         size = min(size, spec.limit)
@@ -173,8 +198,8 @@ def _shakespeare_roles(spec: DataSpec) -> list[str]:
 
 def _shakespeare_client(spec: DataSpec) -> tuple[TensorDataset, dict]:
     roles = _shakespeare_roles(spec)
-    x, y, used = shakespeare.load_shakespeare("train", spec.path, roles=roles,
-                                              limit=spec.limit, seed=spec.seed)
+    x, y, used = shakespeare.load_shakespeare("train", spec.path, roles=roles, limit=spec.limit,
+                                              seed=spec.seed, val_fraction=spec.val or 0.0)
     info = _client_info(spec, len(y), shakespeare.VOCAB_SIZE, (shakespeare.SEQ_LEN,),
                         vocab_size=shakespeare.VOCAB_SIZE, seq_len=shakespeare.SEQ_LEN, roles=used)
     log.info("client %d/%d: %d shakespeare windows from %d roles", spec.index, spec.clients,

@@ -16,7 +16,9 @@ Schemes (parsed by :func:`parse_scheme` from the data spec's ``partition=`` valu
 - ``shards:K``: McMahan et al. (2017) pathological split: sort by label, cut into
   ``num_clients * K`` shards, give each client K random shards (so about K classes).
 
-Also :func:`local_test_indices` for personalised evaluation (pFedPara, Sec. 3.3): a client's own
+Also :func:`validation_split`: a seeded carve-out of the train split held back for choosing
+hyperparameters (the learning rate) without looking at the test split; clients are then
+partitioned over the remaining rows only. And :func:`local_test_indices` for personalised evaluation (pFedPara, Sec. 3.3): a client's own
 test subset drawn from the test split with the same class distribution as its train shard.
 """
 
@@ -29,6 +31,7 @@ import numpy as np
 MAX_TRIES = 100
 DEFAULT_MIN_SIZE = 10
 _TAG_LOCAL_TEST = 0x7E57  # separates the local-test RNG stream from the partition stream
+_TAG_VALIDATION = 0x5A1D  # the validation carve-out's own RNG stream
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,22 @@ def partition(labels, scheme: str | Scheme, num_clients: int, index: int,
                       shards_per_client=scheme.shards_per_client)
     raise ValueError(f"partition {scheme} needs a dataset with natural clients "
                      "(e.g. shakespeare); label partitions: iid, dirichlet:ALPHA, shards:K")
+
+
+def validation_split(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(fit, val)``: sorted, disjoint int64 indices covering ``range(n)``; ``val`` holds
+    ``round(fraction * n)`` (at least 1) rows drawn by a seeded permutation of its own RNG stream.
+
+    The same ``(n, fraction, seed)`` gives the same split on every device, so each client can drop
+    the validation rows before partitioning and the coordinator can evaluate on exactly them.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    if n < 2:
+        raise ValueError(f"cannot carve a validation split out of {n} samples")
+    k = min(max(int(round(fraction * n)), 1), n - 1)
+    perm = np.random.default_rng([seed, _TAG_VALIDATION]).permutation(n)
+    return np.sort(perm[k:]).astype(np.int64), np.sort(perm[:k]).astype(np.int64)
 
 
 def local_test_indices(train_labels, test_labels, seed: int = 0, index: int = 0,

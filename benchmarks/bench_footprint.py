@@ -66,6 +66,7 @@ def child_client(model: str, data: str) -> dict:
     task = Task("bench-1-1", ("bench",), spec, TrainParams(epochs=1, batch_size=64, lr=0.1))
     t1 = time.perf_counter()
     out = trainer.fit(task, 1, fedpara.global_state(spec.build(0)))  # the client's own code path
+    trainer.save_state()
     stats = {"seconds": out.metrics["train_s"]}
     phases["train"] = _hwm_mb()
     acc = trainer.evaluate_local()  # as the client does it after training

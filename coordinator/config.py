@@ -65,6 +65,8 @@ class CoordinatorConfig:
     # evaluation
     test_data: str = option("fashion-mnist", "data spec of the held-out test split evaluated every round")
     eval_batch_size: int = option(1000, "evaluation batch size")
+    eval_every: int = option(1, "evaluate the global model every N rounds (and always after the last); "
+                             "for a big model, also cap the test data, e.g. test_data = 'fashion-mnist,limit=2000'")
     # wire
     downlink: str = option("fp32", "codec policy coordinator -> clients, e.g. 'fp16+zstd:3'")
     uplink: str = option("fp32", "codec policy clients -> coordinator, e.g. 'fp16' (FedPAQ)")
@@ -83,7 +85,8 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         check_id("run_id", self.run_id)
         self.spec  # validates model, num_classes, scheme, ratio, form  # noqa: B018
-        for name in ("rounds", "min_clients", "max_attempts", "local_epochs", "batch_size", "eval_batch_size"):
+        for name in ("rounds", "min_clients", "max_attempts", "local_epochs", "batch_size", "eval_batch_size",
+                     "eval_every"):
             check_int(name, getattr(self, name), min=1)
         check_int("clients_per_round", self.clients_per_round, min=0)
         check_int("max_packet", self.max_packet, min=1024)

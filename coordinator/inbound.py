@@ -12,7 +12,7 @@ import logging
 import queue
 import time
 
-from fedpara.runtime.messages import ProtocolError, Status
+from fedpara.runtime.messages import ProtocolError, Report, Status
 from fedpara.runtime.signing import AuthError
 from fedpara.wire import MessageKind, Reassembler, WireError, framed_bytes
 
@@ -98,8 +98,11 @@ class Inbound:
             if verdict != "ok":
                 self.ignored[verdict] += 1
                 return
+        before = self.registry.get(client)
         info = self.registry.update(client, status)
         self._emit(ClientStatusChanged(client, info.online))
+        if info.online and before is not None and info.connection > before.connection:
+            self._reask([client])  # it reconnected: an update it sent meanwhile may be lost
 
     def _handle_update(self, client: str, topic: str, payload: bytes) -> None:
         self._up_framed += framed_bytes([len(payload)], topic)
@@ -118,6 +121,9 @@ class Inbound:
         except WireError as exc:  # signed runs: the signature held, so this really is the client's
             self._broken_update(client, str(exc))
             raise
+        if "report" in msg.meta:  # a follow-up: the client's local evaluation of a round it answered
+            self._handle_report(client, msg)
+            return
         if self._attempt is None:  # between rounds: a late reply to a round already aggregated
             self.ignored["stale"] += 1
             return
@@ -133,11 +139,30 @@ class Inbound:
                     "ignored update: %s", verdict.detail)
             return
         tensors = {k: v.to(self.state[k].dtype) for k, v in msg.tensors.items()}
-        self._results[client] = FitResult(client, tensors, verdict.update.num_examples, verdict.update.metrics,
-                                          len(data))
+        n = verdict.update.num_examples
+        if self._stream is not None:  # streaming FedAvg: fold it in now, keep only the metrics
+            self._stream.add(tensors, n)
+            tensors = {}
+        self._results[client] = FitResult(client, tensors, n, verdict.update.metrics, len(data))
         a = self._attempt
+        self._accepted.setdefault(a.task_id, set()).add(client)
         self._attempt = dataclasses.replace(a, replied=a.replied | {client})
         self._emit(ReplyAccepted(a.round, client, len(self._results), len(a.sampled)))
+
+    def _handle_report(self, client: str, msg) -> None:
+        """Keep a follow-up report for the round's metrics line: only from a client whose update
+        for that task was accepted, once, and only while the line is not yet written."""
+        if msg.kind != MessageKind.UPDATE or msg.run_id != self.cfg.run_id or msg.sender != client or msg.tensors:
+            raise ProtocolError(f"report from {client} is not a tensor-free update for run {self.cfg.run_id}")
+        rep = Report.from_meta(msg.meta)
+        if client not in self._accepted.get(rep.task_id, ()):
+            self.ignored["stale"] += 1  # a task already written down, or a client that did not answer it
+            return
+        got = self._reports.setdefault(rep.task_id, {})
+        if client in got:
+            self.ignored["duplicate"] += 1
+            return
+        got[client] = rep.metrics
 
     def _broken_update(self, client: str, why: str) -> None:
         """A signed update from a sampled client that cannot be used counts as that client's

@@ -75,7 +75,8 @@ def summarize(rows: Sequence[dict], **fields) -> dict:
     summary = {
         "status": fields.pop("status"), "run_id": fields.pop("run_id"), "spec": fields.pop("spec"),
         "rounds": len(rows), "final_accuracy": rows[-1]["accuracy"] if rows else None,
-        "best_accuracy": max((r["accuracy"] for r in rows), default=None),
+        # rounds skipped by eval_every have no accuracy
+        "best_accuracy": max((r["accuracy"] for r in rows if r["accuracy"] is not None), default=None),
         "wall_s": fields.pop("wall_s"), **tot,
         "dense_ratio": (tot["dense_bytes_down"] + tot["dense_bytes_up"]) / moved if moved else None,
         "params": fields.pop("params"),

@@ -12,16 +12,18 @@ message is counted under ``ignored``; nothing a client sends can crash the loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from safetensors import SafetensorError
 
-from fedpara import global_state, load_state
+from fedpara import global_state, load_state, local_state
 from fedpara.data import load_test_data
 from fedpara.models import ModelSpec
 from fedpara.runtime.checkpoint import load_checkpoint, save_checkpoint, state_digest
@@ -47,9 +49,26 @@ from .events import RoundCompleted, TaskSent
 from .inbound import Inbound, RunFailed
 from .preflight import check_model_fits_data, trust
 from .registry import ClientRegistry
+from .aggregate import StreamingFedAvg
 from .strategy import FedAvg, FitResult
 
 log = logging.getLogger(__name__)
+
+REPORT_GRACE_S = 10.0  # after the last round, how long to wait for the clients' follow-up reports
+
+
+@dataclasses.dataclass
+class PendingRound:
+    """A round aggregated but not yet written down: its evaluation and checkpoint run on the
+    evaluator thread while the clients already train the next round (docs/protocol.md)."""
+
+    round: int
+    task_id: str
+    fields: dict                  # everything report.round_row needs but the evaluation
+    results: list                 # FitResults without tensors (metrics only)
+    future: Future                # -> (evaluation or None, eval_s, save_s)
+    timing: dict
+    socket: dict                  # the coordinator's kernel-counted socket bytes of the round
 
 
 class Coordinator(Inbound):
@@ -90,10 +109,26 @@ class Coordinator(Inbound):
         self.session: MqttSession | None = None
         self._session_token = secrets.token_hex(4)  # tells tasks of a resumed coordinator apart
         self._attempt: RoundState | None = None
+        self._task_msg: Message | None = None  # the current attempt's task, to ask again after a reconnect
+        self._resent: Counter = Counter()
         self._results: dict[str, FitResult] = {}
         self._failures: dict[str, str] = {}
         self._up_framed = 0
         self._socket_prev: tuple[int, int] | None = None
+        # FedAvg without the screen folds each update into a float64 sum as it arrives: memory
+        # O(model) whatever the number of clients. The screen and the robust aggregators compare
+        # updates with each other, so they keep every update of a round until it ends.
+        self.streaming = self.strategy.aggregator == "fedavg" and cfg.screen_factor == 0
+        self._stream: StreamingFedAvg | None = None
+        # pipeline: the evaluator thread evaluates and checkpoints round r while round r+1 trains
+        self._eval_model = self.spec.build(cfg.seed)
+        # personalised schemes keep part of the model on the clients: their accuracy is the
+        # clients' own (follow-up reports), the coordinator's is only the global part's
+        self.personalised = bool(local_state(self.model))
+        self._evaluator: ThreadPoolExecutor | None = None
+        self._pending: list[PendingRound] = []
+        self._accepted: dict[str, set[str]] = {}          # task id -> clients whose update was accepted
+        self._reports: dict[str, dict[str, dict]] = {}    # task id -> client -> follow-up report
 
     def _emit(self, event) -> None:
         if self.on_event is None:
@@ -145,8 +180,8 @@ class Coordinator(Inbound):
 
     def _send_task(self, rnd: int, task: Task, live: list[str]) -> dict:
         cfg = self.cfg
-        enc = self.seal.seal(Message(MessageKind.TASK, cfg.run_id, rnd, "coordinator", self.state, task.to_meta()),
-                             self.wire)
+        self._task_msg = Message(MessageKind.TASK, cfg.run_id, rnd, "coordinator", self.state, task.to_meta())
+        enc = self.seal.seal(self._task_msg, self.wire)
         broadcast = set(task.selected) == set(live)
         topics = [self.topics.task] if broadcast else [self.topics.task_for(c) for c in task.selected]
         if not self.session.connected.wait(cfg.wait_clients_s):  # never publish into a dead connection
@@ -169,39 +204,72 @@ class Coordinator(Inbound):
         sampled = self.strategy.sample(live, rnd, attempt)
         task = self._task(rnd, attempt, sampled)
         self._results, self._failures = {}, {}
+        self._resent: Counter = Counter()
+        self._stream = StreamingFedAvg(self.state) if self.streaming else None
         announced = {c: info.num_examples for c in sampled if (info := self.registry.get(c)) is not None}
         self._attempt = RoundState(self.cfg.run_id, rnd, task.task_id, frozenset(sampled), frozenset(), self.state,
                                    self.cfg.max_examples, announced)
+        t_send = time.monotonic()
         sent, complete = self._send_task(rnd, task, live)
+        self._timing["send_s"] += time.monotonic() - t_send
         self._emit(TaskSent(rnd, attempt, tuple(sampled)))
         # a task that did not reach the broker will get no replies: try again at once
         deadline = time.monotonic() + (self.cfg.round_deadline_s if complete else 0.0)
+        connects = self.session.connects
         while time.monotonic() < deadline:
             pending = [c for c in sampled if c not in self._results and c not in self._failures]
             if not pending:
                 break
+            if self.session.connects != connects:  # we reconnected: replies sent meanwhile are lost
+                connects = self.session.connects
+                self._reask(pending)
             if not any(self.registry.is_live(c) for c in pending):  # last will, offline, or silent
                 log.warning("round %d attempt %d: %s gone; not waiting for the deadline", rnd, attempt,
                             ", ".join(pending))
                 break
             self._pump(min(0.5, max(0.0, deadline - time.monotonic())),
-                       until=lambda: all(c in self._results or c in self._failures for c in sampled))
-        return sampled, sent
+                       until=lambda: self._row_ready() or all(c in self._results or c in self._failures
+                                                              for c in sampled))
+            self._finalize()  # the previous round's line, once evaluated and reported
+        return sampled, task.task_id, Counter(sent) + self._resent
 
-    def _run_round(self, rnd: int) -> dict:
+    def _reask(self, clients: list[str]) -> None:
+        """Send the current task again to those of ``clients`` that were sampled and have not
+        answered, after a reconnect (ours or theirs) may have lost their update on the way. A
+        client that already trained sends its update again; one that never got the task runs it."""
+        a = self._attempt
+        pending = [c for c in clients if a is not None and c in a.sampled and c not in a.replied]
+        if not pending or self._task_msg is None:
+            return
+        enc = self.seal.seal(self._task_msg, self.wire)  # a fresh seq: the first one was seen already
+        for c in pending:
+            topic = self.topics.task_for(c)
+            frames, stats = enc.split(self.cfg.max_packet, topic)
+            for frame in frames:
+                self.session.publish(topic, frame)
+            self._resent.update({"bytes_down": enc.stats.payload_bytes, "mqtt_bytes_down": stats.framed_bytes,
+                                 "raw_bytes_down": enc.stats.raw_bytes, "receivers": 1})
+        log.info("round %d: asked %s again after a reconnect", a.round, ", ".join(pending))
+
+    def _run_round(self, rnd: int) -> None:
+        """Collect and aggregate round ``rnd``; its evaluation and checkpoint go to the evaluator
+        thread, and the next round's task goes out at once (the metrics line follows later)."""
         cfg = self.cfg
         t0 = time.monotonic()
+        self._timing = {"send_s": 0.0}
         sent: Counter = Counter()  # every attempt's bytes count: they crossed the wire
         self._up_framed = 0
         for attempt in range(1, cfg.max_attempts + 1):
             live = self._wait_for_clients()
-            sampled, attempt_sent = self._collect(rnd, attempt, live)
+            sampled, task_id, attempt_sent = self._collect(rnd, attempt, live)
             sent.update(attempt_sent)
             needed = max(1, math.ceil(cfg.min_reply_fraction * len(sampled)))
             if len(self._results) >= needed:
                 break
             log.warning("round %d attempt %d: %d of %d sampled clients replied (need %d); model kept",
                         rnd, attempt, len(self._results), len(sampled), needed)
+            self._accepted.pop(task_id, None)
+            self._reports.pop(task_id, None)
             if self._failures and len(self._failures) == len(sampled):
                 break  # every sampled client said it cannot run this task: retrying will not help
         else:
@@ -209,47 +277,106 @@ class Coordinator(Inbound):
                             + self._failure_text())
         if len(self._results) < needed:
             raise RunFailed(f"round {rnd}: every sampled client failed" + self._failure_text())
+        t_collected = time.monotonic()
+        self._timing["wait_s"] = t_collected - t0 - self._timing["send_s"]
         results = list(self._results.values())
         self._attempt = None
+        self._finalize(block=True)  # round rnd-1's line: its reports came before these updates
         if self.session.inbox.dropped:
             self.ignored["backpressure"] = sum(self.session.inbox.dropped.values())
-        kept, screened = self.strategy.screen(self.state, results)
-        for c in screened:
-            self.ignored["screened"] += 1
-            log.warning("round %d: update from %s screened out (far from the others)", rnd, c)
+        screened: list[str] = []
         try:
-            new_state = self.strategy.aggregate(self.state, kept) if kept else None
+            if self._stream is not None:
+                new_state = self._stream.result()
+            else:
+                kept, screened = self.strategy.screen(self.state, results)
+                for c in screened:
+                    self.ignored["screened"] += 1
+                    log.warning("round %d: update from %s screened out (far from the others)", rnd, c)
+                new_state = self.strategy.aggregate(self.state, kept) if kept else None
         except ValueError as exc:  # e.g. krum:F with fewer than 2F + 3 updates this round
             log.warning("round %d: %s cannot aggregate: %s", rnd, self.cfg.aggregator, exc)
             new_state = None
+        self._stream = None
         if new_state is None or not all(bool(torch.isfinite(t).all()) for t in new_state.values()
                                         if t.is_floating_point()):
             self.ignored["aggregate_rejected"] += 1
             log.warning("round %d: no usable aggregate (all updates screened or non-finite); model kept", rnd)
         else:
             self.state = new_state
-        load_state(self.model, self.state)
-        ev = evaluate(self.model, self.test_data, batch_size=cfg.eval_batch_size)
-        row = report.round_row(rnd=rnd, attempt=attempt, evaluation=ev, sampled=sampled,
-                               broadcast=set(sampled) == set(live), results=results, sent=sent,
-                               mqtt_bytes_up=self._up_framed, dense_bytes=self.dense_bytes, lr=self._lr(rnd),
-                               duration_s=time.monotonic() - t0, ignored=self.ignored,
-                               personalised=self.spec.scheme == "pfedpara")
-        row["screened"] = screened
-        row["failures"] = dict(self._failures)
+        self._timing["aggregate_s"] = time.monotonic() - t_collected
+        fields = dict(rnd=rnd, attempt=attempt, sampled=sampled, broadcast=set(sampled) == set(live), sent=sent,
+                      mqtt_bytes_up=self._up_framed, dense_bytes=self.dense_bytes, lr=self._lr(rnd),
+                      duration_s=time.monotonic() - t0, screened=screened, failures=dict(self._failures))
+        socket = {}
         sock = self.session.socket_bytes()
         if sock is not None:  # what the coordinator's own TCP connection moved this round (kernel count)
             prev = self._socket_prev or sock
-            row["socket_bytes_sent"], row["socket_bytes_received"] = sock[0] - prev[0], sock[1] - prev[1]
+            socket = {"socket_bytes_sent": sock[0] - prev[0], "socket_bytes_received": sock[1] - prev[1]}
         self._socket_prev = sock
-        try:  # atomic checkpoint first, then the metrics line: a resume redoes a round half-written
-            save_checkpoint(self.run_dir.checkpoint(rnd), self.state, self.spec, round=rnd,
-                            accuracy=row["accuracy"], run_id=cfg.run_id)
+        light = [dataclasses.replace(r, state={}) for r in results]  # the tensors are folded in already
+        evaluate_now = rnd == cfg.rounds or rnd % cfg.eval_every == 0
+        future = self._evaluator.submit(self._evaluate_and_save, rnd, self.state, evaluate_now)
+        self._pending.append(PendingRound(rnd, task_id, fields, light, future, dict(self._timing), socket))
+
+    def _evaluate_and_save(self, rnd: int, state: dict, evaluate_now: bool) -> tuple[dict | None, float, float]:
+        """Evaluator thread: the round's global model on the test data, then its checkpoint."""
+        t0 = time.monotonic()
+        ev = None
+        if evaluate_now:
+            load_state(self._eval_model, state)
+            ev = evaluate(self._eval_model, self.test_data, batch_size=self.cfg.eval_batch_size)
+        t1 = time.monotonic()
+        save_checkpoint(self.run_dir.checkpoint(rnd), state, self.spec, round=rnd,
+                        accuracy=None if ev is None else ev["accuracy"], run_id=self.cfg.run_id)
+        return ev, t1 - t0, time.monotonic() - t1
+
+    def _row_ready(self) -> bool:
+        return bool(self._pending) and self._pending[0].future.done() and self._reports_in(self._pending[0])
+
+    def _reports_in(self, p: PendingRound) -> bool:
+        got = self._reports.get(p.task_id, {})
+        return all(r.client_id in got for r in p.results if r.metrics.get("report_follows") is True)
+
+    def _finalize(self, block: bool = False, grace_s: float = 0.0) -> None:
+        """Write the metrics lines of the pending rounds whose evaluation is done (in order).
+        ``block``: wait for the evaluations; ``grace_s``: pump up to this long for the clients'
+        follow-up reports. Without either, only rounds whose reports are all in are written."""
+        while self._pending:
+            p = self._pending[0]
+            if not block and not p.future.done():
+                return
+            if grace_s > 0 and not self._reports_in(p):
+                self._pump(grace_s, until=lambda: self._reports_in(p))
+            if not (block or grace_s > 0) and not self._reports_in(p):
+                return
+            try:
+                ev, eval_s, save_s = p.future.result()
+            except (OSError, SafetensorError) as exc:  # a full disk, a read-only or vanished directory
+                self._pending.clear()
+                raise RunFailed(f"round {p.round}: cannot write the run directory {self.run_dir.root}: {exc}; "
+                                "free space and --resume (no round is lost or repeated)", resumable=True) from None
+            self._pending.pop(0)
+            self._write_row(p, ev, eval_s, save_s)
+
+    def _write_row(self, p: PendingRound, ev: dict | None, eval_s: float, save_s: float) -> None:
+        reports = self._reports.pop(p.task_id, {})
+        self._accepted.pop(p.task_id, None)
+        results = [dataclasses.replace(r, metrics={**r.metrics, **reports.get(r.client_id, {})}) for r in p.results]
+        fields = dict(p.fields)
+        screened, failures = fields.pop("screened"), fields.pop("failures")
+        row = report.round_row(**fields, evaluation=ev or {"accuracy": None, "loss": None}, results=results,
+                               ignored=self.ignored, personalised=self.personalised)
+        row["screened"], row["failures"] = screened, failures
+        row["timing"] = {**p.timing, "eval_s": eval_s, "save_s": save_s}
+        row.update(p.socket)
+        try:  # the checkpoint is on disk already: a resume redoes a round without its line
             self.run_dir.append_metrics(row)
-        except (OSError, SafetensorError) as exc:  # a full disk, a read-only or vanished directory
-            raise RunFailed(f"round {rnd}: cannot write the run directory {self.run_dir.root}: {exc}; "
+        except OSError as exc:
+            raise RunFailed(f"round {p.round}: cannot write the run directory {self.run_dir.root}: {exc}; "
                             "free space and --resume (no round is lost or repeated)", resumable=True) from None
-        return row
+        self.rows.append(row)
+        self._emit(RoundCompleted(p.round, row))
 
     def _failure_text(self) -> str:
         return "; " + "; ".join(f"{c}: {r}" for c, r in sorted(self._failures.items())) if self._failures else ""
@@ -271,18 +398,24 @@ class Coordinator(Inbound):
         self.session.publish(self.topics.coordinator, self._status_payload("online"), retain=True)
         status = "interrupted"  # unless the loop ends or fails cleanly: then clients keep waiting
         tell_clients = False
+        self._evaluator = ThreadPoolExecutor(1, thread_name_prefix="evaluator")
         try:
             self._pump(0.5)  # the clients' retained statuses arrive in a burst after subscribing
             for rnd in range(self.start_round, cfg.rounds + 1):
-                row = self._run_round(rnd)
-                self.rows.append(row)
-                self._emit(RoundCompleted(rnd, row))
+                self._run_round(rnd)
+            self._finalize(block=True, grace_s=min(REPORT_GRACE_S, cfg.round_deadline_s))
             status, tell_clients = "completed", True
         except RunFailed as exc:
             status, tell_clients = f"failed: {exc}", not exc.resumable
             log.error("%s", exc)
+            if not exc.resumable:  # rounds aggregated before the failure still get their lines
+                try:
+                    self._finalize(block=True)
+                except RunFailed as late:
+                    log.error("%s", late)
         finally:
             try:
+                self._evaluator.shutdown(wait=True)
                 self._finish(status, tell_clients)
             finally:
                 self.session.stop()

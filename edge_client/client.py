@@ -20,6 +20,7 @@ from fedpara.runtime.messages import (
     Control,
     Failure,
     ProtocolError,
+    Report,
     Status,
     Task,
     Update,
@@ -102,6 +103,7 @@ class EdgeClient:
         # socket counts) travels with the next update
         self._carry: dict[str, dict] = {}
         self._incoming: dict[bytes, tuple[float, int]] = {}
+        self._last_update: tuple[str, str, list[bytes]] | None = None  # (task id, topic, frames)
         self.energy = None
         if cfg.energy != "off":
             from .energy import EnergyConfig, phase_meter
@@ -136,7 +138,7 @@ class EdgeClient:
         if will:
             seq = self._session_seq = self.seal.next_seq()
         meta = Status(state, self.trainer.num_examples, str(self.trainer.device), heartbeat_s=self.cfg.heartbeat_s,
-                      session=self._session_seq).to_meta()
+                      session=self._session_seq, connection=self.session.connects if self.session else 0).to_meta()
         return self.seal.seal(Message(MessageKind.STATUS, self.cfg.run_id, 0, self.cfg.client_id, meta=meta),
                               seq=seq).data
 
@@ -262,8 +264,13 @@ class EdgeClient:
             self.counters["not_selected"] += 1
             return
         task = Task.from_meta(msg.meta)
-        if task.task_id in self._seen:  # QoS 1 redelivery
+        if task.task_id in self._seen:  # QoS 1 redelivery, or the coordinator asking again
             self.counters["duplicate"] += 1
+            last = self._last_update
+            if last is not None and last[0] == task.task_id:  # our update was lost on the way: again
+                self.counters["update_resent"] += 1
+                for frame in last[2]:
+                    self.session.publish(last[1], frame)
             return
         self._seen.add(task.task_id)
         self.coordinator_seen.set()
@@ -315,7 +322,7 @@ class EdgeClient:
         topic = self.topics.update(self.cfg.client_id)
         frames, _ = msg.split(item.task.max_packet, topic)
         try:
-            self.session.publish_all(topic, frames, timeout=10)
+            self.session.publish_until_acked(topic, frames, timeout=30)
         except (RuntimeError, ValueError) as pub_exc:
             log.warning("%s: could not report the failure: %s", self.cfg.client_id, pub_exc)
 
@@ -348,7 +355,8 @@ class EdgeClient:
         frames, stats = enc.split(task.max_packet, topic)
         t_up = time.monotonic()
         with self._phase("upload", bytes_sent=stats.framed_bytes):
-            ok = self.session.publish_all(topic, frames, timeout=task.deadline_s)
+            ok = self.session.publish_until_acked(topic, frames, timeout=task.deadline_s)
+        self._last_update = (task.task_id, topic, frames)  # sent again if the coordinator asks again
         self._carry["prev_upload"] = {"round": rnd, "payload_bytes": stats.payload_bytes,
                                       "mqtt_bytes": stats.framed_bytes, "upload_s": time.monotonic() - t_up,
                                       "acked": ok}
@@ -359,6 +367,14 @@ class EdgeClient:
             self.rounds_done.append(rnd)
         log.info("%s: round %d done (loss %.4f, %d bytes up%s)", me, rnd, out.metrics["loss"],
                  stats.framed_bytes, "" if ok else ", publish incomplete")
+        self.trainer.save_state()
+        if out.metrics.get("report_follows"):  # evaluated after the update went: it did not wait for this
+            ev = self.trainer.evaluate_local()
+            report = Report(task.task_id, {"local_accuracy": ev["accuracy"], "local_loss": ev["loss"]})
+            msg = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, meta=report.to_meta()))
+            frames, _ = msg.split(task.max_packet, topic)
+            if not self.session.publish_until_acked(topic, frames, timeout=30):
+                log.warning("%s: round %d local evaluation not reported", me, rnd)
 
     def _socket_report(self, rnd: int) -> None:
         """Kernel-counted bytes of our MQTT connection since the previous round (both directions,

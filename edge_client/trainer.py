@@ -57,6 +57,7 @@ class Trainer:
         self.model: torch.nn.Module | None = None
         self.spec: ModelSpec | None = None
         self.last_accuracy: float | None = None
+        self._unsaved: tuple[ModelSpec, int] | None = None  # (spec, round) trained but not yet saved
         # held while the model trains or exports; a client pool shares one: its clients take turns
         self.lock = lock or threading.Lock()
 
@@ -87,7 +88,9 @@ class Trainer:
         self.model, self.spec = model.to(self.device), spec
 
     def fit(self, task: Task, rnd: int, tensors: dict[str, Tensor], phase=_no_phase) -> FitOutput:
-        """Load the global factors, train ``task.train`` locally, save state, evaluate locally.
+        """Load the global factors and train ``task.train`` locally. Saving the state
+        (:meth:`save_state`) and the local evaluation (:meth:`evaluate_local`) are the caller's
+        next steps, after the update is sent: neither delays the round.
 
         ``phase(name)`` is a context manager factory wrapping the download/train phases (energy).
         Raises ValueError for a task that does not fit the model or the data.
@@ -102,14 +105,23 @@ class Trainer:
                                lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                device=self.device, seed=t.seed)
         metrics = {"loss": res["loss"], "train_s": res["seconds"], "steps": res["steps"]}
-        local, shared = local_state(self.model), global_state(self.model)
-        if local:
-            save_checkpoint(self.state.local_path, local, task.spec, round=rnd, client_id=self.client_id)
-        save_checkpoint(self.state.global_path, shared, task.spec, round=rnd, client_id=self.client_id)
-        if self.eval_local:
-            ev = self.evaluate_local()
-            metrics["local_accuracy"], metrics["local_loss"] = ev["accuracy"], ev["loss"]
+        shared = global_state(self.model)
+        self._unsaved = (task.spec, rnd)
+        if self.eval_local:  # evaluate_local() follows once the update has gone (docs/protocol.md)
+            metrics["report_follows"] = True
         return FitOutput({k: v.cpu() for k, v in shared.items()}, self.num_examples, metrics)
+
+    def save_state(self) -> None:
+        """Write what the last :meth:`fit` trained to the state directory: pFedPara's local half
+        (restored on restart) and the global factors (``fedpara export`` reads them)."""
+        if self._unsaved is None:
+            return
+        spec, rnd = self._unsaved
+        local = local_state(self.model)
+        if local:
+            save_checkpoint(self.state.local_path, local, spec, round=rnd, client_id=self.client_id)
+        save_checkpoint(self.state.global_path, global_state(self.model), spec, round=rnd, client_id=self.client_id)
+        self._unsaved = None
 
     def evaluate_local(self) -> dict:
         """The current (personalised) model on this client's own test split."""

@@ -29,9 +29,11 @@ def stop_all(clients):
         c.stop()
 
 
-def run_coordinator(cfg, url, *, on_round=None, **kw) -> dict:
+def run_coordinator(cfg, url, *, on_round=None, on_task=None, **kw) -> dict:
     if on_round is not None:  # a listener for the end of each round only
         kw["on_event"] = lambda e: on_round(e.row) if isinstance(e, RoundCompleted) else None
+    if on_task is not None:  # a listener for each task sent (a round's start)
+        kw["on_event"] = lambda e: on_task(e) if isinstance(e, TaskSent) else None
     return Coordinator(cfg, parse_broker_url(url) if isinstance(url, str) else url, **kw).run()
 
 
@@ -159,7 +161,7 @@ def test_bad_payloads_on_every_inbound_topic_are_ignored(amqtt_broker, tmp_path)
 
     attack()
     try:
-        summary = run_coordinator(cfg, amqtt_broker, on_round=attack)
+        summary = run_coordinator(cfg, amqtt_broker, on_task=attack)  # while each round collects
     finally:
         attacker.stop()
         stop_all(clients)
@@ -219,9 +221,13 @@ def test_pfedpara_never_publishes_local_factors(amqtt_broker, tmp_path):
     local, global_ = set(fedpara.local_state(model)), set(fedpara.global_state(model))
     assert local  # x2, y2 and biases
     carried = sniffer.decoded()
-    kinds = [m.kind for _, m in carried]
+    kinds = [m.kind for _, m in carried if "report" not in m.meta]
     assert kinds.count(MessageKind.UPDATE) == 4 and kinds.count(MessageKind.TASK) >= 2
+    reports = [m for _, m in carried if "report" in m.meta]  # local evaluations, sent after each update
+    assert len(reports) == 4 and all(not m.tensors and m.kind == MessageKind.UPDATE for m in reports)
     for topic, msg in carried:
+        if "report" in msg.meta:
+            continue
         assert set(msg.tensors) == global_, topic
         assert not set(msg.tensors) & local
     # the local halves persist on each device, and differ between devices

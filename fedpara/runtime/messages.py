@@ -121,7 +121,7 @@ def _check_task_id(name: str, value: Any) -> str:
 #: evaluation, the task's transfer, what its previous upload cost, and its energy report.
 METRIC_KEYS = frozenset({"loss", "train_s", "steps", "local_accuracy", "local_loss", "task_payload_bytes",
                          "task_mqtt_bytes", "download_s", "decode_s", "prev_upload", "prev_socket_bytes",
-                         "energy"})
+                         "energy", "report_follows"})
 MAX_METRIC_NUMBER = 1e15   # larger values are dropped: no counter or joule figure gets near it
 MAX_METRIC_STRING = 128    # characters
 MAX_METRIC_ITEMS = 64      # entries per nested object
@@ -169,6 +169,26 @@ class Update:
 
 
 @dataclasses.dataclass(frozen=True)
+class Report:
+    """What a client learns about a round after its update has gone: its local evaluation of the
+    trained model, sent as a small follow-up (an UPDATE envelope without tensors, meta
+    ``{task_id, report}``) so that evaluating does not delay the update (docs/protocol.md)."""
+
+    task_id: str
+    metrics: dict = dataclasses.field(default_factory=dict)
+
+    def to_meta(self) -> dict:
+        return {"task_id": self.task_id, "report": self.metrics}
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> Report:
+        m = _meta("report", meta)
+        report = sanitize_metrics(m.get("report"))
+        return cls(task_id=_field("report", m, "task_id", _check_task_id),
+                   metrics={k: report[k] for k in ("local_accuracy", "local_loss") if k in report})
+
+
+@dataclasses.dataclass(frozen=True)
 class Failure:
     """A client that cannot run a task says so at once (an update with no tensors)."""
 
@@ -202,6 +222,7 @@ class Status:
     role: str = "client"
     heartbeat_s: float = 0.0
     session: int = 0  # signed runs: the seq of this connection's last will (see docs/security.md)
+    connection: int = 0  # counts the client's MQTT (re)connects: a rise means messages may have been lost
 
     @property
     def online(self) -> bool:
@@ -211,7 +232,7 @@ class Status:
         if self.role == "coordinator":
             return {"state": self.state, "role": "coordinator"}
         return {"state": self.state, "num_examples": self.num_examples, "device": self.device,
-                "heartbeat_s": self.heartbeat_s, "session": self.session}
+                "heartbeat_s": self.heartbeat_s, "session": self.session, "connection": self.connection}
 
     @classmethod
     def from_meta(cls, meta: Any) -> Status:
@@ -222,7 +243,8 @@ class Status:
                    device=str(device)[:64] if isinstance(device, str) else "",
                    role="coordinator" if m.get("role") == "coordinator" else "client",
                    heartbeat_s=_field("status", m, "heartbeat_s", check_number, min=0.0, max=86400.0, default=0.0),
-                session=_field("status", m, "session", check_int, min=0, max=(1 << 63) - 1, default=0))
+                   session=_field("status", m, "session", check_int, min=0, max=(1 << 63) - 1, default=0),
+                   connection=_field("status", m, "connection", check_int, min=0, max=(1 << 31) - 1, default=0))
 
 
 # --- control --------------------------------------------------------------------------------

@@ -91,6 +91,7 @@ class MqttSession:
         self._sock = None
         self._sock_last: tuple[int, int] | None = None
         self._sock_base = (0, 0)
+        self._stopped = False
         self.refused: str | None = None  # the broker's reason when it refused our CONNECT
         self._refused_event = threading.Event()
 
@@ -170,6 +171,21 @@ class MqttSession:
                 return False
         return True
 
+    def publish_until_acked(self, topic: str, frames: list[bytes], qos: int = 1, timeout: float = 120.0) -> bool:
+        """:meth:`publish_all`, repeated after each reconnect until the broker has every frame or
+        ``timeout`` passed: an update finished while the broker was away still arrives. A repeat
+        the broker had already taken is harmless (the receiver drops duplicates)."""
+        deadline = time.monotonic() + timeout
+        while not self._stopped:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.connected.wait(left):
+                return False
+            if self.publish_all(topic, frames, qos, timeout=deadline - time.monotonic()):
+                return True
+            log.info("%s: publishing on %s did not complete; again after reconnecting", self.client_id, topic)
+            time.sleep(0.2)  # the connection is going down: let paho notice before waiting on it
+        return False
+
     def socket_bytes(self) -> tuple[int, int] | None:
         """(sent, received) bytes this session's TCP connections moved, from the kernel (TCP_INFO;
         all MQTT packets and TLS records, not TCP/IP headers), summed over reconnects; None where
@@ -194,6 +210,7 @@ class MqttSession:
             self._client.subscribe(topic, qos)
 
     def stop(self, *, graceful: bool = True) -> None:
+        self._stopped = True
         try:
             if graceful:
                 self._client.disconnect()

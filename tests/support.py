@@ -5,6 +5,7 @@ Benchmarks import this file by path (``sys.path`` gets ``tests/``); it imports n
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from fedpara.wire import Message, Reassembler, WireError, decode
 
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
-__all__ = ["MOSQUITTO", "TRAIN", "Sniffer", "coord_cfg", "free_port", "mosquitto_conf", "start_clients",
+__all__ = ["MOSQUITTO", "TRAIN", "Sniffer", "coord_cfg", "free_port", "mosquitto_conf", "publish_bytes_by_peer", "start_clients",
            "start_mosquitto", "wait_for_port"]
 
 
@@ -125,3 +126,45 @@ def start_clients(url, cfg, tmp_path, n, *, first=0, total=None, **kw):
         c.start()
         clients.append(c)
     return clients
+
+
+_LOG_PUBLISH = re.compile(r"^\d+: (Received|Sending) PUBLISH (?:from|to) (\S+) \(d\d, q\d, r\d, m\d+, '(.*)', \.\.\. "
+                          r"\((\d+) bytes\)\)$")
+
+
+def publish_bytes_by_peer(log_text: str) -> dict[str, dict[str, dict[str, int]]]:
+    """From a Mosquitto ``log_type all`` log: PUBLISH payload bytes per direction ("rx": the broker
+    received, "tx": it sent), per peer (MQTT client id, bridges included) and per topic."""
+    out: dict[str, dict[str, dict[str, int]]] = {"rx": {}, "tx": {}}
+    for line in log_text.splitlines():
+        m = _LOG_PUBLISH.match(line)
+        if m:
+            per = out["rx" if m[1] == "Received" else "tx"].setdefault(m[2], {})
+            per[m[3]] = per.get(m[3], 0) + int(m[4])
+    return out
+
+
+def start_bridged_brokers(work: Path, bridge_id: str = "site-bridge"):
+    """A central and a site Mosquitto (``log_type all``), the site bridging ``fedpara/v1/#`` both
+    ways to the central one as MQTT client ``bridge_id``. Returns ((central proc, port), (site
+    proc, port)) once the bridge is connected."""
+    def start(sub: str, extra: str):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        conf = mosquitto_conf(work / sub, port, "log_type all\n" + extra)
+        proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port("127.0.0.1", port, timeout=10)
+        return proc, port
+
+    central = start("central", "")
+    site = start("site", f"connection central\naddress 127.0.0.1:{central[1]}\nremote_clientid {bridge_id}\n"
+                         "topic fedpara/v1/# both 1\ncleansession true\ntry_private true\nnotifications false\n"
+                         "bridge_protocol_version mqttv311\nstart_type automatic\n")
+    deadline = time.monotonic() + 15
+    while f"as {bridge_id}" not in (work / "central" / "mosquitto.log").read_text():
+        if time.monotonic() > deadline:
+            for proc, _ in (site, central):
+                proc.kill()
+            raise TimeoutError("the site broker's bridge did not connect to the central broker")
+        time.sleep(0.1)
+    return central, site

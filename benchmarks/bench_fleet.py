@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     statuses = {"n": 0}
     rows: list[dict] = []
     marks: dict[int, dict] = {}
+    box: dict = {}
 
     def on_event(e):
         if isinstance(e, ClientStatusChanged):
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
             marks[e.round] = {"t": time.monotonic(), "cpu": time.process_time()}
         elif isinstance(e, RoundCompleted):
             e.row["coordinator_rss_mb"] = rss_mb()
+            e.row["senders_seen"] = len(box["coord"]._reassemblers)  # distinct clients that ever replied
             e.row["broker_rss_mb"] = rss_mb(broker.pid)
             rows.append(e.row)
             if e.row["round"] % 10 == 0:
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
                                 round_deadline_s=120.0, lr=0.05, batch_size=10, coordinator_key=str(keys / "coordinator.key"),
                                 trusted_keys=str(keys), test_data="synthetic,n=400,shape=1x28x28,classes=10",
                                 out=str(tmp / "run"))
-        coord = Coordinator(cfg, parse_broker_url(url), on_event=on_event)
+        coord = box["coord"] = Coordinator(cfg, parse_broker_url(url), on_event=on_event)
         summary = coord.run()
     finally:
         for proc in pools + [broker]:
@@ -124,7 +126,8 @@ def main(argv=None) -> int:
         per_round.append({"round": rnd, "wall_s": nxt["t"] - marks[rnd]["t"], "replied": r["replied"],
                           "cpu_s": nxt["cpu"] - marks[rnd]["cpu"],
                           "cpu_ms_per_sampled_client": 1000 * (nxt["cpu"] - marks[rnd]["cpu"]) / r["sampled"],
-                          "coordinator_rss_mb": r["coordinator_rss_mb"], "broker_rss_mb": r["broker_rss_mb"]})
+                          "coordinator_rss_mb": r["coordinator_rss_mb"], "broker_rss_mb": r["broker_rss_mb"],
+                          "senders_seen": r["senders_seen"]})
     warm = [r for r in per_round if r["round"] >= 5]
     result = {
         "setting": vars(args), "status": summary["status"], "rounds_completed": len(rows),

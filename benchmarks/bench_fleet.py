@@ -94,11 +94,12 @@ def main(argv=None) -> int:
             e.row["coordinator_rss_mb"] = rss_mb()
             e.row["senders_seen"] = len(box["coord"]._reassemblers)  # distinct clients that ever replied
             e.row["broker_rss_mb"] = rss_mb(broker.pid)
+            e.row["pool_rss_mb"] = [rss_mb(proc.pid) for proc in pools]
             rows.append(e.row)
             if e.row["round"] % 10 == 0:
                 print(f"round {e.row['round']}: {e.row['replied']}/{e.row['sampled']} replied, "
-                      f"coordinator {e.row['coordinator_rss_mb']:.0f} MB, broker {e.row['broker_rss_mb']:.1f} MB",
-                      flush=True)
+                      f"coordinator {e.row['coordinator_rss_mb']:.0f} MB, broker {e.row['broker_rss_mb']:.1f} MB, "
+                      f"pools {[round(m or 0) for m in e.row['pool_rss_mb']]} MB", flush=True)
 
     try:
         cfg = CoordinatorConfig(run_id=run_id, model="mlp", scheme="fedpara", ratio=0.1, rounds=args.rounds,
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
                           "cpu_s": nxt["cpu"] - marks[rnd]["cpu"],
                           "cpu_ms_per_sampled_client": 1000 * (nxt["cpu"] - marks[rnd]["cpu"]) / r["sampled"],
                           "coordinator_rss_mb": r["coordinator_rss_mb"], "broker_rss_mb": r["broker_rss_mb"],
-                          "senders_seen": r["senders_seen"]})
+                          "senders_seen": r["senders_seen"], "pool_rss_mb": r["pool_rss_mb"]})
     warm = [r for r in per_round if r["round"] >= 5]
     result = {
         "setting": vars(args), "status": summary["status"], "rounds_completed": len(rows),

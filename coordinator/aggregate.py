@@ -42,7 +42,7 @@ def fedavg(states: list[Mapping[str, Tensor]], weights: list[float]) -> dict[str
             continue
         acc = torch.zeros_like(ref, dtype=torch.float64)
         for s, w in zip(states, weights, strict=True):
-            acc += s[k].to(torch.float64) * (w / total)
+            acc.add_(s[k], alpha=w / total)  # float64 accumulation, no float64 copy of the update
         out[k] = acc.to(ref.dtype)
     return out
 
@@ -66,7 +66,7 @@ class StreamingFedAvg:
             raise ValueError(f"weights must be positive, got {weight}")
         check_compatible(self.reference, state)
         for k, acc in self._sum.items():
-            acc.add_(state[k].to(torch.float64), alpha=float(weight))
+            acc.add_(state[k], alpha=float(weight))
         if self._first is None:
             self._first = {k: v.clone() for k, v in state.items() if not v.is_floating_point()}
         self.total += weight
@@ -136,8 +136,8 @@ def krum(states: list[Mapping[str, Tensor]], f: int) -> dict[str, Tensor]:
 def delta_norms(reference: Mapping[str, Tensor], states: list[Mapping[str, Tensor]]) -> list[float]:
     """L2 norm of each state's difference to ``reference`` over every float tensor (float64)."""
     out = []
-    for s in states:
-        sq = sum(float(((s[k].to(torch.float64) - ref.to(torch.float64)) ** 2).sum())
+    for s in states:  # the difference in the tensors' dtype, its norm accumulated in float64
+        sq = sum(float(torch.linalg.vector_norm(s[k] - ref, dtype=torch.float64)) ** 2
                  for k, ref in reference.items() if ref.is_floating_point())
         out.append(sq ** 0.5)
     return out

@@ -66,9 +66,10 @@ class PendingRound:
     task_id: str
     fields: dict                  # everything report.round_row needs but the evaluation
     results: list                 # FitResults without tensors (metrics only)
-    future: Future                # -> (evaluation or None, eval_s, save_s)
+    future: Future | None         # -> (evaluation or None, eval_s, save_s); None: not submitted yet
     timing: dict
     socket: dict                  # the coordinator's kernel-counted socket bytes of the round
+    job: tuple | None = None      # (state, evaluate?) until submitted
 
 
 class Coordinator(Inbound):
@@ -212,6 +213,7 @@ class Coordinator(Inbound):
         t_send = time.monotonic()
         sent, complete = self._send_task(rnd, task, live)
         self._timing["send_s"] += time.monotonic() - t_send
+        self._submit_evals()  # the previous round's evaluation overlaps this round's training
         self._emit(TaskSent(rnd, attempt, tuple(sampled)))
         # a task that did not reach the broker will get no replies: try again at once
         deadline = time.monotonic() + (self.cfg.round_deadline_s if complete else 0.0)
@@ -316,8 +318,15 @@ class Coordinator(Inbound):
         self._socket_prev = sock
         light = [dataclasses.replace(r, state={}) for r in results]  # the tensors are folded in already
         evaluate_now = rnd == cfg.rounds or rnd % cfg.eval_every == 0
-        future = self._evaluator.submit(self._evaluate_and_save, rnd, self.state, evaluate_now)
-        self._pending.append(PendingRound(rnd, task_id, fields, light, future, dict(self._timing), socket))
+        # submitted once the next task is out (_submit_evals): evaluating would slow its sending
+        self._pending.append(PendingRound(rnd, task_id, fields, light, None, dict(self._timing), socket,
+                                          (self.state, evaluate_now)))
+
+    def _submit_evals(self) -> None:
+        for p in self._pending:
+            if p.future is None:
+                p.future = self._evaluator.submit(self._evaluate_and_save, p.round, *p.job)
+                p.job = None
 
     def _evaluate_and_save(self, rnd: int, state: dict, evaluate_now: bool) -> tuple[dict | None, float, float]:
         """Evaluator thread: the round's global model on the test data, then its checkpoint."""
@@ -332,7 +341,8 @@ class Coordinator(Inbound):
         return ev, t1 - t0, time.monotonic() - t1
 
     def _row_ready(self) -> bool:
-        return bool(self._pending) and self._pending[0].future.done() and self._reports_in(self._pending[0])
+        p = self._pending[0] if self._pending else None
+        return p is not None and p.future is not None and p.future.done() and self._reports_in(p)
 
     def _reports_in(self, p: PendingRound) -> bool:
         got = self._reports.get(p.task_id, {})
@@ -342,9 +352,11 @@ class Coordinator(Inbound):
         """Write the metrics lines of the pending rounds whose evaluation is done (in order).
         ``block``: wait for the evaluations; ``grace_s``: pump up to this long for the clients'
         follow-up reports. Without either, only rounds whose reports are all in are written."""
+        if block or grace_s > 0:
+            self._submit_evals()
         while self._pending:
             p = self._pending[0]
-            if not block and not p.future.done():
+            if not block and (p.future is None or not p.future.done()):
                 return
             if grace_s > 0 and not self._reports_in(p):
                 self._pump(grace_s, until=lambda: self._reports_in(p))

@@ -304,8 +304,7 @@ class EdgeClient:
                     return
                 continue  # --stay: serve the next run (or a resumed one) with the same state
             try:
-                with self.trainer.lock:
-                    self._run_task(item)
+                self._run_task(item)
             except (ValueError, KeyError, TypeError, WireError, ProtocolError, RuntimeError) as exc:
                 self.counters["bad_task"] += 1
                 log.warning("%s: could not run round %s: %s", self.cfg.client_id, item.round, exc)
@@ -339,7 +338,8 @@ class EdgeClient:
             return self._phase(name, bytes_received=transfer["task_mqtt_bytes"]) if name == "download" \
                 else self._phase(name)
 
-        out = self.trainer.fit(task, rnd, item.msg.tensors, phase)
+        with self.trainer.lock:  # a pool's clients take turns for the CPU-heavy parts only
+            out = self.trainer.fit(task, rnd, item.msg.tensors, phase)
         metrics = {**out.metrics, **transfer}
         for key in ("prev_upload", "prev_socket_bytes"):
             if key in self._carry:
@@ -369,7 +369,8 @@ class EdgeClient:
                  stats.framed_bytes, "" if ok else ", publish incomplete")
         self.trainer.save_state()
         if out.metrics.get("report_follows"):  # evaluated after the update went: it did not wait for this
-            ev = self.trainer.evaluate_local()
+            with self.trainer.lock:
+                ev = self.trainer.evaluate_local()
             report = Report(task.task_id, {"local_accuracy": ev["accuracy"], "local_loss": ev["loss"]})
             msg = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, meta=report.to_meta()))
             frames, _ = msg.split(task.max_packet, topic)

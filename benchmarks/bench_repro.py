@@ -58,7 +58,7 @@ PLANS = {
                  targets=[0.75, 0.80], val_limit=3000, deadline=60.0),
     "cnn28": dict(data="fashion-mnist", limit=300, rounds=6, partitions=["iid", "dirichlet:0.5"],
                   lrs={"dense": [0.05, 0.1], "lowrank": [0.05, 0.1], "fedpara": [0.1, 0.3]},
-                  targets=[0.75, 0.80], val_limit=1000, deadline=90.0),
+                  targets=[0.65, 0.70], val_limit=1000, deadline=90.0),
     "char_lstm": dict(data="shakespeare", limit=64, rounds=4, partitions=["natural"], batch_size=10,
                       lrs={"dense": [0.5, 1.0], "lowrank": [0.5, 1.0], "fedpara": [0.5, 1.0]},
                       targets=[0.19, 0.20], val_limit=300, test_limit=600, deadline=240.0),
@@ -135,8 +135,11 @@ class Suite:
         lift_update_rate_limit()
         run_dir = self.runs_root / name
         rd = RunDir(run_dir)
-        if rd.read_summary().get("status") in ("completed", "failed"):
+        status = str(rd.read_summary().get("status", ""))
+        if status == "completed" or (status.startswith("failed") and (run_dir / "bench.json").exists()):
             return self.load(run_dir)
+        if self.args.only_cached:
+            return None
         if run_dir.exists():  # an interrupted run: start it again from scratch
             import shutil
             shutil.rmtree(run_dir)
@@ -246,6 +249,8 @@ class Suite:
                               "train_loss_final": run["train_loss"][-1] if run["train_loss"] else None,
                 "diverged": not ok, "rounds_completed": run["rounds"]})
                 print(f"    val acc {final:.4f} (lr {lr})", flush=True)
+            if not cands:
+                continue
             good = [c for c in cands if not c["diverged"]] or cands
             best = max(good, key=lambda c: c["val_final"])
             out[scheme] = {"candidates": cands, "chosen_lr": best["lr"]}
@@ -263,14 +268,19 @@ class Suite:
                     run = self.fl_run(f"{model}-{slug(part)}-{scheme}-lr{lr:g}-s{seed}", model, scheme, lr,
                                       seed, self.data_spec(plan, part), val, plan["rounds"], nc,
                                       batch_size=plan.get("batch_size"), deadline=plan["deadline"])
+                    if run is None:
+                        continue
                     if run["status"] != "completed" or run["rounds"] != run["planned_rounds"]:
                         diverged.append(seed)
                         continue
+                    run.pop("client_metrics")
                     run["test_accuracy"] = self.test_curve(run, test)
                     print(f"    test acc {run['test_accuracy'][-1]:.4f}", flush=True)
                     runs.append(run)
-                g[scheme] = {"lr": lr, "runs": runs, "diverged_seeds": diverged}
-            groups[part] = analyse(g, plan["targets"])
+                if runs or diverged:
+                    g[scheme] = {"lr": lr, "runs": runs, "diverged_seeds": diverged}
+            if g:
+                groups[part] = analyse(g, plan["targets"])
         return groups
 
     def personal_phase(self) -> dict:
@@ -286,6 +296,10 @@ class Suite:
             for seed in self.seeds:
                 run = self.fl_run(f"personal-{scheme}-lr{chosen[scheme]:g}-s{seed}", p["model"], scheme,
                                   chosen[scheme], seed, base, test_spec, p["rounds"], 10, eval_local=True)
+                if run is None:
+                    continue
+                if run["status"] != "completed" or run["rounds"] != run["planned_rounds"]:
+                    continue  # diverged: left out of the means (none did at the lrs used)
                 per_round = []
                 for cm in run["client_metrics"]:
                     vals = [m["local_accuracy"] for m in cm.values() if m.get("local_accuracy") is not None]
@@ -293,6 +307,7 @@ class Suite:
                 run["personal_accuracy"] = per_round  # after local training, each client's own split
                 if scheme == "dense":  # FedAvg's global model on each client's own split
                     run["global_on_local"] = self.global_on_local(run, local_tests)
+                run.pop("client_metrics")  # per-client detail stays in the run directory
                 print(f"    personalised acc {per_round[-1] if per_round else None}", flush=True)
                 runs.append(run)
             out["schemes"][scheme] = {"lr": chosen[scheme], "runs": runs,
@@ -535,6 +550,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=str(ROOT / "runs" / "repro"))
     p.add_argument("--out", default=str(ROOT / "docs"))
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the suite, not results")
+    p.add_argument("--only-cached", action="store_true",
+                   help="run nothing: rebuild the report from the run directories already under --runs")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(1)
@@ -562,7 +579,10 @@ def main(argv=None) -> int:
         res_path.write_text(json.dumps(res, indent=1))
         if not args.quick:
             write_report(res, out)
-            plot(res, out / "repro.png")
+            try:
+                plot(res, out / "repro.png")
+            except ImportError as exc:  # the plot is optional; the numbers are in the json and md
+                print(f"no plot: {exc}", flush=True)
 
     # priority order (a shared machine may not leave time for everything): each model's sweep and
     # IID seeds first, then personalisation, then the non-IID seeds, char_lstm last
@@ -590,11 +610,14 @@ def main(argv=None) -> int:
                     save()
                 if model == "mlp2" and m.get("sweep"):
                     # personalisation reuses the MLP sweep's choices: dense's lr for FedAvg, FedPer and
-                    # local-only, FedPara's for pFedPara
+                    # local-only. pFedPara: W1 * (W2 + 1) with a small local half W2 moves like a
+                    # low-rank weight (fedpara.lr.movement on mlp: pFedPara 1.72, low-rank 1.78,
+                    # FedPara 0.67); FedPara's lr (0.4) and low-rank's (0.1) both diverged in round 1
+                    # on the 2-class shards (all 3 seeds at 0.1), so half of low-rank's
                     res["personal_lrs"] = {"dense": m["sweep"]["dense"]["chosen_lr"],
                                            "fedper": m["sweep"]["dense"]["chosen_lr"],
                                            "local": m["sweep"]["dense"]["chosen_lr"],
-                                           "pfedpara": m["sweep"]["fedpara"]["chosen_lr"]}
+                                           "pfedpara": m["sweep"]["lowrank"]["chosen_lr"] / 2}
             elif "seeds" in phases and m.get("sweep"):
                 m.setdefault("seeds", {}).update(suite.seeds_phase(model, m["sweep"], [what]))
                 save()

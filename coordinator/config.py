@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpara.lr import default_lr, lr_table
 from fedpara.models import ModelSpec
 from fedpara.runtime.options import (
     check_int,
@@ -58,7 +59,8 @@ class CoordinatorConfig:
     # local training (sent to the clients with every task)
     local_epochs: int = option(1, "local epochs E per round")
     batch_size: int = option(64, "local batch size")
-    lr: float = option(0.1, "local SGD learning rate")
+    lr: float = option(0.0, "local SGD learning rate; 0 = the default measured for the model and scheme "
+                       f"(fedpara/lr.py, docs/fidelity.md; batch 32): {lr_table()}")
     lr_decay: float = option(0.992, "learning rate multiplier per round (paper: 0.992)")
     momentum: float = option(0.0, "local SGD momentum (paper: 0)")
     weight_decay: float = option(0.0, "local SGD weight decay")
@@ -85,6 +87,8 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         check_id("run_id", self.run_id)
         self.spec  # validates model, num_classes, scheme, ratio, form  # noqa: B018
+        if isinstance(self.lr, (int, float)) and self.lr == 0:
+            self.lr = default_lr(self.model, self.scheme)
         for name in ("rounds", "min_clients", "max_attempts", "local_epochs", "batch_size", "eval_batch_size",
                      "eval_every"):
             check_int(name, getattr(self, name), min=1)

@@ -37,8 +37,8 @@ def test_coordinator_uses_the_measured_default_unless_given(model, scheme):
 
 def test_schemes_without_their_own_measurement_borrow_the_nearest():
     for model in ("cnn28", "mlp2"):
-        if (model, "fedpara") in DEFAULT_LR:
-            assert default_lr(model, "pfedpara") == DEFAULT_LR[(model, "fedpara")]
+        if (model, "lowrank") in DEFAULT_LR:
+            assert default_lr(model, "pfedpara") == DEFAULT_LR[(model, "lowrank")] / 2
         if (model, "dense") in DEFAULT_LR:
             assert default_lr(model, "fedper") == DEFAULT_LR[(model, "dense")]
     for scheme in ("dense", "lowrank", "fedpara"):

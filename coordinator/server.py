@@ -210,6 +210,8 @@ class Coordinator(Inbound):
         announced = {c: info.num_examples for c in sampled if (info := self.registry.get(c)) is not None}
         self._attempt = RoundState(self.cfg.run_id, rnd, task.task_id, frozenset(sampled), frozenset(), self.state,
                                    self.cfg.max_examples, announced)
+        for c in sampled:  # each sampled client may reply (update + report) however short the round
+            self.session.inbox.grant(self.topics.update(c), self._partial_cap)
         t_send = time.monotonic()
         sent, complete = self._send_task(rnd, task, live)
         self._timing["send_s"] += time.monotonic() - t_send

@@ -67,15 +67,20 @@ def load_inputs(text: str, scheme: str | None = None,
     return (x if transform is None else transform(x)), labels
 
 
+# personalised schemes (fedpara.models.PERSONALISED, repeated here: this module must not import torch)
+PERSONALISED = ("pfedpara", "fedper")
+
+
 def dataset_for(text: str, scheme: str | None = None, split: str = "auto"):
     """The torch dataset a data spec names: the client's training data (``split=train``), its own
-    test split (``local``, or ``auto`` for pFedPara with clients), else the held-out test split."""
+    test split (``local``, or ``auto`` for pFedPara and FedPer with clients), else the held-out
+    test split."""
     from fedpara.data import load_client_data, load_client_test, load_test_data, parse_data_spec
 
     spec = parse_data_spec(text)
     if split == "train":
         return load_client_data(spec)[0]
-    if split == "local" or (split == "auto" and scheme == "pfedpara" and spec.clients > 1):
+    if split == "local" or (split == "auto" and scheme in PERSONALISED and spec.clients > 1):
         return load_client_test(spec)
     return load_test_data(spec)
 

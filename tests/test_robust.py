@@ -146,3 +146,8 @@ def test_inbox_budgets_and_rate():
     t[0] = 4.0
     assert box.put("a", b"x" * 40) is True  # 4 s x 10 B/s refilled
     assert dict(box.dropped) == {"a": 2, "c": 1} and box.pending_bytes() == 40
+    box.get(0)
+    assert box.put("a", b"x" * 40) is False  # spent again, no time has passed
+    box.grant("a", 1000)  # a task sent to a: one reply's worth, capped at the burst
+    assert box.put("a", b"x" * 40) is True and box.put("a", b"x" * 40) is True
+    assert box.put("a", b"x" * 40) is False  # 100-byte burst: the grant did not lift the cap

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-from fedpara import convert, count_params, global_state, local_state
+from fedpara import count_params, global_state, local_state
 from fedpara.layers import FactorisedLayer
 from fedpara.lstm import FactorisedMatrix
-from fedpara.models import MODELS, build
+from fedpara.models import MODELS, SCHEMES, ModelSpec, build
 from fedpara.state import state_bytes
 
 
@@ -16,14 +16,13 @@ class InfoCommand:
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="vgg16", choices=sorted(MODELS), help="reference model")
         p.add_argument("--num-classes", type=int, default=10, help="number of classes")
-        p.add_argument("--scheme", default="fedpara", choices=["fedpara", "lowrank", "pfedpara"])
+        p.add_argument("--scheme", default="fedpara", choices=[s for s in SCHEMES if s != "dense"])
         p.add_argument("--ratio", type=float, default=0.1, help="the paper's gamma in [0, 1]")
         p.add_argument("--form", default="tensor", choices=["tensor", "matrix"], help="conv form")
 
     def run(self, args) -> int:
         dense = build(args.model, num_classes=args.num_classes)
-        model = convert(build(args.model, num_classes=args.num_classes), ratio=args.ratio,
-                        scheme=args.scheme, form=args.form)
+        model = ModelSpec(args.model, args.num_classes, args.scheme, args.ratio, args.form).build(0)
         print(f"{args.model} ({args.num_classes} classes), scheme={args.scheme}, ratio={args.ratio}")
         print(f"{'layer':<28}{'type':<16}{'rank':>6}{'params':>12}")
         for name, m in model.named_modules():

@@ -46,6 +46,17 @@ class Inbox:
             self._cond.notify()
             return True
 
+    def grant(self, topic: str, nbytes: int) -> None:
+        """Add ``nbytes`` tokens to the topic's bucket (at most its burst): the coordinator grants
+        each sampled client one reply's worth per task, so an honest client's updates pass however
+        short the rounds are, while a flood still gets only what the rate and the grants allow."""
+        if self.rate is None:
+            return
+        with self._cond:
+            bucket = self._buckets.get(topic)
+            if bucket is not None:
+                bucket[0] = min(float(self.per_topic_bytes), bucket[0] + nbytes)
+
     def _take(self, topic: str, size: int) -> bool:
         """Spend ``size`` tokens of the topic's bucket (always true without a rate)."""
         if self.rate is None:

@@ -184,13 +184,17 @@ class DemoProgress:
     """The progress bar's text, from the coordinator's events (live progress inside a round)."""
 
     def __init__(self, bar) -> None:
-        self.bar, self.acc, self.sampled = bar, "-", 0
+        self.bar, self.acc, self.sampled, self.started = bar, "-", 0, False
 
     def __call__(self, event) -> None:
         bar = self.bar
-        if isinstance(event, ClientStatusChanged) and bar.n == 0:
-            bar.set_postfix_str(f"waiting for clients: {event.client_id} {'online' if event.online else 'offline'}")
+        if isinstance(event, ClientStatusChanged):
+            if not self.started:  # heartbeats during a round are not news; a client going away is
+                bar.set_postfix_str(f"waiting for clients: {event.client_id} {'online' if event.online else 'offline'}")
+            elif not event.online:
+                bar.set_postfix_str(f"acc {self.acc} | {event.client_id} offline")
         elif isinstance(event, TaskSent):
+            self.started = True
             self.sampled = len(event.sampled)
             bar.set_postfix_str(f"acc {self.acc} | round {event.round}: training on {self.sampled} clients")
         elif isinstance(event, ReplyAccepted):

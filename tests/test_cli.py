@@ -40,3 +40,25 @@ def test_demo_runs_end_to_end(tmp_path):
     assert summary["dense_ratio"] > 4  # FedPara 0.1 + fp16 + zstd vs dense fp32
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert (out / "checkpoints" / "round-0002.safetensors").exists()
+
+
+def test_demo_progress_text_follows_the_run():
+    from coordinator.cli_demo import DemoProgress
+    from coordinator.events import ClientStatusChanged, TaskSent
+
+    class Bar:
+        n, text = 0, ""
+
+        def set_postfix_str(self, text):
+            self.text = text
+
+    bar = Bar()
+    progress = DemoProgress(bar)
+    progress(ClientStatusChanged("c0", True))
+    assert bar.text == "waiting for clients: c0 online"
+    progress(TaskSent(1, 1, ("c0", "c1")))
+    assert bar.text == "acc - | round 1: training on 2 clients"
+    progress(ClientStatusChanged("c0", True))  # a heartbeat mid-round: not news
+    assert bar.text == "acc - | round 1: training on 2 clients"
+    progress(ClientStatusChanged("c1", False))
+    assert bar.text == "acc - | c1 offline"

@@ -23,23 +23,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from support import start_mosquitto  # noqa: E402
+from support import rss_mb, start_mosquitto  # noqa: E402
 
 from coordinator.broker import spawn_broker  # noqa: E402
 from coordinator.config import CoordinatorConfig  # noqa: E402
 from coordinator.events import ClientStatusChanged, RoundCompleted  # noqa: E402
 from coordinator.server import Coordinator  # noqa: E402
 from fedpara.runtime.mqtt import parse_broker_url  # noqa: E402
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def start_broker(kind: str, tmp: Path):

@@ -20,8 +20,8 @@ from fedpara.wire import Message, Reassembler, WireError, decode
 
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
-__all__ = ["MOSQUITTO", "TRAIN", "Sniffer", "coord_cfg", "free_port", "mosquitto_conf", "publish_bytes_by_peer", "start_clients",
-           "start_mosquitto", "wait_for_port"]
+__all__ = ["MOSQUITTO", "TRAIN", "Sniffer", "coord_cfg", "free_port", "mosquitto_conf", "publish_bytes_by_peer",
+           "rss_mb", "start_bridged_brokers", "start_clients", "start_mosquitto", "wait_for_port"]
 
 
 def mosquitto_conf(work: Path, port: int, extra: str = "", *, host: str | None = "127.0.0.1",
@@ -168,3 +168,14 @@ def start_bridged_brokers(work: Path, bridge_id: str = "site-bridge"):
             raise TimeoutError("the site broker's bridge did not connect to the central broker")
         time.sleep(0.1)
     return central, site
+
+
+def rss_mb(pid: int | str = "self") -> float | None:
+    """Resident memory of a process in MB (Linux /proc), None when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None

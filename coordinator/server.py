@@ -352,18 +352,16 @@ class Coordinator(Inbound):
 
     def _finalize(self, block: bool = False, grace_s: float = 0.0) -> None:
         """Write the metrics lines of the pending rounds whose evaluation is done (in order).
-        ``block``: wait for the evaluations; ``grace_s``: pump up to this long for the clients'
-        follow-up reports. Without either, only rounds whose reports are all in are written."""
-        if block or grace_s > 0:
+        ``block``: wait for the evaluations (with ``grace_s``: and pump up to that long for the
+        clients' follow-up reports). Without it, only evaluated rounds whose reports are all in."""
+        if block:
             self._submit_evals()
         while self._pending:
             p = self._pending[0]
-            if not block and (p.future is None or not p.future.done()):
+            if not block and not self._row_ready():
                 return
             if grace_s > 0 and not self._reports_in(p):
                 self._pump(grace_s, until=lambda: self._reports_in(p))
-            if not (block or grace_s > 0) and not self._reports_in(p):
-                return
             try:
                 ev, eval_s, save_s = p.future.result()
             except (OSError, SafetensorError) as exc:  # a full disk, a read-only or vanished directory

@@ -62,6 +62,12 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def append_json_line(path: Path, record: dict) -> None:
+    """Append ``record`` to a JSON-lines file as one strict JSON line (NaN and infinities become null)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+
+
 class RunDir:
     """A coordinator's run directory (see the module docstring for the layout)."""
 
@@ -128,9 +134,7 @@ class RunDir:
 
     def append_metrics(self, row: dict) -> None:
         """Append one strict JSON line (NaN and infinities become null)."""
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
-            f.flush()
+        append_json_line(self.metrics_path, row)
 
     def last_recorded_round(self) -> int | None:
         rows = self.read_metrics()
@@ -155,8 +159,7 @@ class RunDir:
 
     def append_client_timeline(self, record: dict) -> None:
         """Append one strict JSON line (a dict with an int ``round``, like a metrics row)."""
-        with open(self.client_timeline_path, "a") as f:
-            f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+        append_json_line(self.client_timeline_path, record)
 
     def read_client_timeline(self) -> list[dict]:
         """The complete records of clients.jsonl ([] when the run has none); a torn line ends it."""

@@ -158,11 +158,16 @@ def norm_clip(reference: Mapping[str, Tensor], states: list[Mapping[str, Tensor]
     return fedavg(clipped, weights)
 
 
-def screen(reference: Mapping[str, Tensor], states: list[Mapping[str, Tensor]], factor: float) -> list[int]:
+def screen(reference: Mapping[str, Tensor], states: list[Mapping[str, Tensor]], factor: float,
+           norms: list[float] | None = None) -> list[int]:
     """Indices of the updates to keep: those whose delta norm is at most ``factor`` times the
     median delta norm (and finite). With fewer than 3 updates there is no majority to compare
-    against, so only non-finite norms are dropped."""
-    norms = delta_norms(reference, states)
+    against, so only non-finite norms are dropped. ``norms``: the :func:`delta_norms`, when they
+    were taken already (the coordinator takes each as its update arrives)."""
+    if norms is None:
+        norms = delta_norms(reference, states)
+    elif len(norms) != len(states):
+        raise ValueError(f"screen: {len(norms)} norms for {len(states)} states")
     finite = [i for i, n in enumerate(norms) if n == n and n != float("inf")]
     if len(finite) < 3 or factor <= 0:
         return finite

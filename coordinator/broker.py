@@ -109,8 +109,10 @@ def spawn_broker(host: str = "127.0.0.1", port: int | None = None) -> tuple[subp
 
     port = port or free_port(host)
     errlog = tempfile.TemporaryFile()
+    from fedpara.runtime.parent import child_env
+
     proc = subprocess.Popen([sys.executable, "-m", "coordinator.broker", "--host", host, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=errlog)
+                            stdout=subprocess.DEVNULL, stderr=errlog, env=child_env())  # ends with us
     try:
         wait_for_port(host, port)
     except TimeoutError:
@@ -129,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=1883)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    from fedpara.runtime.parent import exit_with_parent
+
+    exit_with_parent()  # started by fedpara demo: do not outlive it
 
     async def run() -> None:
         await serve(args.host, args.port, asyncio.Event())

@@ -25,6 +25,7 @@ from fedpara.runtime.flags import (
     broker_from_args,
     config_overrides,
 )
+from fedpara.runtime.parent import child_env
 from fedpara.runtime.rundir import RunDir
 from fedpara.runtime.signing import new_key
 
@@ -112,7 +113,8 @@ class DemoCommand:
             broker = broker_from_args(args)
             print(f"broker {broker}  run {run_id}  {args.clients} clients  {cfg.model}/{cfg.scheme}"
                   f" ratio {cfg.ratio}  {'UNSIGNED (--insecure)' if cfg.insecure else 'signed'}  -> {out}")
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+            # child_env: the clients end when the demo does, even when it is killed (fedpara/runtime/parent.py)
+            env = child_env({**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"})
             for i, cid in enumerate(client_ids):
                 cmd = [sys.executable, "-m", "fedpara.runtime.cli", "client", "--broker", url, "--client-id", cid,
                        "--run", run_id, "--data", f"{client_data},index={i}", "--threads", "1",

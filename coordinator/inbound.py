@@ -17,6 +17,7 @@ from fedpara.runtime.signing import AuthError
 from fedpara.wire import MessageKind, Reassembler, WireError, framed_bytes
 
 from .acceptance import judge_update
+from .aggregate import delta_norms
 from .events import ClientStatusChanged, ReplyAccepted
 from .strategy import FitResult
 
@@ -140,10 +141,13 @@ class Inbound:
             return
         tensors = {k: v.to(self.state[k].dtype) for k, v in msg.tensors.items()}
         n = verdict.update.num_examples
+        norm = None
         if self._stream is not None:  # streaming FedAvg: fold it in now, keep only the metrics
             self._stream.add(tensors, n)
             tensors = {}
-        self._results[client] = FitResult(client, tensors, n, verdict.update.metrics, len(data))
+        else:  # the screen's distance (and finiteness), taken now rather than at the round's end
+            norm = delta_norms(self.state, [tensors])[0]
+        self._results[client] = FitResult(client, tensors, n, verdict.update.metrics, len(data), norm)
         a = self._attempt
         self._accepted.setdefault(a.task_id, set()).add(client)
         self._attempt = dataclasses.replace(a, replied=a.replied | {client})

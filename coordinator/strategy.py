@@ -27,6 +27,7 @@ class FitResult:
     num_examples: int
     metrics: Mapping = dataclasses.field(default_factory=dict)
     payload_bytes: int = 0
+    delta_norm: float | None = None  # L2 distance to the round's model, when taken on arrival
 
 
 def parse_aggregator(text: str) -> tuple[str, float | None]:
@@ -73,7 +74,9 @@ class FedAvg:
     def screen(self, current: Mapping[str, Tensor], results: Sequence[FitResult]) -> tuple[list[FitResult], list[str]]:
         """(kept results, ids of the screened-out clients), in client-id order."""
         ordered = sorted(results, key=lambda r: r.client_id)
-        keep = set(agg.screen(current, [r.state for r in ordered], self.screen_factor))
+        norms = [r.delta_norm for r in ordered]
+        keep = set(agg.screen(current, [r.state for r in ordered], self.screen_factor,
+                              None if None in norms else norms))
         return ([r for i, r in enumerate(ordered) if i in keep],
                 [r.client_id for i, r in enumerate(ordered) if i not in keep])
 

@@ -50,6 +50,9 @@ class ClientCommand:
         else:
             runner = EdgeClient(cfg, broker)
         signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        from fedpara.runtime.parent import exit_with_parent
+
+        exit_with_parent()  # started by fedpara demo: a SIGTERM (a graceful stop) when the demo dies
         runner.start()
         try:
             runner.wait()

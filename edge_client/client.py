@@ -40,6 +40,7 @@ from fedpara.wire import (
 )
 
 from .config import ClientConfig
+from .shared import SharedVerified
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,10 @@ class _Stop:
 
 
 class EdgeClient:
-    def __init__(self, cfg: ClientConfig, broker: BrokerURL, *, train_lock: threading.Lock | None = None) -> None:
+    def __init__(self, cfg: ClientConfig, broker: BrokerURL, *, train_lock: threading.Lock | None = None,
+                 shared: SharedVerified | None = None) -> None:
         self.cfg, self.broker = cfg, broker
+        self.shared = shared  # a pool's clients check a broadcast task's bytes once for all
         self.topics = Topics(cfg.run_id)
         self.trainer = Trainer(cfg.client_id, cfg.data, device=cfg.device, threads=cfg.threads,
                                state_dir=cfg.state_dir, eval_local=cfg.eval_local, lock=train_lock)
@@ -256,7 +259,10 @@ class EdgeClient:
         transfer = {"task_payload_bytes": len(data), "task_mqtt_bytes": framed,
                     "download_s": time.monotonic() - first}
         t0 = time.perf_counter()
-        msg = self.opener.open(data, self.limits, sender="coordinator")
+        if self.shared is not None:
+            msg = self.shared.open(data, self.opener, self.limits, sender="coordinator")
+        else:
+            msg = self.opener.open(data, self.limits, sender="coordinator")
         if msg.kind != MessageKind.TASK or msg.run_id != self.cfg.run_id:
             raise ValueError(f"expected a task for run {self.cfg.run_id}, got {msg.kind} for {msg.run_id!r}")
         selected = msg.meta.get("selected")

@@ -13,6 +13,7 @@ from fedpara.runtime.mqtt import BrokerURL
 
 from .client import EdgeClient
 from .config import ClientConfig
+from .shared import SharedVerified
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,10 @@ def pool_configs(base: ClientConfig, size: int, offset: int = 0) -> list[ClientC
 class ClientPool:
     def __init__(self, configs: list[ClientConfig], broker: BrokerURL) -> None:
         lock = threading.Lock()  # one trains at a time: M clients share this host's cores
-        self.clients = [EdgeClient(c, broker, train_lock=lock) for c in configs]
+        # a broadcast task is verified and decoded once for all clients that trust the same keys
+        trust = {(c.insecure, c.coordinator_pub, c.max_message_age_s) for c in configs}
+        self.shared = SharedVerified() if len(trust) == 1 else None
+        self.clients = [EdgeClient(c, broker, train_lock=lock, shared=self.shared) for c in configs]
 
     def start(self) -> None:
         for c in self.clients:

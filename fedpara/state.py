@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from .layers import FactorisedLayer
@@ -62,7 +63,9 @@ def load_state(model: nn.Module, state: Mapping[str, Tensor], part: str = "globa
            if tuple(state[k].shape) != tuple(v.shape)]
     if bad:
         raise ValueError(f"{part} state shapes differ: {bad[:5]}")
-    model.load_state_dict({k: state[k] for k in expected}, strict=False)
+    with torch.no_grad():  # the state-dict tensors share storage with the parameters and buffers
+        for k, v in expected.items():
+            v.copy_(state[k])
 
 
 def count_params(model_or_state: nn.Module | Mapping[str, Tensor]) -> int:

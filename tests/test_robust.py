@@ -61,6 +61,19 @@ def test_screen_drops_far_and_nonfinite_updates():
     assert agg.screen(REF, [honest(0), inf], 10.0) == [0]  # too few to compare: only non-finite goes
 
 
+def test_screen_uses_the_norms_taken_on_arrival():
+    states = [honest(i) for i in range(4)] + [{k: torch.full_like(v, 1e30) for k, v in REF.items()}]
+    norms = agg.delta_norms(REF, states)
+    assert agg.screen(REF, states, 10.0, norms) == agg.screen(REF, states, 10.0) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="norms"):
+        agg.screen(REF, states, 10.0, norms[:2])
+    # the strategy takes them from the results (the coordinator fills delta_norm per update)
+    results = [FitResult(f"c{i}", st, 100, delta_norm=n) for i, (st, n) in enumerate(zip(states, norms))]
+    lying = [FitResult(r.client_id, r.state, 100, delta_norm=1.0) for r in results]
+    assert FedAvg().screen(REF, results)[1] == ["c4"]
+    assert FedAvg().screen(REF, lying)[1] == []  # it trusts them: they are computed by the coordinator
+
+
 def test_fedavg_with_the_default_screen_survives_1e30_factors():
     results = [FitResult(f"c{i}", honest(i), 100) for i in range(3)]
     results.append(FitResult("evil", {k: torch.full_like(v, 1e30) for k, v in REF.items()}, 10**6))

@@ -268,6 +268,8 @@ def test_client_pool_runs_many_logical_clients(mosquitto_broker, tmp_path):
         # per-client task topics: only the 4 sampled clients download the factors
         assert r["bytes_down"] == 4 * (r["bytes_down"] // 4)
     assert sum(len(c.rounds_done) for c in pool.clients) == 8
+    # each round's task (the same bytes on 4 topics) was decoded once and shared with 3 clients
+    assert pool.shared is not None and pool.shared.hits >= 6
     with pytest.raises(ValueError, match="exceed"):
         pool_configs(base, 7)
 

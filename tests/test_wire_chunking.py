@@ -196,3 +196,58 @@ def test_end_to_end_encode_split_shuffle_reassemble_decode():
     out = decode(data[0])
     assert out.meta == {"num_examples": 500}
     assert all(torch.allclose(out.tensors[k], t[k], atol=2e-3, rtol=1e-3) for k in t)
+
+
+# ---------------------------------------------------------------- version 2: envelopes hashed once
+
+def _envelope(n=3000):
+    return encode(Message("update", "run", 1, "c1", {"w": torch.arange(n, dtype=torch.float32)}, {"k": 1}))
+
+
+def test_envelope_frames_are_version_2_carrying_the_envelope_digest():
+    from fedpara.wire import parse_chunk
+
+    enc = _envelope()
+    frames, _ = enc.split(2000, "t")
+    assert len(frames) > 3
+    for f in frames:
+        c = parse_chunk(f)
+        assert c.version == 2 and c.digest == bytes(enc.data[20:52])
+        assert isinstance(c.payload, memoryview)  # a view into the frame, not a copy
+    random.Random(0).shuffle(frames)
+    r = Reassembler()
+    out = [x for x in map(r.add, frames) if x is not None]
+    assert out == [bytes(enc.data)] and decode(out[0]).meta == {"k": 1}
+    plain = split(b"x" * 5000, 2000, "t")  # anything that is not an envelope keeps version 1
+    assert {parse_chunk(f).version for f in plain} == {1}
+    with pytest.raises(ValueError, match="envelope"):
+        split(b"x" * 40, 2000, "t", envelope=True)
+
+
+def test_version_2_corruption_is_caught_by_the_envelope_decoder():
+    enc = _envelope()
+    frames, _ = enc.split(2000, "t")
+    bad = bytearray(frames[-1])
+    bad[-1] ^= 0xFF  # a body byte: the reassembly binds by the digest field, the decoder hashes
+    r = Reassembler()
+    data = [x for x in map(r.add, [*frames[:-1], bytes(bad)]) if x is not None]
+    assert len(data) == 1
+    with pytest.raises(WireError, match="sha256"):
+        decode(data[0])
+    bad = bytearray(frames[0])
+    bad[CHUNK_HEADER_BYTES + 25] ^= 0xFF  # the envelope's own digest no longer matches the frames'
+    r = Reassembler()
+    with pytest.raises(WireError, match="digest"):
+        for f in [bytes(bad), *frames[1:]]:
+            r.add(f)
+    assert r.rejected == 1 and r.partial_messages == 0
+
+
+def test_version_1_and_2_frames_of_one_id_disagree():
+    enc = _envelope()
+    v2, _ = enc.split(2000, "t")
+    v1 = split(enc.data, 2000, "t", message_id=v2[0][6:22])
+    r = Reassembler()
+    r.add(v2[0])
+    with pytest.raises(WireError, match="disagrees"):
+        r.add(v1[1])

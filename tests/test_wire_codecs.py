@@ -190,7 +190,7 @@ def test_body_sections_are_plain_safetensors():
     hlen = struct.unpack_from("<I", enc.data, 8)[0]
     header = json.loads(enc.data[PREFIX_BYTES:PREFIX_BYTES + hlen])
     [[level, raw_len, stored]] = header["sections"]
-    loaded = safetensors_torch.load(enc.data[PREFIX_BYTES + hlen:])
+    loaded = safetensors_torch.load(bytes(enc.data[PREFIX_BYTES + hlen:]))  # data is a bytearray
     assert level is None and raw_len == stored
     for k in t:
         assert torch.equal(loaded[k], t[k])

@@ -64,28 +64,45 @@ def data_size(entries: Sequence[tuple[str, Sequence[int]]]) -> int:
     return sum(itemsize(code) * math.prod(shape) for code, shape in entries)
 
 
-def write(entries: Sequence[Entry]) -> bytearray:
-    """Serialise entries into one safetensors buffer (two passes: header, then one copy each)."""
-    order = sorted(range(len(entries)), key=lambda i: -itemsize(entries[i][1]))  # stable
-    header: dict[str, dict] = {}
-    offset = 0
-    for i in order:
-        name, code, shape, arr = entries[i]
-        n = arr.nbytes
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    out = bytearray(_U64.size + len(head) + offset)
-    _U64.pack_into(out, 0, len(head))
-    base = _U64.size + len(head)
-    out[_U64.size:base] = head
+class Layout:
+    """Where :func:`write_into` puts each entry: the padded JSON header, each entry's data span
+    (in data order) and the total size. Computed from shapes only; nothing is copied."""
+
+    __slots__ = ("head", "spans", "size")
+
+    def __init__(self, entries: Sequence[Entry]) -> None:
+        order = sorted(range(len(entries)), key=lambda i: -itemsize(entries[i][1]))  # stable
+        header: dict[str, dict] = {}
+        spans, offset = [], 0
+        for i in order:
+            name, code, shape, arr = entries[i]
+            n = arr.nbytes
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            spans.append((i, offset, offset + n))
+            offset += n
+        head = json.dumps(header, separators=(",", ":")).encode()
+        self.head = head + b" " * (-len(head) % 8)
+        self.spans = spans
+        self.size = _U64.size + len(self.head) + offset
+
+
+def write_into(out: bytearray | memoryview, at: int, layout: Layout, entries: Sequence[Entry]) -> None:
+    """Serialise entries at ``out[at:at + layout.size]``: one copy of each array, no other buffer."""
+    _U64.pack_into(out, at, len(layout.head))
+    base = at + _U64.size + len(layout.head)
+    out[at + _U64.size:base] = layout.head
     dst = np.frombuffer(out, dtype=np.uint8)
-    for i in order:
-        name, _, _, arr = entries[i]
-        begin, end = header[name]["data_offsets"]
+    for i, begin, end in layout.spans:
         if end > begin:
-            dst[base + begin:base + end] = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+            dst[base + begin:base + end] = np.ascontiguousarray(entries[i][3]).reshape(-1).view(np.uint8)
+    del dst  # release the export: the caller's bytearray may be resized again
+
+
+def write(entries: Sequence[Entry]) -> bytearray:
+    """Serialise entries into one safetensors buffer (one copy of each array)."""
+    layout = Layout(entries)
+    out = bytearray(layout.size)
+    write_into(out, 0, layout, entries)
     return out
 
 

@@ -5,17 +5,21 @@ every message travels as chunk frames, even one that fits (count = 1), so receiv
 path. Frame layout (little-endian, 70-byte header)::
 
     0   4   magic b"FPWC"
-    4   1   chunk format version (1)
+    4   1   chunk format version (1 or 2)
     5   1   flags (0)
     6   16  message id (random)
     22  4   index (0-based)
     26  4   count (>= 1)
     30  8   total message length T
-    38  32  sha256 of the whole message
+    38  32  digest: version 1, sha256 of the whole message; version 2, the message's bytes
+            [20, 52): an envelope's own sha256, which the envelope decoder verifies
     70  ..  payload: bytes [index * P, min(T, (index + 1) * P)) with P = ceil(T / count)
 
 The split is canonical (P is derived from T and count), so each frame's payload length is
-checked on arrival, before it is stored. The reassembled message is checked against the digest.
+checked on arrival, before it is stored. A reassembled version 1 message is checked against the
+digest; a version 2 message must carry the digest at [20, 52), and its integrity is checked by
+whoever decodes it (every envelope is: ``decode`` starts with its sha256). Version 2 exists so
+that an envelope is hashed once on each side instead of twice (docs/wire.md).
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from .accounting import mqtt_publish_bytes
 from .limits import Limits, WireError
 
 CHUNK_MAGIC = b"FPWC"
-CHUNK_VERSION = 1
+CHUNK_VERSION = 1  # digest: sha256 of the message
+CHUNK_VERSION_ENVELOPE = 2  # digest: the envelope's own, at bytes [20, 52)
+ENVELOPE_DIGEST = slice(20, 52)
 _HEADER = struct.Struct("<4sBB16sIIQ32s")
 CHUNK_HEADER_BYTES = _HEADER.size  # 70
 
@@ -44,7 +50,8 @@ class Chunk:
     count: int
     total: int
     digest: bytes
-    payload: bytes
+    payload: bytes | memoryview  # a view into the frame when the frame is bytes (no copy)
+    version: int = CHUNK_VERSION
 
 
 def _piece(total: int, count: int, index: int) -> tuple[int, int]:
@@ -66,7 +73,7 @@ def parse_chunk(frame: bytes | bytearray | memoryview, *, max_message_bytes: int
     magic, version, flags, mid, index, count, total, digest = _HEADER.unpack_from(buf)
     if magic != CHUNK_MAGIC:
         raise WireError(f"bad chunk magic {bytes(magic)!r} (expected {CHUNK_MAGIC!r})")
-    if version != CHUNK_VERSION or flags:
+    if version not in (CHUNK_VERSION, CHUNK_VERSION_ENVELOPE) or flags:
         raise WireError(f"unsupported chunk version {version} / flags 0x{flags:02x}")
     if total > max_message_bytes:
         raise WireError(f"chunked message declares {total} bytes, the limit is {max_message_bytes}")
@@ -79,7 +86,9 @@ def parse_chunk(frame: bytes | bytearray | memoryview, *, max_message_bytes: int
     if len(buf) - CHUNK_HEADER_BYTES != length:
         raise WireError(f"chunk {index}/{count}: payload is {len(buf) - CHUNK_HEADER_BYTES} "
                         f"bytes, expected {length}")
-    return Chunk(bytes(mid), index, count, total, bytes(digest), bytes(buf[CHUNK_HEADER_BYTES:]))
+    # bytes cannot change under us: keep a view of the payload rather than a copy of it
+    payload = buf[CHUNK_HEADER_BYTES:] if isinstance(frame, bytes) else bytes(buf[CHUNK_HEADER_BYTES:])
+    return Chunk(bytes(mid), index, count, total, bytes(digest), payload, version)
 
 
 def max_chunk_payload(max_packet: int, topic: str | bytes, *, qos: int = 1, protocol: int = 4,
@@ -99,8 +108,11 @@ def max_chunk_payload(max_packet: int, topic: str | bytes, *, qos: int = 1, prot
 
 def split(data: bytes | bytearray | memoryview, max_packet: int, topic: str | bytes, *,
           qos: int = 1, protocol: int = 4, properties_len: int = 0,
-          message_id: bytes | None = None) -> list[bytes]:
-    """Chunk frames for data such that each PUBLISH on topic is at most max_packet bytes."""
+          message_id: bytes | None = None, envelope: bool = False) -> list[bytes]:
+    """Chunk frames for data such that each PUBLISH on topic is at most max_packet bytes.
+
+    ``envelope=True``: data is an envelope (its own sha256 at bytes [20, 52), checked by its
+    decoder); the frames are version 2 and carry that digest instead of hashing data again."""
     buf = memoryview(data).cast("B")
     per_max = max_chunk_payload(max_packet, topic, qos=qos, protocol=protocol,
                                 properties_len=properties_len)
@@ -111,21 +123,26 @@ def split(data: bytes | bytearray | memoryview, max_packet: int, topic: str | by
     mid = os.urandom(16) if message_id is None else message_id
     if len(mid) != 16:
         raise ValueError("message_id must be 16 bytes")
-    digest = hashlib.sha256(buf).digest()
+    if envelope:
+        if total < ENVELOPE_DIGEST.stop:
+            raise ValueError(f"{total} bytes cannot be an envelope")
+        version, digest = CHUNK_VERSION_ENVELOPE, bytes(buf[ENVELOPE_DIGEST])
+    else:
+        version, digest = CHUNK_VERSION, hashlib.sha256(buf).digest()
     frames = []
     for index in range(count):
         start, length = _piece(total, count, index)
-        frames.append(_HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, 0, mid, index, count, total, digest)
+        frames.append(_HEADER.pack(CHUNK_MAGIC, version, 0, mid, index, count, total, digest)
                       + buf[start:start + length])
     return frames
 
 
 class _Partial:
-    __slots__ = ("count", "total", "digest", "pieces", "held", "seen")
+    __slots__ = ("count", "total", "digest", "version", "pieces", "held", "seen")
 
     def __init__(self, chunk: Chunk, now: float) -> None:
-        self.count, self.total, self.digest = chunk.count, chunk.total, chunk.digest
-        self.pieces: dict[int, bytes] = {}
+        self.count, self.total, self.digest, self.version = chunk.count, chunk.total, chunk.digest, chunk.version
+        self.pieces: dict[int, bytes | memoryview] = {}
         self.held = 0
         self.seen = now
 
@@ -194,8 +211,12 @@ class Reassembler:
                 return True
         return False
 
-    def _finish(self, mid: bytes, data: bytes, digest: bytes) -> bytes:
-        if hashlib.sha256(data).digest() != digest:
+    def _finish(self, mid: bytes, data: bytes, digest: bytes, version: int) -> bytes:
+        if version == CHUNK_VERSION_ENVELOPE:  # the decoder checks the envelope's own sha256
+            ok = len(data) >= ENVELOPE_DIGEST.stop and data[ENVELOPE_DIGEST] == digest
+        else:
+            ok = hashlib.sha256(data).digest() == digest
+        if not ok:
             self.rejected += 1
             raise WireError(f"message {mid.hex()}: reassembled bytes do not match the digest")
         self._done[mid] = self.clock()
@@ -216,7 +237,7 @@ class Reassembler:
             self.duplicates += 1
             return None
         if chunk.count == 1:
-            return self._finish(mid, chunk.payload, chunk.digest)
+            return self._finish(mid, bytes(chunk.payload), chunk.digest, chunk.version)
         p = self._partials.get(mid)
         if p is None:
             if chunk.total > self.max_partial_bytes:
@@ -226,7 +247,7 @@ class Reassembler:
             while len(self._partials) >= self.max_messages:
                 self._evict_oldest(keep=mid)
             p = self._partials[mid] = _Partial(chunk, self.clock())
-        elif (p.count, p.total, p.digest) != (chunk.count, chunk.total, chunk.digest):
+        elif (p.count, p.total, p.digest, p.version) != (chunk.count, chunk.total, chunk.digest, chunk.version):
             self.rejected += 1
             raise WireError(f"message {mid.hex()}: chunk {chunk.index} disagrees with earlier "
                             "chunks on count, length or digest")
@@ -244,4 +265,4 @@ class Reassembler:
             return None
         self._drop(mid)
         data = b"".join(p.pieces[i] for i in range(p.count))
-        return self._finish(mid, data, p.digest)
+        return self._finish(mid, data, p.digest, p.version)

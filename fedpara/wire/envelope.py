@@ -75,9 +75,9 @@ class Message:
 
 @dataclass(frozen=True)
 class Encoded:
-    """An encoded message: the bytes to send and what they cost."""
+    """An encoded message: the bytes to send (a bytearray, built in place) and what they cost."""
 
-    data: bytes
+    data: bytes | bytearray
     stats: WireStats
 
     def split(
@@ -88,7 +88,7 @@ class Encoded:
         from .chunking import split
 
         chunks = split(self.data, max_packet, topic, qos=qos, protocol=protocol,
-                       properties_len=properties_len)
+                       properties_len=properties_len, envelope=True)
         return chunks, self.stats.framed(chunks, topic, qos=qos, protocol=protocol,
                                          properties_len=properties_len)
 
@@ -109,10 +109,14 @@ def encode(
     policy: CodecPolicy | WireConfig | str | None = None,
     *,
     generator: torch.Generator | None = None,
+    reserve: int = 0,
 ) -> Encoded:
     """Encode msg. policy: a CodecPolicy, its string form, or a WireConfig (picked by kind).
 
-    generator seeds int8 stochastic rounding. Raises WireError for a message it cannot encode.
+    generator seeds int8 stochastic rounding. ``reserve`` zero bytes follow the envelope in
+    ``data`` (a signer writes its trailer there instead of copying the message); the stats
+    count the envelope only. ``data`` is a bytearray. Raises WireError for a message it cannot
+    encode.
     """
     if not isinstance(msg, Message):
         raise WireError(f"encode expects a Message, got {type(msg).__name__}")
@@ -150,27 +154,43 @@ def encode(
         raw_bytes += raw
         tensor_bytes += enc
 
-    bodies, section_table = [], []
+    bodies, section_table = [], []  # per section: a blob layout (written in place) or zstd bytes
     for level, entries in sections.items():
-        raw_blob = blob.write(entries)
-        stored = raw_blob if level is None else zstandard.ZstdCompressor(level=level).compress(raw_blob)
-        bodies.append(stored)
-        section_table.append([level, len(raw_blob), len(stored)])
+        if level is None:
+            layout = blob.Layout(entries)
+            bodies.append((layout, entries))
+            section_table.append([level, layout.size, layout.size])
+        else:
+            raw_blob = blob.write(entries)
+            stored = zstandard.ZstdCompressor(level=level).compress(raw_blob)
+            bodies.append((stored, None))
+            section_table.append([level, len(raw_blob), len(stored)])
     header_obj = {"run": msg.run_id, "round": msg.round, "sender": msg.sender, "meta": msg.meta,
                   "sections": section_table, "tensors": manifest}
     try:
         header = json.dumps(header_obj, separators=(",", ":")).encode()
     except (TypeError, ValueError) as e:
         raise WireError(f"Message.meta is not JSON-serialisable: {e}") from None
-    body_len = sum(len(b) for b in bodies)
+    body_len = sum(s[2] for s in section_table)
+    size = PREFIX_BYTES + len(header) + body_len
+    # one buffer, each tensor copied once into its place (plus room for a signature trailer)
+    data = bytearray(size + reserve)
+    pos = PREFIX_BYTES + len(header)
+    data[PREFIX_BYTES:pos] = header
+    for body, entries in bodies:
+        if entries is not None:
+            blob.write_into(data, pos, body, entries)
+            pos += body.size
+        else:
+            data[pos:pos + len(body)] = body
+            pos += len(body)
     signed = _PREFIX.pack(ENVELOPE_MAGIC, WIRE_MAJOR, WIRE_MINOR, kind.code, 0, len(header),
                           body_len, b"")[:_SIGNED]
-    h = hashlib.sha256(signed)
-    h.update(header)
-    for b in bodies:
-        h.update(b)
-    data = b"".join([signed, h.digest(), header, *bodies])
-    stats = WireStats(raw_bytes=raw_bytes, tensor_bytes=tensor_bytes, payload_bytes=len(data),
+    with memoryview(data) as view:
+        h = hashlib.sha256(signed)
+        h.update(view[PREFIX_BYTES:size])
+    data[:PREFIX_BYTES] = signed + h.digest()
+    stats = WireStats(raw_bytes=raw_bytes, tensor_bytes=tensor_bytes, payload_bytes=size,
                       header_bytes=PREFIX_BYTES + len(header), tensors=per_tensor)
     return Encoded(data, stats)
 

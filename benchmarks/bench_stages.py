@@ -1,0 +1,127 @@
+"""Per-message CPU cost of each step of a round, on the real code paths, one process, no broker.
+
+    python benchmarks/bench_stages.py [--payloads vgg16-fedpara,vgg16-dense] [--repeat 5]
+
+For each payload (the factor states of bench_round.py), median milliseconds of: the coordinator
+encoding + signing the task and splitting it into 1 MB chunks; a client reassembling, verifying and
+decoding it; another client of the same pool taking the verified copy (edge_client/shared.py);
+loading the factors into the model; the client encoding + signing and splitting its update; the
+coordinator reassembling, verifying and decoding it and taking the screen's distance. Beside them,
+the two primitives the steps cannot avoid: one sha256 and one copy of the payload. docs/round.md
+explains where these costs sit in a round.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+
+def run(payload: str, repeat: int) -> dict[str, float]:
+    import hashlib
+
+    import torch
+
+    from bench_round import PAYLOADS
+    from coordinator.aggregate import delta_norms
+    from edge_client.shared import SharedVerified
+    from fedpara import global_state, load_state
+    from fedpara.models import ModelSpec
+    from fedpara.runtime.signing import endpoints, load_public_key, new_key
+    from fedpara.wire import CodecPolicy, Limits, Message, MessageKind, Reassembler, WireConfig
+
+    model_name, scheme, ratio, _ = PAYLOADS[payload]
+    keys = Path(tempfile.mkdtemp(prefix="bench-stages-"))
+    for name in ("coordinator", "c1"):
+        new_key(name, keys)
+    coord_seal, coord_open = endpoints("coordinator", insecure=False, key_path=keys / "coordinator.key",
+                                       trusted={"c1": load_public_key(keys / "c1.pub")})
+
+    def client_endpoints():
+        return endpoints("c1", insecure=False, key_path=keys / "c1.key",
+                         trusted={"coordinator": load_public_key(keys / "coordinator.pub")})
+
+    client_seal, client_open = client_endpoints()
+    model = ModelSpec(model=model_name, scheme=scheme, ratio=ratio).build(0)
+    state = global_state(model)
+    out: dict[str, float] = {}
+
+    def timed(name, fn):
+        times, result = [], None
+        for _ in range(repeat):
+            t = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - t)
+        out[name] = statistics.median(times) * 1e3
+        return result
+
+    def reassemble(frames):
+        r = Reassembler(max_partial_bytes=1 << 30)
+        return [x for x in map(r.add, frames) if x is not None][0]
+
+    task = Message(MessageKind.TASK, "run", 1, "coordinator", state, {"task_id": "t"})
+    enc = timed("coordinator: encode + sign task", lambda: coord_seal.seal(task, WireConfig()))
+    frames, _ = timed("coordinator: split task", lambda: enc.split(1_000_000, "fedpara/v1/run/task"))
+    data = timed("client: reassemble task", lambda: reassemble(frames))
+
+    def first_open():
+        client_open._last.clear()
+        return client_open.open(data, Limits(), sender="coordinator")
+
+    msg = timed("client: verify + decode task", first_open)
+    shared = SharedVerified()
+    shared.open(data, client_endpoints()[1], Limits(), sender="coordinator")
+
+    def shared_open():
+        return shared.open(data, client_endpoints()[1], Limits(), sender="coordinator")
+
+    shared_open()
+    out_hit = []
+    for _ in range(repeat):  # a fresh verifier each time: the pool's other clients
+        opener = client_endpoints()[1]
+        t = time.perf_counter()
+        shared.open(data, opener, Limits(), sender="coordinator")
+        out_hit.append(time.perf_counter() - t)
+    out["client of the same pool: take the verified task"] = statistics.median(out_hit) * 1e3
+    timed("client: load factors into the model", lambda: load_state(model, msg.tensors))
+    update = Message(MessageKind.UPDATE, "run", 1, "c1", global_state(model), {"task_id": "t"})
+    uenc = timed("client: encode + sign update", lambda: client_seal.seal(update, CodecPolicy.parse("fp32")))
+    uframes, _ = timed("client: split update", lambda: uenc.split(1_000_000, "fedpara/v1/run/update/c1"))
+    udata = timed("coordinator: reassemble update", lambda: reassemble(uframes))
+
+    def coord_decode():
+        coord_open._last.clear()
+        return coord_open.open(udata, Limits(), sender="c1")
+
+    umsg = timed("coordinator: verify + decode update", coord_decode)
+    timed("coordinator: screen distance of update", lambda: delta_norms(state, [umsg.tensors]))
+    raw = bytes(data)
+    timed("primitive: sha256 of the payload", lambda: hashlib.sha256(raw).digest())
+    timed("primitive: one copy of the payload", lambda: bytearray(raw))
+    out["payload MB"] = len(data) / 1e6
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--payloads", default="vgg16-fedpara,vgg16-dense")
+    p.add_argument("--repeat", type=int, default=5)
+    args = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(1)
+    for payload in args.payloads.split(","):
+        res = run(payload, args.repeat)
+        print(f"\n{payload} ({res.pop('payload MB'):.2f} MB), median of {args.repeat}, ms:")
+        for name, ms in res.items():
+            print(f"  {name:52s} {ms:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -220,7 +220,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "docs"))
     args = p.parse_args(argv)
     import torch
+
+    from fedpara.runtime.memory import tune_malloc
     torch.set_num_threads(1)
+    tune_malloc()  # this process runs the coordinator (and the floor), as `fedpara coordinator` would
     tmp = Path(tempfile.mkdtemp(prefix="bench-round-"))
     results = []
     for payload in args.payloads.split(","):

@@ -4,11 +4,16 @@
 
 For each payload (the factor states of bench_round.py), median milliseconds of: the coordinator
 encoding + signing the task and splitting it into 1 MB chunks; a client reassembling, verifying and
-decoding it; another client of the same pool taking the verified copy (edge_client/shared.py);
+decoding it (reassembly takes the envelope's sha256, in the runtime as frames arrive; decoding
+then skips it); another client of the same pool taking the verified copy (edge_client/shared.py);
 loading the factors into the model; the client encoding + signing and splitting its update; the
 coordinator reassembling, verifying and decoding it and taking the screen's distance. Beside them,
 the two primitives the steps cannot avoid: one sha256 and one copy of the payload. docs/round.md
 explains where these costs sit in a round.
+
+Each payload is measured twice, side by side, in two fresh processes: with the C library's malloc
+defaults (``FEDPARA_MALLOC=default``) and with the settings every ``fedpara`` command applies at
+start (fedpara/runtime/memory.py: freed buffers are reused instead of page-faulted in anew).
 """
 from __future__ import annotations
 
@@ -61,9 +66,14 @@ def run(payload: str, repeat: int) -> dict[str, float]:
         out[name] = statistics.median(times) * 1e3
         return result
 
+    checked = set()  # ids of messages whose digest the reassembler verified (as the runtime uses it)
+
     def reassemble(frames):
         r = Reassembler(max_partial_bytes=1 << 30)
-        return [x for x in map(r.add, frames) if x is not None][0]
+        data = [x for x in map(r.add, frames) if x is not None][0]
+        if r.checked(data):
+            checked.add(id(data))
+        return data
 
     task = Message(MessageKind.TASK, "run", 1, "coordinator", state, {"task_id": "t"})
     enc = timed("coordinator: encode + sign task", lambda: coord_seal.seal(task, WireConfig()))
@@ -72,7 +82,7 @@ def run(payload: str, repeat: int) -> dict[str, float]:
 
     def first_open():
         client_open._last.clear()
-        return client_open.open(data, Limits(), sender="coordinator")
+        return client_open.open(data, Limits(), sender="coordinator", digest_checked=id(data) in checked)
 
     msg = timed("client: verify + decode task", first_open)
     shared = SharedVerified()
@@ -93,7 +103,7 @@ def run(payload: str, repeat: int) -> dict[str, float]:
 
     def coord_decode():
         coord_open._last.clear()
-        return coord_open.open(udata, Limits(), sender="c1")
+        return coord_open.open(udata, Limits(), sender="c1", digest_checked=id(udata) in checked)
 
     umsg = timed("coordinator: verify + decode update", coord_decode)
     timed("coordinator: screen distance of update", lambda: delta_norms(state, [umsg.tensors]))
@@ -105,17 +115,35 @@ def run(payload: str, repeat: int) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
+    import json
+    import os
+    import subprocess
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--payloads", default="vgg16-fedpara,vgg16-dense")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one payload in this process
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(1)
+    if args.one:
+        from fedpara.runtime.memory import tune_malloc
+        tune_malloc()
+        print(json.dumps(run(args.one, args.repeat)))
+        return 0
     for payload in args.payloads.split(","):
-        res = run(payload, args.repeat)
-        print(f"\n{payload} ({res.pop('payload MB'):.2f} MB), median of {args.repeat}, ms:")
-        for name, ms in res.items():
-            print(f"  {name:52s} {ms:8.2f}")
+        cols = {}
+        for label, malloc in (("libc defaults", "default"), ("fedpara (tuned)", "")):
+            out = subprocess.run([sys.executable, __file__, "--one", payload, "--repeat", str(args.repeat)],
+                                 env={**os.environ, "FEDPARA_MALLOC": malloc, "OMP_NUM_THREADS": "1"},
+                                 check=True, capture_output=True, text=True).stdout
+            cols[label] = json.loads(out.strip().splitlines()[-1])
+        first = next(iter(cols.values()))
+        print(f"\n{payload} ({first['payload MB']:.2f} MB), median of {args.repeat}, ms: "
+              f"{' | '.join(cols)}")
+        for name in first:
+            if name != "payload MB":
+                print(f"  {name:52s} " + " | ".join(f"{c[name]:8.2f}" for c in cols.values()))
     return 0
 
 

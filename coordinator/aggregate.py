@@ -34,17 +34,44 @@ def fedavg(states: list[Mapping[str, Tensor]], weights: list[float]) -> dict[str
     for s in states[1:]:
         check_compatible(states[0], s)
     total = float(sum(weights))
+    alphas = [w / total for w in weights]
+    scratch = torch.empty(min(BLOCK, max((t.numel() for t in states[0].values()), default=0)), dtype=torch.float64)
     out = {}
     for k in keys:
         ref = states[0][k]
         if not ref.is_floating_point():  # integer buffers (e.g. num_batches_tracked): take the first
             out[k] = ref.clone()
             continue
-        acc = torch.zeros_like(ref, dtype=torch.float64)
-        for s, w in zip(states, weights, strict=True):
-            acc.add_(s[k], alpha=w / total)  # float64 accumulation, no float64 copy of the update
-        out[k] = acc.to(ref.dtype)
+        # float64 accumulation, block by block: a block's sum stays in cache while every update is
+        # added to it, so memory sees each update once and the result once (no float64 tensor of
+        # the whole model); per element the same operations in the same order as a whole-tensor sum
+        n = ref.numel()
+        if n <= BLOCK:  # fits in cache anyway: one pass per update (fewer calls than blocks)
+            acc = torch.zeros_like(ref, dtype=torch.float64)
+            for s, alpha in zip(states, alphas):
+                acc.add_(s[k], alpha=alpha)
+            out[k] = acc.to(ref.dtype)
+            continue
+        result = torch.empty_like(ref, memory_format=torch.contiguous_format)
+        flat_out, flats = result.view(-1), [s[k].reshape(-1) for s in states]
+        for a in range(0, n, BLOCK):
+            b = min(n, a + BLOCK)
+            acc = scratch[:b - a].zero_()
+            for f, alpha in zip(flats, alphas):
+                acc.add_(f[a:b], alpha=alpha)
+            flat_out[a:b].copy_(acc)
+        out[k] = result
     return out
+
+
+BLOCK = 1 << 18  # elements: a 2 MiB float64 block
+
+
+def all_finite(state: Mapping[str, Tensor]) -> bool:
+    """No NaN or Inf in any float tensor. A finite sum proves a tensor finite without a mask;
+    only a sum that overflows needs the element-wise check."""
+    return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+               for t in state.values() if t.is_floating_point())
 
 
 class StreamingFedAvg:

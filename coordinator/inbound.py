@@ -118,7 +118,7 @@ class Inbound:
         if data is None:
             return
         try:
-            msg = self.opener.open(data, self.limits, sender=client)
+            msg = self.opener.open(data, self.limits, sender=client, digest_checked=reassembler.checked(data))
         except WireError as exc:  # signed runs: the signature held, so this really is the client's
             self._broken_update(client, str(exc))
             raise

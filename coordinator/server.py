@@ -20,7 +20,6 @@ import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import torch
 from safetensors import SafetensorError
 
 from fedpara import global_state, load_state, local_state
@@ -49,7 +48,7 @@ from .events import RoundCompleted, TaskSent
 from .inbound import Inbound, RunFailed
 from .preflight import check_model_fits_data, trust
 from .registry import ClientRegistry
-from .aggregate import StreamingFedAvg
+from .aggregate import StreamingFedAvg, all_finite
 from .strategy import FedAvg, FitResult
 
 log = logging.getLogger(__name__)
@@ -302,8 +301,7 @@ class Coordinator(Inbound):
             log.warning("round %d: %s cannot aggregate: %s", rnd, self.cfg.aggregator, exc)
             new_state = None
         self._stream = None
-        if new_state is None or not all(bool(torch.isfinite(t).all()) for t in new_state.values()
-                                        if t.is_floating_point()):
+        if new_state is None or not all_finite(new_state):
             self.ignored["aggregate_rejected"] += 1
             log.warning("round %d: no usable aggregate (all updates screened or non-finite); model kept", rnd)
         else:

@@ -83,6 +83,9 @@ class EdgeClient:
                  shared: SharedVerified | None = None) -> None:
         self.cfg, self.broker = cfg, broker
         self.shared = shared  # a pool's clients check a broadcast task's bytes once for all
+        # global factors written every `save_every` rounds (-1: every round, as for one device)
+        self.save_every = 1 if cfg.save_every < 0 else cfg.save_every
+        self._since_save = 0
         self.topics = Topics(cfg.run_id)
         self.trainer = Trainer(cfg.client_id, cfg.data, device=cfg.device, threads=cfg.threads,
                                state_dir=cfg.state_dir, eval_local=cfg.eval_local, lock=train_lock)
@@ -173,7 +176,24 @@ class EdgeClient:
     def wait(self, timeout: float | None = None) -> bool:
         return self.finished.wait(timeout)
 
+    def save_pending(self, timeout: float = 30.0) -> None:
+        """Write trained global factors that ``save_every`` left unwritten (at the end of a run, or
+        when stopping); waits up to ``timeout`` for a training in progress to finish."""
+        if not self.trainer.global_pending:
+            return
+        if not self.trainer.lock.acquire(timeout=timeout):
+            log.warning("%s: still training after %.0f s; the last global factors are not written",
+                        self.cfg.client_id, timeout)
+            return
+        try:
+            self.trainer.save_state()
+        except OSError as exc:
+            log.warning("%s: could not write the global factors: %s", self.cfg.client_id, exc)
+        finally:
+            self.trainer.lock.release()
+
     def stop(self) -> None:
+        self.save_pending()
         self.finished.set()
         if self._quiet_timer is not None:
             self._quiet_timer.cancel()
@@ -259,10 +279,11 @@ class EdgeClient:
         transfer = {"task_payload_bytes": len(data), "task_mqtt_bytes": framed,
                     "download_s": time.monotonic() - first}
         t0 = time.perf_counter()
+        checked = self.reassembler.checked(data)  # hashed as its frames arrived
         if self.shared is not None:
-            msg = self.shared.open(data, self.opener, self.limits, sender="coordinator")
+            msg = self.shared.open(data, self.opener, self.limits, sender="coordinator", digest_checked=checked)
         else:
-            msg = self.opener.open(data, self.limits, sender="coordinator")
+            msg = self.opener.open(data, self.limits, sender="coordinator", digest_checked=checked)
         if msg.kind != MessageKind.TASK or msg.run_id != self.cfg.run_id:
             raise ValueError(f"expected a task for run {self.cfg.run_id}, got {msg.kind} for {msg.run_id!r}")
         selected = msg.meta.get("selected")
@@ -344,8 +365,9 @@ class EdgeClient:
             return self._phase(name, bytes_received=transfer["task_mqtt_bytes"]) if name == "download" \
                 else self._phase(name)
 
+        self.trainer.load(task, item.msg.tensors, phase)  # our own model: done while another client trains
         with self.trainer.lock:  # a pool's clients take turns for the CPU-heavy parts only
-            out = self.trainer.fit(task, rnd, item.msg.tensors, phase)
+            out = self.trainer.fit(task, rnd, None, phase)
         metrics = {**out.metrics, **transfer}
         for key in ("prev_upload", "prev_socket_bytes"):
             if key in self._carry:
@@ -373,7 +395,11 @@ class EdgeClient:
             self.rounds_done.append(rnd)
         log.info("%s: round %d done (loss %.4f, %d bytes up%s)", me, rnd, out.metrics["loss"],
                  stats.framed_bytes, "" if ok else ", publish incomplete")
-        self.trainer.save_state()
+        self._since_save += 1
+        every = self.save_every
+        self.trainer.save_state(include_global=every > 0 and self._since_save >= every)
+        if not self.trainer.global_pending:
+            self._since_save = 0
         if out.metrics.get("report_follows"):  # evaluated after the update went: it did not wait for this
             with self.trainer.lock:
                 ev = self.trainer.evaluate_local()
@@ -397,6 +423,7 @@ class EdgeClient:
                  delta["sent"], delta["received"])
 
     def _on_finish(self) -> None:
+        self.save_pending()  # before the process may exit (exit_on_finish)
         if self.cfg.export_on_finish and self.trainer.model is not None:
             try:
                 report = self.trainer.export({"round": self.finish_meta.get("round", 0), "run_id": self.cfg.run_id})

@@ -38,6 +38,9 @@ class ClientConfig:
     heartbeat_s: float = option(10.0, "seconds between repeated online statuses (0: none); the coordinator "
                                       "drops a client silent for 3 periods, even when its last will was lost")
     eval_local: bool = option(True, "evaluate on the local test split after training (reported to the coordinator)")
+    save_every: int = option(-1, "write the trained global factors to state_dir every N rounds; 0: only when "
+                                 "the run ends or the client stops; -1: every round for one client, at the end "
+                                 "for the clients of a --pool. pFedPara's local half is written every round")
 
     def __post_init__(self) -> None:
         check_id("client_id", self.client_id)
@@ -50,6 +53,7 @@ class ClientConfig:
         check_device("device", self.device)
         check_number("heartbeat_s", self.heartbeat_s, min=0.0, max=3600.0)
         check_number("max_message_age_s", self.max_message_age_s, min=1.0)
+        check_int("save_every", self.save_every, min=-1)
         if self.energy != "off":
             from .energy import EnergyConfig
             try:

@@ -31,7 +31,10 @@ def pool_configs(base: ClientConfig, size: int, offset: int = 0) -> list[ClientC
         cid = f"{base.client_id}-{i:03d}"
         data = str(spec.replace(clients=clients, index=i))
         state_dir = f"{base.state_dir}/{cid}" if base.state_dir else ""
-        out.append(dataclasses.replace(base, client_id=cid, data=data, state_dir=state_dir))
+        # simulated devices write their global factors when the run ends, not every round
+        # (100 clients x a 61 MB model would be 6 GB of writes a round); save_every >= 0 wins
+        save_every = 0 if base.save_every < 0 else base.save_every
+        out.append(dataclasses.replace(base, client_id=cid, data=data, state_dir=state_dir, save_every=save_every))
     return out
 
 

@@ -30,7 +30,7 @@ class SharedVerified:
         self._done = threading.Event()
         self.hits = self.misses = 0
 
-    def open(self, data: bytes, opener, limits, *, sender: str) -> Message:
+    def open(self, data: bytes, opener, limits, *, sender: str, digest_checked: bool = False) -> Message:
         key = bytes(data[ENVELOPE_DIGEST])
         with self._lock:
             first = key != self._key
@@ -41,7 +41,7 @@ class SharedVerified:
                 done = self._done
         if first:
             try:
-                msg = opener.open(data, limits, sender=sender)
+                msg = opener.open(data, limits, sender=sender, digest_checked=digest_checked)
                 with self._lock:
                     if self._key == key:
                         self._data, self._msg = data, msg
@@ -56,4 +56,4 @@ class SharedVerified:
             self.hits += 1
             return opener.admit(msg, sender=sender)
         self.misses += 1
-        return opener.open(data, limits, sender=sender)
+        return opener.open(data, limits, sender=sender, digest_checked=digest_checked)

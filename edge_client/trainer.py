@@ -58,6 +58,8 @@ class Trainer:
         self.spec: ModelSpec | None = None
         self.last_accuracy: float | None = None
         self._unsaved: tuple[ModelSpec, int] | None = None  # (spec, round) trained but not yet saved
+        self._local_saved = False  # the local half of that round is written already
+        self._loaded: str | None = None  # the task whose global factors the model holds
         # held while the model trains or exports; a client pool shares one: its clients take turns
         self.lock = lock or threading.Lock()
 
@@ -87,41 +89,63 @@ class Trainer:
                 log.warning("%s: ignoring local state %s: %s", self.client_id, path, exc)
         self.model, self.spec = model.to(self.device), spec
 
-    def fit(self, task: Task, rnd: int, tensors: dict[str, Tensor], phase=_no_phase) -> FitOutput:
-        """Load the global factors and train ``task.train`` locally. Saving the state
-        (:meth:`save_state`) and the local evaluation (:meth:`evaluate_local`) are the caller's
-        next steps, after the update is sent: neither delays the round.
+    def load(self, task: Task, tensors: dict[str, Tensor], phase=_no_phase) -> None:
+        """Build the model when the task's spec is new and load the task's global factors into it.
+        It touches only this client's model, so a pool's client runs it outside the shared lock,
+        while another client trains. Raises ValueError for factors that do not fit the model."""
+        self._loaded = None
+        with phase("download"):
+            self._ensure_model(task.spec, task.init_seed)
+            load_state(self.model, {k: v.to(self.device) for k, v in tensors.items()})
+        self._loaded = task.task_id
+
+    def fit(self, task: Task, rnd: int, tensors: dict[str, Tensor] | None = None, phase=_no_phase) -> FitOutput:
+        """Train ``task.train`` locally, after loading ``tensors`` (the task's global factors;
+        None: :meth:`load` loaded them already). Saving the state (:meth:`save_state`) and the
+        local evaluation (:meth:`evaluate_local`) are the caller's next steps, after the update
+        is sent: neither delays the round.
 
         ``phase(name)`` is a context manager factory wrapping the download/train phases (energy).
         Raises ValueError for a task that does not fit the model or the data.
         """
         torch.set_num_threads(self.threads)
         t = task.train
-        with phase("download"):
-            self._ensure_model(task.spec, task.init_seed)
-            load_state(self.model, {k: v.to(self.device) for k, v in tensors.items()})
+        if tensors is not None:
+            self.load(task, tensors, phase)
+        elif self._loaded != task.task_id:
+            raise ValueError(f"task {task.task_id}: its global factors were not loaded")
         with phase("train"):
             res = train_epochs(self.model, self.train_data, epochs=t.epochs, batch_size=t.batch_size,
                                lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                device=self.device, seed=t.seed)
         metrics = {"loss": res["loss"], "train_s": res["seconds"], "steps": res["steps"]}
         shared = global_state(self.model)
-        self._unsaved = (task.spec, rnd)
+        self._unsaved, self._local_saved = (task.spec, rnd), False
         if self.eval_local:  # evaluate_local() follows once the update has gone (docs/protocol.md)
             metrics["report_follows"] = True
         return FitOutput({k: v.cpu() for k, v in shared.items()}, self.num_examples, metrics)
 
-    def save_state(self) -> None:
+    def save_state(self, *, include_global: bool = True) -> None:
         """Write what the last :meth:`fit` trained to the state directory: pFedPara's local half
-        (restored on restart) and the global factors (``fedpara export`` reads them)."""
+        (restored on restart: always) and, unless ``include_global`` is false, the global factors
+        (``fedpara export`` reads them); global factors left unwritten are written by the next call
+        that includes them (:attr:`global_pending`)."""
         if self._unsaved is None:
             return
         spec, rnd = self._unsaved
         local = local_state(self.model)
-        if local:
+        if local and not self._local_saved:
             save_checkpoint(self.state.local_path, local, spec, round=rnd, client_id=self.client_id)
-        save_checkpoint(self.state.global_path, global_state(self.model), spec, round=rnd, client_id=self.client_id)
-        self._unsaved = None
+            self._local_saved = True
+        if include_global:
+            save_checkpoint(self.state.global_path, global_state(self.model), spec, round=rnd,
+                            client_id=self.client_id)
+            self._unsaved = None
+
+    @property
+    def global_pending(self) -> bool:
+        """Trained global factors not yet written to the state directory."""
+        return self._unsaved is not None
 
     def evaluate_local(self) -> dict:
         """The current (personalised) model on this client's own test split."""

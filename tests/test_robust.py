@@ -164,3 +164,24 @@ def test_inbox_budgets_and_rate():
     box.grant("a", 1000)  # a task sent to a: one reply's worth, capped at the burst
     assert box.put("a", b"x" * 40) is True and box.put("a", b"x" * 40) is True
     assert box.put("a", b"x" * 40) is False  # 100-byte burst: the grant did not lift the cap
+
+
+def test_blocked_fedavg_equals_the_whole_tensor_sum_bit_for_bit():
+    g = torch.Generator().manual_seed(3)
+    n = agg.BLOCK * 2 + 12345  # several blocks and a ragged end
+    states = [{"big": torch.randn(n, generator=g) * 10 ** i, "small": torch.randn(7, 3, generator=g),
+               "half": torch.randn(n, generator=g).half(), "count": torch.tensor(5 + i)} for i in range(5)]
+    weights = [3, 1, 4, 1, 5]
+    out = agg.fedavg(states, weights)
+    total = float(sum(weights))
+    for k in ("big", "small", "half"):
+        acc = torch.zeros_like(states[0][k], dtype=torch.float64)
+        for s, w in zip(states, weights):
+            acc.add_(s[k], alpha=w / total)
+        ref = acc.to(states[0][k].dtype)
+        assert out[k].dtype == ref.dtype and torch.equal(out[k], ref)
+    assert out["count"].item() == 5  # integer buffers: the first state's
+    assert agg.all_finite(out)
+    out["small"][0, 0] = float("nan")
+    assert not agg.all_finite(out)
+    assert agg.all_finite({"x": torch.full((4,), 3e38)})  # the sum overflows, the values do not

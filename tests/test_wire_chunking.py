@@ -224,16 +224,20 @@ def test_envelope_frames_are_version_2_carrying_the_envelope_digest():
         split(b"x" * 40, 2000, "t", envelope=True)
 
 
-def test_version_2_corruption_is_caught_by_the_envelope_decoder():
+def test_version_2_is_hashed_once_as_frames_arrive_and_corruption_is_refused():
     enc = _envelope()
     frames, _ = enc.split(2000, "t")
+    for order in (frames, frames[::-1]):  # in order: hashed as they come; reversed: at the end
+        r = Reassembler()
+        data = [x for x in map(r.add, order) if x is not None][0]
+        assert r.checked(data) and not r.checked(bytes(bytearray(data)))  # this very message only
+        assert decode(data, digest_checked=True).meta == {"k": 1}
     bad = bytearray(frames[-1])
-    bad[-1] ^= 0xFF  # a body byte: the reassembly binds by the digest field, the decoder hashes
+    bad[-1] ^= 0xFF  # a body byte
     r = Reassembler()
-    data = [x for x in map(r.add, [*frames[:-1], bytes(bad)]) if x is not None]
-    assert len(data) == 1
-    with pytest.raises(WireError, match="sha256"):
-        decode(data[0])
+    with pytest.raises(WireError, match="digest"):
+        for f in [*frames[:-1], bytes(bad)]:
+            r.add(f)
     bad = bytearray(frames[0])
     bad[CHUNK_HEADER_BYTES + 25] ^= 0xFF  # the envelope's own digest no longer matches the frames'
     r = Reassembler()
@@ -241,6 +245,20 @@ def test_version_2_corruption_is_caught_by_the_envelope_decoder():
         for f in [bytes(bad), *frames[1:]]:
             r.add(f)
     assert r.rejected == 1 and r.partial_messages == 0
+    bad = bytearray(frames[0])
+    bad[CHUNK_HEADER_BYTES + 12] = 0xFF  # a body length beyond the message: refused at once
+    r = Reassembler()
+    with pytest.raises(WireError, match="declares"):
+        r.add(bytes(bad))
+    assert r.partial_messages == 0
+    tiny = split(enc.data, 100, "t", envelope=True)  # first frame shorter than the prefix
+    r = Reassembler()
+    data = [x for x in map(r.add, tiny) if x is not None][0]
+    assert r.checked(data) and data == bytes(enc.data)
+    plain = split(enc.data, 2000, "t")  # version 1: its own digest, the envelope's is the decoder's
+    r = Reassembler()
+    data = [x for x in map(r.add, plain) if x is not None][0]
+    assert not r.checked(data)
 
 
 def test_version_1_and_2_frames_of_one_id_disagree():

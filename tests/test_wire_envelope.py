@@ -3,6 +3,7 @@
 import json
 import resource
 import struct
+import threading
 
 import pytest
 import torch
@@ -175,3 +176,19 @@ def test_sample_messages_decode():
     for data in sample_messages():
         assert decode(data).run_id == "run-1"
     assert PREFIX_BYTES == 52
+
+
+def test_threaded_hash_of_big_messages_gives_the_same_bytes(monkeypatch):
+    from fedpara.wire import envelope as env
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": torch.randn(300, 200, generator=g) for i in range(6)}
+    tensors["ids"] = torch.arange(1000)
+    msg = Message("update", "run", 2, "c1", tensors, {"n": 1})
+    policy = "fp32;t1=fp16+zstd:3;t4=int8"  # uncompressed and zstd sections, in both orders
+    serial = env.encode(msg, policy).data
+    monkeypatch.setattr(env._Hasher, "THREADED_HASH_BYTES", 1)  # every message takes the threaded path
+    threaded = env.encode(msg, policy, reserve=68)
+    assert bytes(threaded.data[:len(serial)]) == bytes(serial) and threaded.data[len(serial):] == bytes(68)
+    assert env.decode(serial).meta == {"n": 1}
+    assert not [t for t in threading.enumerate() if t.name == "envelope-sha256"]  # no thread left behind

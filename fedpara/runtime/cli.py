@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(cmd, Exception):
         print(f"fedpara {args.command}: unavailable, {cmd}. Install the missing package.", file=sys.stderr)
         return 2
+    from .memory import tune_malloc
+
+    tune_malloc()  # large buffers are reused, not page-faulted in anew every message (memory.py)
     try:
         return int(cmd.run(args) or 0)
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from fedpara.wire import Encoded, Message, decode, encode
+from fedpara.wire import Encoded, Limits, Message, decode, encode
 from fedpara.wire.envelope import PREFIX_BYTES
 
 TRAILER_MAGIC = b"FPSG"
@@ -159,12 +159,14 @@ class Verifier:
         self._remember = remember
         self._lock = threading.Lock()
 
-    def open(self, data: bytes, limits=None, *, sender: str, ordered: bool = True) -> Message:
+    def open(self, data: bytes, limits=None, *, sender: str, ordered: bool = True,
+             digest_checked: bool = False) -> Message:
         """The decoded message, if it is signed by the trusted key of ``sender`` (the id its topic
         names) and is fresh; else AuthError (or WireError for a malformed envelope). The signature
         is checked before anything is decoded; replays are tracked per sender and message kind
         (a sender's messages of different kinds may overtake each other on the way).
-        ``ordered=False`` leaves age and order to the caller (statuses: see ``fresh``)."""
+        ``ordered=False`` leaves age and order to the caller (statuses: see ``fresh``).
+        ``digest_checked``: the envelope's sha256 was verified on reassembly (``decode``)."""
         from cryptography.exceptions import InvalidSignature
 
         if len(data) < PREFIX_BYTES + TRAILER_BYTES or data[-TRAILER_BYTES:-SIGNATURE_BYTES] != TRAILER_MAGIC:
@@ -178,7 +180,8 @@ class Verifier:
             key.verify(bytes(signature), _CONTEXT + bytes(envelope[_DIGEST]))
         except InvalidSignature:
             raise AuthError("bad_signature", f"signature of {sender!r} does not verify") from None
-        msg = decode(envelope, limits) if limits is not None else decode(envelope)  # checks the digest
+        msg = decode(envelope, limits if limits is not None else Limits(),  # checks the digest
+                     digest_checked=digest_checked)
         return self.admit(msg, sender=sender, ordered=ordered)
 
     def admit(self, msg: Message, *, sender: str, ordered: bool = True) -> Message:
@@ -233,8 +236,9 @@ class Plain:
 
     signed = False
 
-    def open(self, data: bytes, limits=None, *, sender: str, ordered: bool = True) -> Message:
-        return decode(data, limits) if limits is not None else decode(data)
+    def open(self, data: bytes, limits=None, *, sender: str, ordered: bool = True,
+             digest_checked: bool = False) -> Message:
+        return decode(data, limits if limits is not None else Limits(), digest_checked=digest_checked)
 
     def admit(self, msg: Message, *, sender: str, ordered: bool = True) -> Message:
         return msg

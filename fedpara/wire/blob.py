@@ -86,8 +86,10 @@ class Layout:
         self.size = _U64.size + len(self.head) + offset
 
 
-def write_into(out: bytearray | memoryview, at: int, layout: Layout, entries: Sequence[Entry]) -> None:
-    """Serialise entries at ``out[at:at + layout.size]``: one copy of each array, no other buffer."""
+def write_into(out: bytearray | memoryview, at: int, layout: Layout, entries: Sequence[Entry],
+               written=None) -> None:
+    """Serialise entries at ``out[at:at + layout.size]``: one copy of each array, no other buffer.
+    ``written(end)``, if given, is called as the bytes before offset ``end`` of ``out`` are final."""
     _U64.pack_into(out, at, len(layout.head))
     base = at + _U64.size + len(layout.head)
     out[at + _U64.size:base] = layout.head
@@ -95,6 +97,8 @@ def write_into(out: bytearray | memoryview, at: int, layout: Layout, entries: Se
     for i, begin, end in layout.spans:
         if end > begin:
             dst[base + begin:base + end] = np.ascontiguousarray(entries[i][3]).reshape(-1).view(np.uint8)
+            if written is not None:
+                written(base + end)
     del dst  # release the export: the caller's bytearray may be resized again
 
 

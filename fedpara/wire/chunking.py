@@ -12,14 +12,16 @@ path. Frame layout (little-endian, 70-byte header)::
     26  4   count (>= 1)
     30  8   total message length T
     38  32  digest: version 1, sha256 of the whole message; version 2, the message's bytes
-            [20, 52): an envelope's own sha256, which the envelope decoder verifies
+            [20, 52): an envelope's own sha256, which the reassembler verifies (below)
     70  ..  payload: bytes [index * P, min(T, (index + 1) * P)) with P = ceil(T / count)
 
 The split is canonical (P is derived from T and count), so each frame's payload length is
 checked on arrival, before it is stored. A reassembled version 1 message is checked against the
-digest; a version 2 message must carry the digest at [20, 52), and its integrity is checked by
-whoever decodes it (every envelope is: ``decode`` starts with its sha256). Version 2 exists so
-that an envelope is hashed once on each side instead of twice (docs/wire.md).
+digest. A version 2 message is an envelope: its sha256 (over its bytes [0, 20) and [52, 52 + H +
+B), the lengths its prefix declares) is taken piece by piece as the frames arrive in order, checked
+against the digest when the last one comes, and ``Reassembler.checked(data)`` tells the decoder it
+need not hash again. Version 2 exists so that an envelope is hashed once on each side, mostly
+while it is still arriving (docs/wire.md).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ CHUNK_MAGIC = b"FPWC"
 CHUNK_VERSION = 1  # digest: sha256 of the message
 CHUNK_VERSION_ENVELOPE = 2  # digest: the envelope's own, at bytes [20, 52)
 ENVELOPE_DIGEST = slice(20, 52)
+_ENVELOPE_PREFIX = 52
+_ENVELOPE_LENGTHS = struct.Struct("<IQ")  # header and body length, at byte 8 of an envelope
 _HEADER = struct.Struct("<4sBB16sIIQ32s")
 CHUNK_HEADER_BYTES = _HEADER.size  # 70
 
@@ -138,13 +142,44 @@ def split(data: bytes | bytearray | memoryview, max_packet: int, topic: str | by
 
 
 class _Partial:
-    __slots__ = ("count", "total", "digest", "version", "pieces", "held", "seen")
+    __slots__ = ("count", "total", "digest", "version", "pieces", "held", "seen", "hasher", "fed", "total_env")
 
     def __init__(self, chunk: Chunk, now: float) -> None:
         self.count, self.total, self.digest, self.version = chunk.count, chunk.total, chunk.digest, chunk.version
         self.pieces: dict[int, bytes | memoryview] = {}
         self.held = 0
         self.seen = now
+        self.hasher = None  # version 2: the envelope's sha256 so far, over pieces 0 .. fed - 1
+        self.fed = 0
+
+
+def _envelope_length(prefix: bytes | memoryview, total: int) -> int:
+    """52 + H + B from an envelope's first bytes; WireError when it cannot fit the message."""
+    hlen, blen = _ENVELOPE_LENGTHS.unpack_from(prefix, 8)
+    n = _ENVELOPE_PREFIX + hlen + blen
+    if n > total:
+        raise WireError(f"envelope declares {n} bytes, the chunked message has {total}")
+    return n
+
+
+def _feed(p: _Partial) -> None:
+    """Hash the pieces of a version 2 message that have arrived in order (as they arrive)."""
+    while p.fed < p.count and p.fed in p.pieces:
+        piece = p.pieces[p.fed]
+        start, _ = _piece(p.total, p.count, p.fed)
+        if p.fed == 0:
+            if len(piece) < _ENVELOPE_PREFIX:  # tiny frames: hash the joined message at the end
+                return
+            end = _envelope_length(piece, p.total)
+            p.hasher = hashlib.sha256(piece[:ENVELOPE_DIGEST.start])
+            p.hasher.update(piece[_ENVELOPE_PREFIX:min(len(piece), end)])
+            p.fed, p.total_env = 1, end
+            continue
+        end = p.total_env
+        lo, hi = max(start, _ENVELOPE_PREFIX) - start, min(start + len(piece), end) - start
+        if hi > lo:
+            p.hasher.update(piece[lo:hi])
+        p.fed += 1
 
 
 class Reassembler:
@@ -178,6 +213,7 @@ class Reassembler:
         self._done: OrderedDict[bytes, float] = OrderedDict()  # completed id -> when
         self.partial_bytes = 0
         self.completed = self.duplicates = self.expired = self.evicted = self.rejected = 0
+        self._checked: bytes | None = None
 
     @property
     def partial_messages(self) -> int:
@@ -211,9 +247,20 @@ class Reassembler:
                 return True
         return False
 
-    def _finish(self, mid: bytes, data: bytes, digest: bytes, version: int) -> bytes:
-        if version == CHUNK_VERSION_ENVELOPE:  # the decoder checks the envelope's own sha256
-            ok = len(data) >= ENVELOPE_DIGEST.stop and data[ENVELOPE_DIGEST] == digest
+    def checked(self, data: bytes) -> bool:
+        """True when ``data`` is the message this reassembler last returned and it was a version 2
+        envelope whose own sha256 was verified here: its decoder need not hash it again."""
+        return data is self._checked
+
+    def _finish(self, mid: bytes, data: bytes, digest: bytes, version: int, hasher=None) -> bytes:
+        if version == CHUNK_VERSION_ENVELOPE:  # the envelope's own sha256, taken once
+            if len(data) < _ENVELOPE_PREFIX or data[ENVELOPE_DIGEST] != digest:
+                ok = False
+            else:
+                if hasher is None:  # one frame, or frames too small to hash as they came
+                    hasher = hashlib.sha256(data[:ENVELOPE_DIGEST.start])
+                    hasher.update(memoryview(data)[_ENVELOPE_PREFIX:_envelope_length(data, len(data))])
+                ok = hasher.digest() == digest
         else:
             ok = hashlib.sha256(data).digest() == digest
         if not ok:
@@ -221,6 +268,7 @@ class Reassembler:
             raise WireError(f"message {mid.hex()}: reassembled bytes do not match the digest")
         self._done[mid] = self.clock()
         self.completed += 1
+        self._checked = data if version == CHUNK_VERSION_ENVELOPE else None
         return data
 
     def add(self, frame: bytes | bytearray | memoryview) -> bytes | None:
@@ -261,8 +309,15 @@ class Reassembler:
         self.partial_bytes += len(chunk.payload)
         while self.partial_bytes > self.max_partial_bytes and self._evict_oldest(keep=mid):
             pass
+        if p.version == CHUNK_VERSION_ENVELOPE:
+            try:
+                _feed(p)  # hash what has arrived in order, while the rest is on its way
+            except WireError:
+                self.rejected += 1
+                self._drop(mid)
+                raise
         if len(p.pieces) < p.count:
             return None
         self._drop(mid)
         data = b"".join(p.pieces[i] for i in range(p.count))
-        return self._finish(mid, data, p.digest, p.version)
+        return self._finish(mid, data, p.digest, p.version, p.hasher if p.fed == p.count else None)

@@ -177,22 +177,69 @@ def encode(
     data = bytearray(size + reserve)
     pos = PREFIX_BYTES + len(header)
     data[PREFIX_BYTES:pos] = header
-    for body, entries in bodies:
-        if entries is not None:
-            blob.write_into(data, pos, body, entries)
-            pos += body.size
-        else:
-            data[pos:pos + len(body)] = body
-            pos += len(body)
     signed = _PREFIX.pack(ENVELOPE_MAGIC, WIRE_MAJOR, WIRE_MINOR, kind.code, 0, len(header),
                           body_len, b"")[:_SIGNED]
-    with memoryview(data) as view:
-        h = hashlib.sha256(signed)
-        h.update(view[PREFIX_BYTES:size])
-    data[:PREFIX_BYTES] = signed + h.digest()
+    hasher = _Hasher(data, signed, size)  # a big message is hashed while it is being written
+    try:
+        for body, entries in bodies:
+            if entries is not None:
+                blob.write_into(data, pos, body, entries, hasher.written if hasher.threaded else None)
+                pos += body.size
+            else:
+                data[pos:pos + len(body)] = body
+                pos += len(body)
+        digest = hasher.digest()
+    finally:
+        hasher.close()
+    data[:PREFIX_BYTES] = signed + digest
     stats = WireStats(raw_bytes=raw_bytes, tensor_bytes=tensor_bytes, payload_bytes=size,
                       header_bytes=PREFIX_BYTES + len(header), tensors=per_tensor)
     return Encoded(data, stats)
+
+
+class _Hasher:
+    """The envelope's sha256 over ``[PREFIX_BYTES, size)`` of ``data`` (after ``signed``). For a
+    message of at least THREADED_HASH_BYTES a second thread hashes each region as soon as it is
+    written (hashlib and numpy's copies both release the GIL), so hashing 61 MB overlaps copying
+    it instead of following it; smaller messages are hashed at the end, in this thread."""
+
+    THREADED_HASH_BYTES = 16 << 20
+
+    def __init__(self, data: bytearray, signed: bytes, size: int) -> None:
+        import queue
+        import threading
+
+        self.data, self.size, self.done = data, size, PREFIX_BYTES
+        self.h = hashlib.sha256(signed)
+        self.threaded = size >= self.THREADED_HASH_BYTES
+        if self.threaded:
+            self._q: queue.SimpleQueue = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="envelope-sha256", daemon=True)
+            self._thread.start()
+
+    def written(self, end: int) -> None:
+        self._q.put(end)
+
+    def _run(self) -> None:
+        with memoryview(self.data) as view:
+            while (end := self._q.get()) is not None:
+                if end > self.done:
+                    self.h.update(view[self.done:end])
+                    self.done = end
+
+    def digest(self) -> bytes:
+        if self.threaded:
+            self._q.put(self.size)  # the header, zstd sections and anything not reported yet
+            self.close()
+        else:
+            with memoryview(self.data) as view:
+                self.h.update(view[PREFIX_BYTES:self.size])
+        return self.h.digest()
+
+    def close(self) -> None:
+        if self.threaded and self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,10 +345,14 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> Message:
-    """Decode one envelope. Any bad input raises WireError and nothing else."""
+def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits(), *,
+           digest_checked: bool = False) -> Message:
+    """Decode one envelope. Any bad input raises WireError and nothing else.
+
+    ``digest_checked``: the caller verified the envelope's sha256 against its contents already
+    (``Reassembler.checked``: hashed as its frames arrived), so it is not taken twice."""
     try:
-        return _decode(data, limits)
+        return _decode(data, limits, digest_checked)
     except WireError:
         raise
     except (MemoryError, RecursionError, ValueError, TypeError, KeyError, IndexError,
@@ -309,7 +360,7 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits()) -> M
         raise WireError(f"malformed message ({type(e).__name__}: {e})") from None
 
 
-def _decode(data: bytes | bytearray | memoryview, limits: Limits) -> Message:
+def _decode(data: bytes | bytearray | memoryview, limits: Limits, digest_checked: bool = False) -> Message:
     try:
         buf = memoryview(data).cast("B")
     except TypeError:
@@ -333,10 +384,11 @@ def _decode(data: bytes | bytearray | memoryview, limits: Limits) -> Message:
     if PREFIX_BYTES + hlen + body_len != len(buf):
         raise WireError(f"length mismatch: header {hlen} + body {body_len} + {PREFIX_BYTES} != "
                         f"{len(buf)} bytes received")
-    h = hashlib.sha256(buf[:_SIGNED])
-    h.update(buf[PREFIX_BYTES:])
-    if h.digest() != digest:
-        raise WireError("sha256 mismatch: message corrupted or truncated")
+    if not digest_checked:
+        h = hashlib.sha256(buf[:_SIGNED])
+        h.update(buf[PREFIX_BYTES:])
+        if h.digest() != digest:
+            raise WireError("sha256 mismatch: message corrupted or truncated")
 
     try:
         header = json.loads(bytes(buf[PREFIX_BYTES:PREFIX_BYTES + hlen]))

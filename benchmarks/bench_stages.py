@@ -83,7 +83,8 @@ def run(payload: str, repeat: int) -> dict[str, float]:
     def opening(opener, message, sender):  # a fresh replay record each time: the same message again
         def run_once():
             opener._last.clear()
-            return opener.open(message, Limits(), sender=sender, digest_checked=id(message) in checked)
+            mine = id(message) in checked  # as the runtime: no second hash, tensors aliased in place
+            return opener.open(message, Limits(), sender=sender, digest_checked=mine, alias=mine)
         return run_once
 
     msg = timed("client: verify + decode task", opening(client_open, data, "coordinator"))

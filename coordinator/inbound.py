@@ -118,7 +118,9 @@ class Inbound:
         if data is None:
             return
         try:
-            msg = self.opener.open(data, self.limits, sender=client, digest_checked=reassembler.checked(data))
+            # hashed on arrival (version 2), into a buffer of its own: tensors may be views into it
+            msg = self.opener.open(data, self.limits, sender=client, digest_checked=reassembler.checked(data),
+                                   alias=isinstance(data, bytearray))
         except WireError as exc:  # signed runs: the signature held, so this really is the client's
             self._broken_update(client, str(exc))
             raise

@@ -94,7 +94,8 @@ class EdgeClient:
         self._session_seq = 0
         self._last_status = b""
         self._reasserted = 0.0
-        self.reassembler = Reassembler(timeout_s=300.0)
+        # in a pool one client hashes a broadcast task as it arrives; the others compare bytes
+        self.reassembler = Reassembler(timeout_s=300.0, hash_envelope=shared.claim if shared is not None else None)
         self.counters: Counter = Counter()
         self.rounds_done: list[int] = []
         self.finished = threading.Event()
@@ -279,11 +280,14 @@ class EdgeClient:
         transfer = {"task_payload_bytes": len(data), "task_mqtt_bytes": framed,
                     "download_s": time.monotonic() - first}
         t0 = time.perf_counter()
-        checked = self.reassembler.checked(data)  # hashed as its frames arrived
+        # a checked message was hashed as its frames arrived; a version 2 message lies in a buffer
+        # of its own (a bytearray), so its tensors can be views into it (the trainer copies them)
+        checked, owned = self.reassembler.checked(data), isinstance(data, bytearray)
         if self.shared is not None:
-            msg = self.shared.open(data, self.opener, self.limits, sender="coordinator", digest_checked=checked)
+            msg = self.shared.open(data, self.opener, self.limits, sender="coordinator", digest_checked=checked,
+                                   alias=owned)
         else:
-            msg = self.opener.open(data, self.limits, sender="coordinator", digest_checked=checked)
+            msg = self.opener.open(data, self.limits, sender="coordinator", digest_checked=checked, alias=owned)
         if msg.kind != MessageKind.TASK or msg.run_id != self.cfg.run_id:
             raise ValueError(f"expected a task for run {self.cfg.run_id}, got {msg.kind} for {msg.run_id!r}")
         selected = msg.meta.get("selected")

@@ -7,11 +7,15 @@ CPU (docs/round.md). With it, the first client to complete the message opens it 
 client whose reassembled bytes are *equal, byte for byte,* to that verified message takes the
 decoded message (its tensors shared, read-only: the trainer copies them into its own model) and
 runs only its own checks: sender, ``seq`` freshness and replay order (``Verifier.admit``). Bytes
-that differ in any way take the full path. Only the newest message is kept.
+that differ in any way take the full path. Only the newest message is kept. Hashing follows the
+same rule: the first client to receive a message's first frame hashes it as it arrives
+(:meth:`SharedVerified.claim`); the others' reassemblers do not hash it at all, since their bytes
+are compared with the verified ones.
 """
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 
 from fedpara.wire import Message
 from fedpara.wire.chunking import ENVELOPE_DIGEST
@@ -29,8 +33,22 @@ class SharedVerified:
         self._msg: Message | None = None    # and its decoded form
         self._done = threading.Event()
         self.hits = self.misses = 0
+        self._claimed: OrderedDict[bytes, bool] = OrderedDict()  # digests a client hashes as they arrive
 
-    def open(self, data: bytes, opener, limits, *, sender: str, digest_checked: bool = False) -> Message:
+    def claim(self, digest: bytes) -> bool:
+        """True for the first of the pool's clients to start receiving the message with this
+        envelope digest: its reassembler hashes it as it arrives; the others do not hash it at all
+        and compare their bytes with the verified message instead (:meth:`open`)."""
+        with self._lock:
+            if digest in self._claimed:
+                return False
+            self._claimed[digest] = True
+            while len(self._claimed) > 16:
+                self._claimed.popitem(last=False)
+            return True
+
+    def open(self, data: bytes, opener, limits, *, sender: str, digest_checked: bool = False,
+             alias: bool = False) -> Message:
         key = bytes(data[ENVELOPE_DIGEST])
         with self._lock:
             first = key != self._key
@@ -41,7 +59,7 @@ class SharedVerified:
                 done = self._done
         if first:
             try:
-                msg = opener.open(data, limits, sender=sender, digest_checked=digest_checked)
+                msg = opener.open(data, limits, sender=sender, digest_checked=digest_checked, alias=alias)
                 with self._lock:
                     if self._key == key:
                         self._data, self._msg = data, msg
@@ -56,4 +74,4 @@ class SharedVerified:
             self.hits += 1
             return opener.admit(msg, sender=sender)
         self.misses += 1
-        return opener.open(data, limits, sender=sender, digest_checked=digest_checked)
+        return opener.open(data, limits, sender=sender, digest_checked=digest_checked, alias=alias)

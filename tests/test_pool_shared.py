@@ -102,3 +102,31 @@ def test_pool_shares_only_between_clients_that_trust_the_same_keys(tmp_path):
     assert pool.shared is not None and all(c.shared is pool.shared for c in pool.clients)
     configs[1] = ClientConfig(**{**configs[1].__dict__, "max_message_age_s": 60.0})
     assert ClientPool(configs, url).shared is None
+
+
+def test_one_client_of_the_pool_hashes_the_task_as_it_arrives(keys):
+    from fedpara.wire import Reassembler
+
+    enc, state = _task(keys)
+    shared = SharedVerified()
+    frames, _ = enc.split(2000, "fedpara/v1/run/task")
+    first, second = (Reassembler(hash_envelope=shared.claim) for _ in range(2))
+    a = [x for x in map(first.add, frames) if x is not None][0]
+    b = [x for x in map(second.add, frames) if x is not None][0]
+    assert first.checked(a) and not second.checked(b)  # only the claimant hashed
+    ca, cb = Counting(keys), Counting(keys)
+    ma = shared.open(a, ca, Limits(), sender="coordinator", digest_checked=True, alias=True)
+    mb = shared.open(b, cb, Limits(), sender="coordinator", alias=True)
+    assert (ca.full, cb.full, shared.hits) == (1, 0, 1) and torch.equal(mb.tensors["w"], state["w"])
+    assert ma.tensors is mb.tensors
+    # the client that did not hash got different bytes: compared, refused by the full check
+    enc2, _ = _task(keys)
+    frames2, _ = enc2.split(2000, "fedpara/v1/run/task")
+    tampered = bytearray(frames2[-1])
+    tampered[-100] ^= 0xFF
+    one, two = (Reassembler(hash_envelope=shared.claim) for _ in range(2))
+    good = [x for x in map(one.add, frames2) if x is not None][0]
+    bad = [x for x in map(two.add, [*frames2[:-1], bytes(tampered)]) if x is not None][0]
+    shared.open(good, Counting(keys), Limits(), sender="coordinator", digest_checked=one.checked(good), alias=True)
+    with pytest.raises(WireError, match="sha256"):
+        shared.open(bad, Counting(keys), Limits(), sender="coordinator", alias=True)

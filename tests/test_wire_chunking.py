@@ -269,3 +269,20 @@ def test_version_1_and_2_frames_of_one_id_disagree():
     r.add(v2[0])
     with pytest.raises(WireError, match="disagrees"):
         r.add(v1[1])
+
+
+def test_version_2_buffers_count_whole_from_the_first_frame():
+    # a version 2 message is copied into its own buffer as frames arrive: the cap counts the whole
+    # buffer at once, so first frames declaring big messages cannot reserve more than the cap
+    encs = [_envelope(3000) for _ in range(3)]  # ~12 KB each
+    splits = [e.split(2000, "t")[0] for e in encs]
+    r = Reassembler(max_partial_bytes=30_000)
+    for frames in splits:
+        r.add(frames[0])
+    assert r.partial_bytes <= 30_000 and r.partial_messages == 2 and r.evicted == 1
+    data = [x for x in map(r.add, splits[2][1:]) if x is not None][0]
+    assert isinstance(data, bytearray) and data == encs[2].data and r.checked(data)
+    msg = decode(data, digest_checked=True, alias=True)  # fp32 tensors are views into the buffer
+    data[-4:] = b"\0\0\0\0"
+    assert msg.tensors["w"][-1].item() == 0.0  # proof it aliases: the buffer is its memory
+    assert decode(bytes(encs[2].data)).tensors["w"][-1].item() == 2999.0  # bytes: always copied

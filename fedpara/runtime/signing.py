@@ -160,13 +160,14 @@ class Verifier:
         self._lock = threading.Lock()
 
     def open(self, data: bytes, limits=None, *, sender: str, ordered: bool = True,
-             digest_checked: bool = False) -> Message:
+             digest_checked: bool = False, alias: bool = False) -> Message:
         """The decoded message, if it is signed by the trusted key of ``sender`` (the id its topic
         names) and is fresh; else AuthError (or WireError for a malformed envelope). The signature
         is checked before anything is decoded; replays are tracked per sender and message kind
         (a sender's messages of different kinds may overtake each other on the way).
         ``ordered=False`` leaves age and order to the caller (statuses: see ``fresh``).
-        ``digest_checked``: the envelope's sha256 was verified on reassembly (``decode``)."""
+        ``digest_checked``: the envelope's sha256 was verified on reassembly; ``alias``: tensors may
+        be views into ``data``, a buffer the caller owns (both: see ``decode``)."""
         from cryptography.exceptions import InvalidSignature
 
         if len(data) < PREFIX_BYTES + TRAILER_BYTES or data[-TRAILER_BYTES:-SIGNATURE_BYTES] != TRAILER_MAGIC:
@@ -181,7 +182,7 @@ class Verifier:
         except InvalidSignature:
             raise AuthError("bad_signature", f"signature of {sender!r} does not verify") from None
         msg = decode(envelope, limits if limits is not None else Limits(),  # checks the digest
-                     digest_checked=digest_checked)
+                     digest_checked=digest_checked, alias=alias)
         return self.admit(msg, sender=sender, ordered=ordered)
 
     def admit(self, msg: Message, *, sender: str, ordered: bool = True) -> Message:
@@ -237,8 +238,9 @@ class Plain:
     signed = False
 
     def open(self, data: bytes, limits=None, *, sender: str, ordered: bool = True,
-             digest_checked: bool = False) -> Message:
-        return decode(data, limits if limits is not None else Limits(), digest_checked=digest_checked)
+             digest_checked: bool = False, alias: bool = False) -> Message:
+        return decode(data, limits if limits is not None else Limits(), digest_checked=digest_checked,
+                      alias=alias)
 
     def admit(self, msg: Message, *, sender: str, ordered: bool = True) -> Message:
         return msg

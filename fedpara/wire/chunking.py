@@ -142,15 +142,21 @@ def split(data: bytes | bytearray | memoryview, max_packet: int, topic: str | by
 
 
 class _Partial:
-    __slots__ = ("count", "total", "digest", "version", "pieces", "held", "seen", "hasher", "fed", "total_env")
+    __slots__ = ("count", "total", "digest", "version", "pieces", "held", "seen", "hasher", "fed", "total_env",
+                 "buf", "hash_it")
 
     def __init__(self, chunk: Chunk, now: float) -> None:
         self.count, self.total, self.digest, self.version = chunk.count, chunk.total, chunk.digest, chunk.version
-        self.pieces: dict[int, bytes | memoryview] = {}
+        # version 1: frames kept as views until joined; version 2: each piece copied at once into
+        # the message's own buffer (no join at the end; a decoder may alias tensors in it)
+        self.pieces: dict[int, bytes | memoryview | int] = {}
+        self.buf = bytearray(self.total) if self.version == CHUNK_VERSION_ENVELOPE else None
         self.held = 0
         self.seen = now
         self.hasher = None  # version 2: the envelope's sha256 so far, over pieces 0 .. fed - 1
         self.fed = 0
+        self.total_env = 0
+        self.hash_it = True
 
 
 def _envelope_length(prefix: bytes | memoryview, total: int) -> int:
@@ -164,22 +170,18 @@ def _envelope_length(prefix: bytes | memoryview, total: int) -> int:
 
 def _feed(p: _Partial) -> None:
     """Hash the pieces of a version 2 message that have arrived in order (as they arrive)."""
-    while p.fed < p.count and p.fed in p.pieces:
-        piece = p.pieces[p.fed]
-        start, _ = _piece(p.total, p.count, p.fed)
-        if p.fed == 0:
-            if len(piece) < _ENVELOPE_PREFIX:  # tiny frames: hash the joined message at the end
-                return
-            end = _envelope_length(piece, p.total)
-            p.hasher = hashlib.sha256(piece[:ENVELOPE_DIGEST.start])
-            p.hasher.update(piece[_ENVELOPE_PREFIX:min(len(piece), end)])
-            p.fed, p.total_env = 1, end
-            continue
-        end = p.total_env
-        lo, hi = max(start, _ENVELOPE_PREFIX) - start, min(start + len(piece), end) - start
-        if hi > lo:
-            p.hasher.update(piece[lo:hi])
-        p.fed += 1
+    with memoryview(p.buf) as buf:
+        while p.fed < p.count and p.fed in p.pieces:
+            start, length = _piece(p.total, p.count, p.fed)
+            if p.fed == 0:
+                if length < _ENVELOPE_PREFIX:  # tiny frames: hash the whole message at the end
+                    return
+                p.total_env = _envelope_length(buf[:_ENVELOPE_PREFIX], p.total)
+                p.hasher = hashlib.sha256(buf[:ENVELOPE_DIGEST.start])
+            lo, hi = max(start, _ENVELOPE_PREFIX), min(start + length, p.total_env)
+            if hi > lo:
+                p.hasher.update(buf[lo:hi])
+            p.fed += 1
 
 
 class Reassembler:
@@ -195,7 +197,8 @@ class Reassembler:
     def __init__(self, timeout_s: float = 60.0, max_partial_bytes: int = 256 << 20,
                  max_messages: int = 64, *, max_message_bytes: int = Limits().max_message_bytes,
                  max_chunks: int = 1 << 16, remember_s: float | None = None,
-                 max_remembered: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_remembered: int = 4096, clock: Callable[[], float] = time.monotonic,
+                 hash_envelope: Callable[[bytes], bool] | None = None) -> None:
         for name, value in (("timeout_s", timeout_s), ("max_partial_bytes", max_partial_bytes),
                             ("max_messages", max_messages), ("max_message_bytes", max_message_bytes),
                             ("max_chunks", max_chunks), ("max_remembered", max_remembered)):
@@ -207,6 +210,9 @@ class Reassembler:
         self.max_message_bytes = max_message_bytes
         self.max_chunks = max_chunks
         self.remember_s = timeout_s if remember_s is None else remember_s
+        # version 2: hash an envelope as it arrives (True), or leave its check to whoever opens it
+        # (a pool whose other client checks the same bytes: edge_client/shared.py)
+        self.hash_envelope = hash_envelope
         self.max_remembered = max_remembered
         self.clock = clock
         self._partials: OrderedDict[bytes, _Partial] = OrderedDict()  # oldest activity first
@@ -247,15 +253,21 @@ class Reassembler:
                 return True
         return False
 
+    def _hash_it(self, digest: bytes) -> bool:
+        return self.hash_envelope is None or bool(self.hash_envelope(digest))
+
     def checked(self, data: bytes) -> bool:
         """True when ``data`` is the message this reassembler last returned and it was a version 2
         envelope whose own sha256 was verified here: its decoder need not hash it again."""
         return data is self._checked
 
-    def _finish(self, mid: bytes, data: bytes, digest: bytes, version: int, hasher=None) -> bytes:
+    def _finish(self, mid: bytes, data: bytes, digest: bytes, version: int, hasher=None,
+                hash_it: bool = True) -> bytes:
         if version == CHUNK_VERSION_ENVELOPE:  # the envelope's own sha256, taken once
             if len(data) < _ENVELOPE_PREFIX or data[ENVELOPE_DIGEST] != digest:
                 ok = False
+            elif not hash_it:  # left to whoever opens it (hash_envelope said no)
+                ok = True
             else:
                 if hasher is None:  # one frame, or frames too small to hash as they came
                     hasher = hashlib.sha256(data[:ENVELOPE_DIGEST.start])
@@ -268,7 +280,7 @@ class Reassembler:
             raise WireError(f"message {mid.hex()}: reassembled bytes do not match the digest")
         self._done[mid] = self.clock()
         self.completed += 1
-        self._checked = data if version == CHUNK_VERSION_ENVELOPE else None
+        self._checked = data if version == CHUNK_VERSION_ENVELOPE and hash_it else None
         return data
 
     def add(self, frame: bytes | bytearray | memoryview) -> bytes | None:
@@ -285,7 +297,10 @@ class Reassembler:
             self.duplicates += 1
             return None
         if chunk.count == 1:
-            return self._finish(mid, bytes(chunk.payload), chunk.digest, chunk.version)
+            if chunk.version != CHUNK_VERSION_ENVELOPE:
+                return self._finish(mid, bytes(chunk.payload), chunk.digest, chunk.version)
+            return self._finish(mid, bytearray(chunk.payload), chunk.digest, chunk.version,
+                                hash_it=self._hash_it(chunk.digest))
         p = self._partials.get(mid)
         if p is None:
             if chunk.total > self.max_partial_bytes:
@@ -295,6 +310,8 @@ class Reassembler:
             while len(self._partials) >= self.max_messages:
                 self._evict_oldest(keep=mid)
             p = self._partials[mid] = _Partial(chunk, self.clock())
+            if p.version == CHUNK_VERSION_ENVELOPE:
+                p.hash_it = self._hash_it(chunk.digest)
         elif (p.count, p.total, p.digest, p.version) != (chunk.count, chunk.total, chunk.digest, chunk.version):
             self.rejected += 1
             raise WireError(f"message {mid.hex()}: chunk {chunk.index} disagrees with earlier "
@@ -302,14 +319,21 @@ class Reassembler:
         if chunk.index in p.pieces:
             self.duplicates += 1
             return None
-        p.pieces[chunk.index] = chunk.payload
-        p.held += len(chunk.payload)
+        if p.buf is not None:  # version 2: straight into the message's buffer, reserved whole
+            start, length = _piece(p.total, p.count, chunk.index)
+            p.buf[start:start + length] = chunk.payload
+            p.pieces[chunk.index] = length
+            grown = p.total - p.held  # the whole buffer counts from its first piece on
+        else:
+            p.pieces[chunk.index] = chunk.payload
+            grown = len(chunk.payload)
+        p.held += grown
         p.seen = self.clock()
         self._partials.move_to_end(mid)
-        self.partial_bytes += len(chunk.payload)
+        self.partial_bytes += grown
         while self.partial_bytes > self.max_partial_bytes and self._evict_oldest(keep=mid):
             pass
-        if p.version == CHUNK_VERSION_ENVELOPE:
+        if p.version == CHUNK_VERSION_ENVELOPE and p.hash_it:
             try:
                 _feed(p)  # hash what has arrived in order, while the rest is on its way
             except WireError:
@@ -319,5 +343,5 @@ class Reassembler:
         if len(p.pieces) < p.count:
             return None
         self._drop(mid)
-        data = b"".join(p.pieces[i] for i in range(p.count))
-        return self._finish(mid, data, p.digest, p.version, p.hasher if p.fed == p.count else None)
+        data = p.buf if p.buf is not None else b"".join(p.pieces[i] for i in range(p.count))
+        return self._finish(mid, data, p.digest, p.version, p.hasher if p.fed == p.count else None, p.hash_it)

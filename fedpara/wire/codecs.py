@@ -121,17 +121,23 @@ def decoded_dtype(codec: CodecSpec, dtype_name: str) -> torch.dtype:
     return ST_DTYPES[TORCH_NAMES[dtype_name]][1] if codec.dtype == "raw" else torch.float32
 
 
-def decode_tensor(codec: CodecSpec, dtype_name: str, parts: Mapping[str, np.ndarray]) -> torch.Tensor:
-    """Inverse of encode_tensor, from the validated arrays (read-only views; copied here)."""
+def decode_tensor(codec: CodecSpec, dtype_name: str, parts: Mapping[str, np.ndarray], *,
+                  alias: bool = False) -> torch.Tensor:
+    """Inverse of encode_tensor, from the validated arrays (views into the message; copied here
+    unless ``alias`` and the view is writable and aligned: then the tensor shares its memory)."""
     main = parts[""]
+
+    def own(arr: np.ndarray) -> np.ndarray:
+        return arr if alias and arr.flags.writeable and arr.flags.aligned else arr.copy()
+
     if codec.dtype == "raw":
         if dtype_name == "bool":  # normalise: any non-zero byte is True
             return torch.from_numpy(np.asarray(main.view(np.uint8) != 0))
         if dtype_name == "bfloat16":
-            return torch.from_numpy(main.copy()).view(torch.bfloat16)
-        return torch.from_numpy(main.copy())
+            return torch.from_numpy(own(main)).view(torch.bfloat16)
+        return torch.from_numpy(own(main))
     if codec.dtype == "fp32":
-        return torch.from_numpy(main.copy())
+        return torch.from_numpy(own(main))
     if codec.dtype == "fp16":
         return torch.from_numpy(main.astype(np.float32))
     if codec.dtype == "bf16":

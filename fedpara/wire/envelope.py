@@ -171,6 +171,9 @@ def encode(
         header = json.dumps(header_obj, separators=(",", ":")).encode()
     except (TypeError, ValueError) as e:
         raise WireError(f"Message.meta is not JSON-serialisable: {e}") from None
+    # JSON may end in spaces: pad so the body starts 8-aligned, and with it (safetensors pads its
+    # own header to 8) every tensor of the first section; a decoder can then alias them in place
+    header += b" " * (-(PREFIX_BYTES + len(header)) % 8)
     body_len = sum(s[2] for s in section_table)
     size = PREFIX_BYTES + len(header) + body_len
     # one buffer, each tensor copied once into its place (plus room for a signature trailer)
@@ -346,13 +349,15 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits(), *,
-           digest_checked: bool = False) -> Message:
+           digest_checked: bool = False, alias: bool = False) -> Message:
     """Decode one envelope. Any bad input raises WireError and nothing else.
 
     ``digest_checked``: the caller verified the envelope's sha256 against its contents already
-    (``Reassembler.checked``: hashed as its frames arrived), so it is not taken twice."""
+    (``Reassembler.checked``: hashed as its frames arrived), so it is not taken twice.
+    ``alias``: raw and fp32 tensors that lie aligned in a writable ``data`` (a bytearray the caller
+    owns and will not change) are views into it instead of copies."""
     try:
-        return _decode(data, limits, digest_checked)
+        return _decode(data, limits, digest_checked, alias)
     except WireError:
         raise
     except (MemoryError, RecursionError, ValueError, TypeError, KeyError, IndexError,
@@ -360,7 +365,8 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits(), *,
         raise WireError(f"malformed message ({type(e).__name__}: {e})") from None
 
 
-def _decode(data: bytes | bytearray | memoryview, limits: Limits, digest_checked: bool = False) -> Message:
+def _decode(data: bytes | bytearray | memoryview, limits: Limits, digest_checked: bool = False,
+            alias: bool = False) -> Message:
     try:
         buf = memoryview(data).cast("B")
     except TypeError:
@@ -429,7 +435,7 @@ def _decode(data: bytes | bytearray | memoryview, limits: Limits, digest_checked
     tensors = {}
     for name, dtype_name, shape, codec, _ in manifest:
         suffixes = expected_parts(codec, dtype_name, shape)
-        t = decode_tensor(codec, dtype_name, {s: arrays[name + s] for s in suffixes})
+        t = decode_tensor(codec, dtype_name, {s: arrays[name + s] for s in suffixes}, alias=alias)
         if limits.reject_nonfinite and t.is_floating_point() and not _all_finite(t):
             raise WireError(f"tensor {name!r} contains NaN or Inf")
         tensors[name] = t

@@ -179,10 +179,11 @@ class EdgeClient:
 
     def save_pending(self, timeout: float = 30.0) -> None:
         """Write trained global factors that ``save_every`` left unwritten (at the end of a run, or
-        when stopping); waits up to ``timeout`` for a training in progress to finish."""
+        when stopping); waits up to ``timeout`` for a training in progress to finish. Factors
+        already overwritten by a newer task's are not pending (the last written round stays)."""
         if not self.trainer.global_pending:
             return
-        if not self.trainer.lock.acquire(timeout=timeout):
+        if not self.trainer.model_lock.acquire(timeout=timeout):
             log.warning("%s: still training after %.0f s; the last global factors are not written",
                         self.cfg.client_id, timeout)
             return
@@ -191,7 +192,7 @@ class EdgeClient:
         except OSError as exc:
             log.warning("%s: could not write the global factors: %s", self.cfg.client_id, exc)
         finally:
-            self.trainer.lock.release()
+            self.trainer.model_lock.release()
 
     def stop(self) -> None:
         self.save_pending()

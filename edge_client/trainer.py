@@ -62,6 +62,9 @@ class Trainer:
         self._loaded: str | None = None  # the task whose global factors the model holds
         # held while the model trains or exports; a client pool shares one: its clients take turns
         self.lock = lock or threading.Lock()
+        # this client's own: loading, training and writing its model exclude each other (a pool's
+        # client loads outside the shared lock; stop() may write from another thread)
+        self.model_lock = threading.RLock()
 
     @property
     def num_examples(self) -> int:
@@ -93,11 +96,15 @@ class Trainer:
         """Build the model when the task's spec is new and load the task's global factors into it.
         It touches only this client's model, so a pool's client runs it outside the shared lock,
         while another client trains. Raises ValueError for factors that do not fit the model."""
-        self._loaded = None
-        with phase("download"):
-            self._ensure_model(task.spec, task.init_seed)
-            load_state(self.model, {k: v.to(self.device) for k, v in tensors.items()})
-        self._loaded = task.task_id
+        with self.model_lock:
+            self._loaded = None
+            # the global factors the model held are overwritten now: nothing trained is pending
+            # any more (save_every chose not to write them); the local half was written already
+            self._unsaved = None
+            with phase("download"):
+                self._ensure_model(task.spec, task.init_seed)
+                load_state(self.model, {k: v.to(self.device) for k, v in tensors.items()})
+            self._loaded = task.task_id
 
     def fit(self, task: Task, rnd: int, tensors: dict[str, Tensor] | None = None, phase=_no_phase) -> FitOutput:
         """Train ``task.train`` locally, after loading ``tensors`` (the task's global factors;
@@ -108,12 +115,17 @@ class Trainer:
         ``phase(name)`` is a context manager factory wrapping the download/train phases (energy).
         Raises ValueError for a task that does not fit the model or the data.
         """
+        with self.model_lock:
+            return self._fit(task, rnd, tensors, phase)
+
+    def _fit(self, task: Task, rnd: int, tensors: dict[str, Tensor] | None, phase) -> FitOutput:
         torch.set_num_threads(self.threads)
         t = task.train
         if tensors is not None:
             self.load(task, tensors, phase)
         elif self._loaded != task.task_id:
             raise ValueError(f"task {task.task_id}: its global factors were not loaded")
+        self._loaded = None  # trained from here on: a second fit needs a fresh load
         with phase("train"):
             res = train_epochs(self.model, self.train_data, epochs=t.epochs, batch_size=t.batch_size,
                                lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
@@ -130,17 +142,18 @@ class Trainer:
         (restored on restart: always) and, unless ``include_global`` is false, the global factors
         (``fedpara export`` reads them); global factors left unwritten are written by the next call
         that includes them (:attr:`global_pending`)."""
-        if self._unsaved is None:
-            return
-        spec, rnd = self._unsaved
-        local = local_state(self.model)
-        if local and not self._local_saved:
-            save_checkpoint(self.state.local_path, local, spec, round=rnd, client_id=self.client_id)
-            self._local_saved = True
-        if include_global:
-            save_checkpoint(self.state.global_path, global_state(self.model), spec, round=rnd,
-                            client_id=self.client_id)
-            self._unsaved = None
+        with self.model_lock:
+            if self._unsaved is None:
+                return
+            spec, rnd = self._unsaved
+            local = local_state(self.model)
+            if local and not self._local_saved:
+                save_checkpoint(self.state.local_path, local, spec, round=rnd, client_id=self.client_id)
+                self._local_saved = True
+            if include_global:
+                save_checkpoint(self.state.global_path, global_state(self.model), spec, round=rnd,
+                                client_id=self.client_id)
+                self._unsaved = None
 
     @property
     def global_pending(self) -> bool:

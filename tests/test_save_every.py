@@ -87,3 +87,17 @@ def test_only_at_the_end_in_a_pool_unless_asked(tmp_path):
     assert saved_round(c.trainer.state.global_path) == 1
     with pytest.raises(ValueError, match="save_every"):
         ClientConfig(client_id="c", run_id="r", data=DATA, insecure=True, save_every=-2)
+
+
+def test_a_newer_tasks_factors_are_never_written_as_the_clients_own(tmp_path):
+    c, spec = client(tmp_path, save_every=2)
+    for rnd in (1, 2, 3):
+        run_round(c, spec, rnd)
+    assert c.trainer.global_pending  # round 3 trained, not written (every 2)
+    task = Task("t-4-1", ("c",), spec, TrainParams(batch_size=32, lr=0.01, seed=4))
+    c.trainer.load(task, global_state(spec.build(0)))  # round 4's factors overwrite round 3's
+    assert not c.trainer.global_pending
+    c.stop()  # nothing to write: the file keeps round 2, the last one written
+    assert saved_round(c.trainer.state.global_path) == 2
+    with pytest.raises(ValueError, match="not loaded"):
+        c.trainer.fit(Task("t-5-1", ("c",), spec, TrainParams(batch_size=32, lr=0.01)), 5)

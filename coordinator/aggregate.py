@@ -35,7 +35,7 @@ def fedavg(states: list[Mapping[str, Tensor]], weights: list[float]) -> dict[str
         check_compatible(states[0], s)
     total = float(sum(weights))
     alphas = [w / total for w in weights]
-    scratch = torch.empty(min(BLOCK, max((t.numel() for t in states[0].values()), default=0)), dtype=torch.float64)
+    scratch = None  # one block's float64 sum, made for the first tensor larger than a block
     out = {}
     for k in keys:
         ref = states[0][k]
@@ -52,6 +52,8 @@ def fedavg(states: list[Mapping[str, Tensor]], weights: list[float]) -> dict[str
                 acc.add_(s[k], alpha=alpha)
             out[k] = acc.to(ref.dtype)
             continue
+        if scratch is None:
+            scratch = torch.empty(BLOCK, dtype=torch.float64)
         result = torch.empty_like(ref, memory_format=torch.contiguous_format)
         flat_out, flats = result.view(-1), [s[k].reshape(-1) for s in states]
         for a in range(0, n, BLOCK):

@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 
 from fedpara.wire import Message
-from fedpara.wire.chunking import ENVELOPE_DIGEST
+from fedpara.wire.limits import ENVELOPE_DIGEST
 
 WAIT_S = 30.0  # a client waits at most this long for another client's check of the same bytes
 
@@ -63,15 +63,18 @@ class SharedVerified:
                 with self._lock:
                     if self._key == key:
                         self._data, self._msg = data, msg
-                self.misses += 1
+                    self.misses += 1
                 return msg
             finally:
                 done.set()
         done.wait(WAIT_S)
         with self._lock:
-            known, msg = self._data, self._msg
-        if known is not None and msg is not None and known == data:  # the same bytes: same verdict
-            self.hits += 1
+            msg = self._msg
+            same = msg is not None and self._data == data  # the same bytes: the same verdict
+            if same:
+                self.hits += 1
+            else:
+                self.misses += 1
+        if same:
             return opener.admit(msg, sender=sender)
-        self.misses += 1
         return opener.open(data, limits, sender=sender, digest_checked=digest_checked, alias=alias)

@@ -27,12 +27,13 @@ from pathlib import Path
 
 from fedpara.wire import Encoded, Limits, Message, decode, encode
 from fedpara.wire.envelope import PREFIX_BYTES
+from fedpara.wire.limits import ENVELOPE_DIGEST
 
 TRAILER_MAGIC = b"FPSG"
 SIGNATURE_BYTES = 64
 TRAILER_BYTES = len(TRAILER_MAGIC) + SIGNATURE_BYTES
 _CONTEXT = b"fedpara/v1 signature\0"
-_DIGEST = slice(20, PREFIX_BYTES)
+_DIGEST = ENVELOPE_DIGEST  # the envelope's own sha256, bytes 20..52
 
 
 class AuthError(ValueError):

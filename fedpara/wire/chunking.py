@@ -35,14 +35,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .accounting import mqtt_publish_bytes
-from .limits import Limits, WireError
+from .limits import ENVELOPE_DIGEST, ENVELOPE_PREFIX, Limits, WireError, envelope_length, envelope_sha256
 
 CHUNK_MAGIC = b"FPWC"
 CHUNK_VERSION = 1  # digest: sha256 of the message
 CHUNK_VERSION_ENVELOPE = 2  # digest: the envelope's own, at bytes [20, 52)
-ENVELOPE_DIGEST = slice(20, 52)
-_ENVELOPE_PREFIX = 52
-_ENVELOPE_LENGTHS = struct.Struct("<IQ")  # header and body length, at byte 8 of an envelope
+_ENVELOPE_PREFIX = ENVELOPE_PREFIX.size
 _HEADER = struct.Struct("<4sBB16sIIQ32s")
 CHUNK_HEADER_BYTES = _HEADER.size  # 70
 
@@ -161,8 +159,7 @@ class _Partial:
 
 def _envelope_length(prefix: bytes | memoryview, total: int) -> int:
     """52 + H + B from an envelope's first bytes; WireError when it cannot fit the message."""
-    hlen, blen = _ENVELOPE_LENGTHS.unpack_from(prefix, 8)
-    n = _ENVELOPE_PREFIX + hlen + blen
+    n = envelope_length(prefix)
     if n > total:
         raise WireError(f"envelope declares {n} bytes, the chunked message has {total}")
     return n
@@ -177,7 +174,7 @@ def _feed(p: _Partial) -> None:
                 if length < _ENVELOPE_PREFIX:  # tiny frames: hash the whole message at the end
                     return
                 p.total_env = _envelope_length(buf[:_ENVELOPE_PREFIX], p.total)
-                p.hasher = hashlib.sha256(buf[:ENVELOPE_DIGEST.start])
+                p.hasher = envelope_sha256(buf, 0)  # bytes [0, 20); the rest as pieces arrive
             lo, hi = max(start, _ENVELOPE_PREFIX), min(start + length, p.total_env)
             if hi > lo:
                 p.hasher.update(buf[lo:hi])
@@ -270,8 +267,12 @@ class Reassembler:
                 ok = True
             else:
                 if hasher is None:  # one frame, or frames too small to hash as they came
-                    hasher = hashlib.sha256(data[:ENVELOPE_DIGEST.start])
-                    hasher.update(memoryview(data)[_ENVELOPE_PREFIX:_envelope_length(data, len(data))])
+                    try:
+                        end = _envelope_length(data, len(data))
+                    except WireError:
+                        self.rejected += 1
+                        raise
+                    hasher = envelope_sha256(memoryview(data), end)
                 ok = hasher.digest() == digest
         else:
             ok = hashlib.sha256(data).digest() == digest

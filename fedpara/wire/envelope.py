@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,18 +42,21 @@ from . import blob
 from .accounting import TensorStats, WireStats
 from .codecs import decode_tensor, encode_tensor, expected_parts, is_float
 from .limits import (
+    ENVELOPE_DIGEST,
     ENVELOPE_MAGIC,
+    ENVELOPE_PREFIX,
     WIRE_MAJOR,
     WIRE_MINOR,
     Limits,
     MessageKind,
     WireError,
+    envelope_sha256,
 )
 from .policy import CodecPolicy, CodecSpec, WireConfig
 
-_PREFIX = struct.Struct("<4sBBBBIQ32s")
+_PREFIX = ENVELOPE_PREFIX
 PREFIX_BYTES = _PREFIX.size  # 52
-_SIGNED = 20  # bytes of the prefix covered by the digest (everything before it)
+_SIGNED = ENVELOPE_DIGEST.start  # bytes of the prefix covered by the digest (everything before it)
 _RESERVED_NAMES = ("__metadata__",)
 
 
@@ -391,9 +393,7 @@ def _decode(data: bytes | bytearray | memoryview, limits: Limits, digest_checked
         raise WireError(f"length mismatch: header {hlen} + body {body_len} + {PREFIX_BYTES} != "
                         f"{len(buf)} bytes received")
     if not digest_checked:
-        h = hashlib.sha256(buf[:_SIGNED])
-        h.update(buf[PREFIX_BYTES:])
-        if h.digest() != digest:
+        if envelope_sha256(buf, len(buf)).digest() != digest:
             raise WireError("sha256 mismatch: message corrupted or truncated")
 
     try:

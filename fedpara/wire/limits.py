@@ -8,6 +8,8 @@ anything is allocated or decompressed (docs/wire.md).
 from __future__ import annotations
 
 import enum
+import hashlib
+import struct
 from dataclasses import dataclass, field, fields
 
 from fedpara.validate import check_int
@@ -17,6 +19,24 @@ from fedpara.validate import check_int
 ENVELOPE_MAGIC = b"FPWE"
 WIRE_MAJOR = 1
 WIRE_MINOR = 0
+#: The envelope's fixed prefix (docs/wire.md): magic, major, minor, kind, flags, header length H,
+#: body length B, then the sha256 over bytes [0, 20) and everything after the prefix.
+ENVELOPE_PREFIX = struct.Struct("<4sBBBBIQ32s")  # 52 bytes
+ENVELOPE_DIGEST = slice(20, ENVELOPE_PREFIX.size)
+_ENVELOPE_LENGTHS = struct.Struct("<IQ")  # H and B, at byte 8
+
+
+def envelope_length(prefix) -> int:
+    """52 + H + B: the envelope's length as its first 52 bytes declare it."""
+    hlen, blen = _ENVELOPE_LENGTHS.unpack_from(prefix, 8)
+    return ENVELOPE_PREFIX.size + hlen + blen
+
+
+def envelope_sha256(buf: memoryview, end: int):
+    """The envelope digest's hash object over ``buf[:20]`` and ``buf[52:end]``."""
+    h = hashlib.sha256(buf[:ENVELOPE_DIGEST.start])
+    h.update(buf[ENVELOPE_PREFIX.size:end])
+    return h
 
 
 class WireError(ValueError):

@@ -6,10 +6,15 @@ dynamic threshold is a fresh ``mmap`` whose pages fault in one by one, and freed
 top of the heap is trimmed: for a 61 MB VGG16 payload, page faults cost more than the copies
 themselves (``benchmarks/bench_stages.py``: splitting 34 -> 8 ms, reassembling 52 -> 9 ms,
 encoding 79 -> 52 ms with the settings below; docs/round.md). :func:`tune_malloc` sets, through
-``mallopt``: buffers up to 32 MB come from the heap (``M_MMAP_THRESHOLD``), up to 1 GB of freed
-memory stays with the process (``M_TRIM_THRESHOLD``), and the heap grows 64 MB at a time
-(``M_TOP_PAD``). The price: a process's resident memory stays near its per-round peak between
-rounds instead of dropping. The ``fedpara`` commands call it at start (glibc on Linux only);
+``mallopt``: no buffer gets a mapping of its own (``M_MMAP_MAX`` 0): glibc caps the mmap threshold
+at 32 MB, so without this every buffer of a bigger message (61 MB for VGG16 dense factors) was a
+fresh mapping faulted in page by page, 24 ms per buffer here before a byte of it was written and
+far more while the cores are busy; buffers up to 32 MB would come from the heap anyway
+(``M_MMAP_THRESHOLD``, where a C library refuses the first setting); up to 1 GB of freed memory
+stays with the process (``M_TRIM_THRESHOLD``), and the heap grows 64 MB at a time
+(``M_TOP_PAD``). A request no heap can hold still gets a mapping (glibc falls back to ``mmap``).
+The price: a process's resident memory stays near its per-round peak between rounds instead of
+dropping. The ``fedpara`` commands call it at start (glibc on Linux only);
 ``FEDPARA_MALLOC=default`` keeps the C library's defaults.
 """
 from __future__ import annotations
@@ -20,8 +25,8 @@ import sys
 
 log = logging.getLogger(__name__)
 
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
+SETTINGS = ((M_MMAP_MAX, 0), (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
 
 
 def tune_malloc() -> bool:

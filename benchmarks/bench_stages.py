@@ -4,16 +4,17 @@
 
 For each payload (the factor states of bench_round.py), median milliseconds of: the coordinator
 encoding + signing the task and splitting it into 1 MB chunks; a client reassembling, verifying and
-decoding it (reassembly takes the envelope's sha256, in the runtime as frames arrive; decoding
+decoding it (reassembly takes the envelope's digest, in the runtime as frames arrive; decoding
 then skips it); another client of the same pool taking the verified copy (edge_client/shared.py);
 loading the factors into the model; the client encoding + signing and splitting its update; the
 coordinator reassembling, verifying and decoding it and taking the screen's distance. Beside them,
-the two primitives the steps cannot avoid: one sha256 and one copy of the payload. docs/round.md
-explains where these costs sit in a round.
+the primitives the steps cannot avoid: one digest (sha256, blake3) and one copy of the payload.
+docs/round.md explains where these costs sit in a round.
 
-Each payload is measured twice, side by side, in two fresh processes: with the C library's malloc
-defaults (``FEDPARA_MALLOC=default``) and with the settings every ``fedpara`` command applies at
-start (fedpara/runtime/memory.py: freed buffers are reused instead of page-faulted in anew).
+Each payload is measured three times, side by side, in fresh processes: SHA-256 envelopes with the
+C library's malloc defaults (``FEDPARA_MALLOC=default``); SHA-256 with the settings every
+``fedpara`` command applies at start (fedpara/runtime/memory.py: freed buffers are reused instead
+of page-faulted in anew); and BLAKE3 envelopes with those settings (docs/wire.md, Digests).
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 
-def run(payload: str, repeat: int) -> dict[str, float]:
+def run(payload: str, repeat: int, digest: str) -> dict[str, float]:
     import hashlib
+
+    from blake3 import blake3
 
     import torch
 
@@ -76,7 +79,7 @@ def run(payload: str, repeat: int) -> dict[str, float]:
         return data
 
     task = Message(MessageKind.TASK, "run", 1, "coordinator", state, {"task_id": "t"})
-    enc = timed("coordinator: encode + sign task", lambda: coord_seal.seal(task, WireConfig()))
+    enc = timed("coordinator: encode + sign task", lambda: coord_seal.seal(task, WireConfig(), digest=digest))
     frames, _ = timed("coordinator: split task", lambda: enc.split(1_000_000, "fedpara/v1/run/task"))
     data = timed("client: reassemble task", lambda: reassemble(frames))
 
@@ -100,7 +103,7 @@ def run(payload: str, repeat: int) -> dict[str, float]:
     out["client of the same pool: take the verified task"] = statistics.median(out_hit) * 1e3
     timed("client: load factors into the model", lambda: load_state(model, msg.tensors))
     update = Message(MessageKind.UPDATE, "run", 1, "c1", global_state(model), {"task_id": "t"})
-    uenc = timed("client: encode + sign update", lambda: client_seal.seal(update, CodecPolicy.parse("fp32")))
+    uenc = timed("client: encode + sign update", lambda: client_seal.seal(update, CodecPolicy.parse("fp32"), digest=digest))
     uframes, _ = timed("client: split update", lambda: uenc.split(1_000_000, "fedpara/v1/run/update/c1"))
     udata = timed("coordinator: reassemble update", lambda: reassemble(uframes))
 
@@ -108,6 +111,7 @@ def run(payload: str, repeat: int) -> dict[str, float]:
     timed("coordinator: screen distance of update", lambda: delta_norms(state, [umsg.tensors]))
     raw = bytes(data)
     timed("primitive: sha256 of the payload", lambda: hashlib.sha256(raw).digest())
+    timed("primitive: blake3 of the payload", lambda: blake3(raw).digest())
     timed("primitive: one copy of the payload", lambda: bytearray(raw))
     out["payload MB"] = len(data) / 1e6
     return out
@@ -122,18 +126,21 @@ def main(argv=None) -> int:
     p.add_argument("--payloads", default="vgg16-fedpara,vgg16-dense")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one payload in this process
+    p.add_argument("--digest", default="sha256", help=argparse.SUPPRESS)  # internal, with --one
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(1)
     if args.one:
         from fedpara.runtime.memory import tune_malloc
         tune_malloc()
-        print(json.dumps(run(args.one, args.repeat)))
+        print(json.dumps(run(args.one, args.repeat, args.digest)))
         return 0
     for payload in args.payloads.split(","):
         cols = {}
-        for label, malloc in (("libc defaults", "default"), ("fedpara (tuned)", "")):
-            out = subprocess.run([sys.executable, __file__, "--one", payload, "--repeat", str(args.repeat)],
+        for label, malloc, digest in (("sha256, libc malloc", "default", "sha256"),
+                                      ("sha256, tuned", "", "sha256"), ("blake3, tuned", "", "blake3")):
+            out = subprocess.run([sys.executable, __file__, "--one", payload, "--repeat", str(args.repeat),
+                                  "--digest", digest],
                                  env={**os.environ, "FEDPARA_MALLOC": malloc, "OMP_NUM_THREADS": "1"},
                                  check=True, capture_output=True, text=True).stdout
             cols[label] = json.loads(out.strip().splitlines()[-1])

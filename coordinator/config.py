@@ -19,6 +19,7 @@ from typing import Any
 from fedpara.lr import default_lr, lr_table
 from fedpara.models import ModelSpec
 from fedpara.runtime.options import (
+    check_choice,
     check_int,
     check_number,
     from_mapping,
@@ -73,6 +74,8 @@ class CoordinatorConfig:
     downlink: str = option("fp32", "codec policy coordinator -> clients, e.g. 'fp16+zstd:3'")
     uplink: str = option("fp32", "codec policy clients -> coordinator, e.g. 'fp16' (FedPAQ)")
     max_packet: int = option(1_000_000, "largest MQTT packet to publish (bytes); payloads are chunked")
+    digest: str = option("auto", "envelope digest: auto (BLAKE3 with every peer that announces it, else "
+                         "SHA-256) | sha256 (docs/wire.md, Digests)")
     # trust (docs/security.md)
     coordinator_key: str = option("", "the coordinator's Ed25519 private key (fedpara keys new coordinator --dir DIR)")
     trusted_keys: str = option("", "directory of the clients' public keys, <client id>.pub each: only they take part")
@@ -96,6 +99,7 @@ class CoordinatorConfig:
         check_int("max_packet", self.max_packet, min=1024)
         check_int("seed", self.seed, min=0)
         check_int("max_examples", self.max_examples, min=1)
+        check_choice("digest", self.digest, ("auto", "sha256"))
         check_number("screen_factor", self.screen_factor, min=0.0)
         parse_aggregator(self.aggregator)
         if self.dashboard:

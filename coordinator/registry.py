@@ -17,6 +17,7 @@ class ClientInfo:
     last_seen: float = 0.0
     heartbeat_s: float = 0.0  # 0: the client does not heartbeat; it never times out
     connection: int = 0       # the client's (re)connect count, from its status
+    digests: tuple[str, ...] = ("sha256",)  # envelope digests it can check, from its status
 
 
 MISSED_HEARTBEATS = 3  # a client silent for this many heartbeat periods is gone, last will or not
@@ -37,7 +38,7 @@ class ClientRegistry:
         if client_id not in self._clients and len(self._clients) >= self.max_clients:
             raise ValueError(f"registry full ({self.max_clients} clients): status of {client_id} ignored")
         info = ClientInfo(client_id, status.online, status.num_examples, status.device, self._clock(),
-                          status.heartbeat_s, status.connection)
+                          status.heartbeat_s, status.connection, status.digests)
         with self._lock:
             self._clients[client_id] = info
         return info

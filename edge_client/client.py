@@ -38,6 +38,7 @@ from fedpara.wire import (
     framed_bytes,
     parse_chunk,
 )
+from fedpara.wire.limits import digests_available
 
 from .config import ClientConfig
 from .shared import SharedVerified
@@ -91,6 +92,10 @@ class EdgeClient:
                                state_dir=cfg.state_dir, eval_local=cfg.eval_local, lock=train_lock)
         self.limits = Limits()
         self.seal, self.opener = trust(cfg)
+        self.digests = digests_available()  # announced in our status; what a task may be digested with
+        if "blake3" not in self.digests:
+            log.info("%s: the blake3 package is not installed: envelopes use SHA-256 (docs/wire.md, Digests)",
+                     cfg.client_id)
         self._session_seq = 0
         self._last_status = b""
         self._reasserted = 0.0
@@ -145,7 +150,8 @@ class EdgeClient:
         if will:
             seq = self._session_seq = self.seal.next_seq()
         meta = Status(state, self.trainer.num_examples, str(self.trainer.device), heartbeat_s=self.cfg.heartbeat_s,
-                      session=self._session_seq, connection=self.session.connects if self.session else 0).to_meta()
+                      session=self._session_seq, connection=self.session.connects if self.session else 0,
+                      digests=self.digests).to_meta()
         return self.seal.seal(Message(MessageKind.STATUS, self.cfg.run_id, 0, self.cfg.client_id, meta=meta),
                               seq=seq).data
 
@@ -382,8 +388,10 @@ class EdgeClient:
             if "prev_upload_energy" in self._carry:
                 metrics["energy"]["prev_upload"] = self._carry["prev_upload_energy"]
         update = Update(task.task_id, out.num_examples, metrics)
+        # the digest the task asks for (BLAKE3 where both ends have it), else SHA-256
+        digest = task.digest if task.digest in self.digests else "sha256"
         enc = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, out.tensors, update.to_meta()),
-                     CodecPolicy.parse(task.uplink))
+                             CodecPolicy.parse(task.uplink), digest=digest)
         topic = self.topics.update(me)
         frames, stats = enc.split(task.max_packet, topic)
         t_up = time.monotonic()

@@ -8,6 +8,7 @@ import torch
 
 from fedpara.wire import Message, encode
 from fedpara.wire.envelope import PREFIX_BYTES
+from fedpara.wire.limits import FLAG_BLAKE3, new_hash
 
 _PREFIX = struct.Struct("<4sBBBBIQ32s")
 
@@ -59,5 +60,8 @@ def rebuild(data: bytes, header=None, body=None, **prefix) -> bytes:
     vals.update(prefix)
     signed = _PREFIX.pack(vals["magic"], vals["major"], vals["minor"], vals["kind"], vals["flags"],
                           len(head), len(body), b"")[:20]
-    digest = hashlib.sha256(signed + head + body).digest()
+    if vals["flags"] & FLAG_BLAKE3 and not vals["flags"] & ~FLAG_BLAKE3:  # a BLAKE3 envelope (wire.md 3b)
+        digest = new_hash(FLAG_BLAKE3, signed + head + body).digest()
+    else:  # SHA-256, also for reserved flag bits (the decoder refuses those before the digest)
+        digest = hashlib.sha256(signed + head + body).digest()
     return signed + digest + head + body

@@ -18,6 +18,7 @@ from typing import Any
 
 from fedpara.models import ModelSpec
 from fedpara.validate import check_choice, check_int, check_number, check_str
+from fedpara.wire.limits import DIGESTS
 
 
 class ProtocolError(ValueError):
@@ -80,11 +81,13 @@ class Task:
     deadline_s: float = 120.0
     uplink: str = "fp32"
     max_packet: int = 1_000_000
+    digest: str = "sha256"  # the envelope digest the coordinator asks updates to use, if the client can
 
     def to_meta(self) -> dict:
         return {"selected": list(self.selected), "attempt": self.attempt, "task_id": self.task_id,
                 "spec": self.spec.to_dict(), "init_seed": self.init_seed, "deadline_s": self.deadline_s,
-                "uplink": self.uplink, "max_packet": self.max_packet, "train": self.train.to_meta()}
+                "uplink": self.uplink, "max_packet": self.max_packet, "train": self.train.to_meta(),
+                "digest": self.digest}
 
     @classmethod
     def from_meta(cls, meta: Any) -> Task:
@@ -107,7 +110,9 @@ class Task:
                                      min_open=True, default=120.0),
                    uplink=_field("task", m, "uplink", check_str, max_len=256, default="fp32"),
                    max_packet=_field("task", m, "max_packet", check_int, min=1024, max=1 << 28,
-                                     default=1_000_000))
+                                     default=1_000_000),
+                   # a digest this version does not know (a newer coordinator's): SHA-256, which every peer checks
+                   digest=m["digest"] if m.get("digest") in DIGESTS else "sha256")
 
 
 def _check_task_id(name: str, value: Any) -> str:
@@ -223,6 +228,7 @@ class Status:
     heartbeat_s: float = 0.0
     session: int = 0  # signed runs: the seq of this connection's last will (see docs/security.md)
     connection: int = 0  # counts the client's MQTT (re)connects: a rise means messages may have been lost
+    digests: tuple[str, ...] = ("sha256",)  # envelope digests the client can check (docs/wire.md, Digests)
 
     @property
     def online(self) -> bool:
@@ -232,7 +238,8 @@ class Status:
         if self.role == "coordinator":
             return {"state": self.state, "role": "coordinator"}
         return {"state": self.state, "num_examples": self.num_examples, "device": self.device,
-                "heartbeat_s": self.heartbeat_s, "session": self.session, "connection": self.connection}
+                "heartbeat_s": self.heartbeat_s, "session": self.session, "connection": self.connection,
+                "digests": list(self.digests)}
 
     @classmethod
     def from_meta(cls, meta: Any) -> Status:
@@ -244,7 +251,14 @@ class Status:
                    role="coordinator" if m.get("role") == "coordinator" else "client",
                    heartbeat_s=_field("status", m, "heartbeat_s", check_number, min=0.0, max=86400.0, default=0.0),
                    session=_field("status", m, "session", check_int, min=0, max=(1 << 63) - 1, default=0),
-                   connection=_field("status", m, "connection", check_int, min=0, max=(1 << 31) - 1, default=0))
+                   connection=_field("status", m, "connection", check_int, min=0, max=(1 << 31) - 1, default=0),
+                   digests=_digests(m.get("digests")))
+
+
+def _digests(value: Any) -> tuple[str, ...]:
+    """The known digests a status lists (unknown or malformed entries dropped); SHA-256 always."""
+    names = value[:8] if isinstance(value, list) else []
+    return ("sha256",) + tuple(d for d in DIGESTS if d != "sha256" and d in names)
 
 
 # --- control --------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ A signed message is an ordinary envelope (docs/wire.md) followed by a 68-byte tr
     envelope bytes | b"FPSG" | Ed25519 signature (64 bytes)
 
 The signature is over ``b"fedpara/v1 signature\\0" + digest``, where ``digest`` is the envelope's
-own sha256 (bytes 20..52 of its prefix), which covers the kind, run, round, sender, the meta
+own digest (bytes 20..52 of its prefix: SHA-256, or BLAKE3-256 when its flags say so, signed then
+under the context ``b"fedpara/v1 signature blake3\\0"`` so that a signature binds the algorithm
+too), which covers the kind, run, round, sender, the meta
 (task id, ``seq``) and every tensor byte; ``decode`` then checks that digest against the
 contents. ``meta["seq"]`` is the sender's clock in nanoseconds, forced strictly increasing: a
 receiver accepts a sender's message only if its ``seq`` is newer than the last one it accepted
@@ -27,13 +29,20 @@ from pathlib import Path
 
 from fedpara.wire import Encoded, Limits, Message, decode, encode
 from fedpara.wire.envelope import PREFIX_BYTES
-from fedpara.wire.limits import ENVELOPE_DIGEST
+from fedpara.wire.limits import ENVELOPE_DIGEST, ENVELOPE_FLAGS, FLAG_BLAKE3
 
 TRAILER_MAGIC = b"FPSG"
 SIGNATURE_BYTES = 64
 TRAILER_BYTES = len(TRAILER_MAGIC) + SIGNATURE_BYTES
 _CONTEXT = b"fedpara/v1 signature\0"
-_DIGEST = ENVELOPE_DIGEST  # the envelope's own sha256, bytes 20..52
+_CONTEXT_BLAKE3 = b"fedpara/v1 signature blake3\0"
+_DIGEST = ENVELOPE_DIGEST  # the envelope's own digest, bytes 20..52
+
+
+def _signed_bytes(envelope) -> bytes:
+    """What a signature covers: the context of the envelope's digest algorithm, and the digest."""
+    context = _CONTEXT_BLAKE3 if envelope[ENVELOPE_FLAGS] & FLAG_BLAKE3 else _CONTEXT
+    return context + bytes(envelope[_DIGEST])
 
 
 class AuthError(ValueError):
@@ -131,14 +140,15 @@ class Signer:
             self._seq = max(self._seq + 1, time.time_ns())
             return self._seq
 
-    def seal(self, message: Message, policy=None, *, seq: int | None = None) -> Encoded:
-        """Sign ``message`` with the next ``seq`` (or ``seq``, one taken from ``next_seq``)."""
+    def seal(self, message: Message, policy=None, *, seq: int | None = None, digest: str = "sha256") -> Encoded:
+        """Sign ``message`` with the next ``seq`` (or ``seq``, one taken from ``next_seq``);
+        ``digest``: the envelope's digest algorithm (``encode``)."""
         if message.sender != self.sender:
             raise ValueError(f"signer of {self.sender!r} cannot sign a message from {message.sender!r}")
         message = dataclasses.replace(message, meta={**message.meta, "seq": self.next_seq() if seq is None else seq})
-        enc = encode(message, policy, reserve=TRAILER_BYTES)  # the trailer goes in place: no copy
+        enc = encode(message, policy, reserve=TRAILER_BYTES, digest=digest)  # the trailer goes in place
         data = enc.data
-        signature = self.key.sign(_CONTEXT + bytes(data[_DIGEST]))
+        signature = self.key.sign(_signed_bytes(data))
         data[-TRAILER_BYTES:] = TRAILER_MAGIC + signature
         return enc
 
@@ -179,7 +189,7 @@ class Verifier:
         view = memoryview(data)  # no copy of a (possibly 60 MB) payload
         envelope, signature = view[:-TRAILER_BYTES], view[-SIGNATURE_BYTES:]
         try:
-            key.verify(bytes(signature), _CONTEXT + bytes(envelope[_DIGEST]))
+            key.verify(bytes(signature), _signed_bytes(envelope))
         except InvalidSignature:
             raise AuthError("bad_signature", f"signature of {sender!r} does not verify") from None
         msg = decode(envelope, limits if limits is not None else Limits(),  # checks the digest
@@ -233,8 +243,8 @@ class Plain:
     def next_seq(self) -> int:
         return 0
 
-    def seal(self, message: Message, policy=None, *, seq: int | None = None) -> Encoded:
-        return encode(message, policy)
+    def seal(self, message: Message, policy=None, *, seq: int | None = None, digest: str = "sha256") -> Encoded:
+        return encode(message, policy, digest=digest)
 
     signed = False
 

@@ -12,15 +12,15 @@ path. Frame layout (little-endian, 70-byte header)::
     26  4   count (>= 1)
     30  8   total message length T
     38  32  digest: version 1, sha256 of the whole message; version 2, the message's bytes
-            [20, 52): an envelope's own sha256, which the reassembler verifies (below)
+            [20, 52): an envelope's own digest, which the reassembler verifies (below)
     70  ..  payload: bytes [index * P, min(T, (index + 1) * P)) with P = ceil(T / count)
 
 The split is canonical (P is derived from T and count), so each frame's payload length is
 checked on arrival, before it is stored. A reassembled version 1 message is checked against the
-digest. A version 2 message is an envelope: its sha256 (over its bytes [0, 20) and [52, 52 + H +
-B), the lengths its prefix declares) is taken piece by piece as the frames arrive in order, checked
-against the digest when the last one comes, and ``Reassembler.checked(data)`` tells the decoder it
-need not hash again. Version 2 exists so that an envelope is hashed once on each side, mostly
+digest. A version 2 message is an envelope: its digest (SHA-256, or BLAKE3 where its flags say
+so; over its bytes [0, 20) and [52, 52 + H + B), the lengths its prefix declares) is taken piece
+by piece as the frames arrive in order, checked against the digest when the last one comes, and
+``Reassembler.checked(data)`` tells the decoder it need not hash again. Version 2 exists so that an envelope is hashed once on each side, mostly
 while it is still arriving (docs/wire.md).
 """
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .accounting import mqtt_publish_bytes
-from .limits import ENVELOPE_DIGEST, ENVELOPE_PREFIX, Limits, WireError, envelope_length, envelope_sha256
+from .limits import ENVELOPE_DIGEST, ENVELOPE_PREFIX, Limits, WireError, envelope_hash, envelope_length
 
 CHUNK_MAGIC = b"FPWC"
 CHUNK_VERSION = 1  # digest: sha256 of the message
@@ -113,7 +113,7 @@ def split(data: bytes | bytearray | memoryview, max_packet: int, topic: str | by
           message_id: bytes | None = None, envelope: bool = False) -> list[bytes]:
     """Chunk frames for data such that each PUBLISH on topic is at most max_packet bytes.
 
-    ``envelope=True``: data is an envelope (its own sha256 at bytes [20, 52), checked by its
+    ``envelope=True``: data is an envelope (its own digest at bytes [20, 52), checked by its
     decoder); the frames are version 2 and carry that digest instead of hashing data again."""
     buf = memoryview(data).cast("B")
     per_max = max_chunk_payload(max_packet, topic, qos=qos, protocol=protocol,
@@ -151,7 +151,7 @@ class _Partial:
         self.buf = bytearray(self.total) if self.version == CHUNK_VERSION_ENVELOPE else None
         self.held = 0
         self.seen = now
-        self.hasher = None  # version 2: the envelope's sha256 so far, over pieces 0 .. fed - 1
+        self.hasher = None  # version 2: the envelope's digest so far, over pieces 0 .. fed - 1
         self.fed = 0
         self.total_env = 0
         self.hash_it = True
@@ -174,7 +174,7 @@ def _feed(p: _Partial) -> None:
                 if length < _ENVELOPE_PREFIX:  # tiny frames: hash the whole message at the end
                     return
                 p.total_env = _envelope_length(buf[:_ENVELOPE_PREFIX], p.total)
-                p.hasher = envelope_sha256(buf, 0)  # bytes [0, 20); the rest as pieces arrive
+                p.hasher = envelope_hash(buf, 0)  # bytes [0, 20); the rest as pieces arrive
             lo, hi = max(start, _ENVELOPE_PREFIX), min(start + length, p.total_env)
             if hi > lo:
                 p.hasher.update(buf[lo:hi])
@@ -255,12 +255,12 @@ class Reassembler:
 
     def checked(self, data: bytes) -> bool:
         """True when ``data`` is the message this reassembler last returned and it was a version 2
-        envelope whose own sha256 was verified here: its decoder need not hash it again."""
+        envelope whose own digest was verified here: its decoder need not hash it again."""
         return data is self._checked
 
     def _finish(self, mid: bytes, data: bytes, digest: bytes, version: int, hasher=None,
                 hash_it: bool = True) -> bytes:
-        if version == CHUNK_VERSION_ENVELOPE:  # the envelope's own sha256, taken once
+        if version == CHUNK_VERSION_ENVELOPE:  # the envelope's own digest, taken once
             if len(data) < _ENVELOPE_PREFIX or data[ENVELOPE_DIGEST] != digest:
                 ok = False
             elif not hash_it:  # left to whoever opens it (hash_envelope said no)
@@ -268,11 +268,10 @@ class Reassembler:
             else:
                 if hasher is None:  # one frame, or frames too small to hash as they came
                     try:
-                        end = _envelope_length(data, len(data))
-                    except WireError:
+                        hasher = envelope_hash(memoryview(data), _envelope_length(data, len(data)))
+                    except WireError:  # a length beyond the message, reserved flags
                         self.rejected += 1
                         raise
-                    hasher = envelope_sha256(memoryview(data), end)
                 ok = hasher.digest() == digest
         else:
             ok = hashlib.sha256(data).digest() == digest

@@ -7,10 +7,11 @@ Layout (all integers little-endian)::
     4       1     major version (1)      an unknown major version is rejected
     5       1     minor version (0)      newer minors only add header keys (ignored here)
     6       1     kind code              1 task, 2 update, 3 status, 4 control
-    7       1     flags                  0 in version 1
+    7       1     flags                  bit 0: the digest is BLAKE3-256, not SHA-256; the
+                                         other bits are reserved (refused)
     8       4     header length H        <= Limits.max_meta_bytes
     12      8     body length B
-    20      32    sha256 over bytes [0, 20) + header + body
+    20      32    digest (SHA-256, or BLAKE3-256: flags bit 0) over bytes [0, 20) + header + body
     52      H     header: compact UTF-8 JSON, see below
     52+H    B     body: sections back to back; each is one safetensors file, zstd-compressed
                   as a whole when its level is not null
@@ -29,7 +30,6 @@ flags, total length, the digest, then every declared count/shape/size in the hea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -43,14 +43,18 @@ from .accounting import TensorStats, WireStats
 from .codecs import decode_tensor, encode_tensor, expected_parts, is_float
 from .limits import (
     ENVELOPE_DIGEST,
+    ENVELOPE_FLAGS,
     ENVELOPE_MAGIC,
     ENVELOPE_PREFIX,
+    FLAG_BLAKE3,
     WIRE_MAJOR,
     WIRE_MINOR,
     Limits,
     MessageKind,
     WireError,
-    envelope_sha256,
+    digest_flags,
+    envelope_hash,
+    new_hash,
 )
 from .policy import CodecPolicy, CodecSpec, WireConfig
 
@@ -112,18 +116,21 @@ def encode(
     *,
     generator: torch.Generator | None = None,
     reserve: int = 0,
+    digest: str = "sha256",
 ) -> Encoded:
     """Encode msg. policy: a CodecPolicy, its string form, or a WireConfig (picked by kind).
 
     generator seeds int8 stochastic rounding. ``reserve`` zero bytes follow the envelope in
     ``data`` (a signer writes its trailer there instead of copying the message); the stats
-    count the envelope only. ``data`` is a bytearray. Raises WireError for a message it cannot
-    encode.
+    count the envelope only. ``digest``: "sha256" or "blake3" (about 4x faster here; the
+    receiver must support it: docs/wire.md, Digests). ``data`` is a bytearray. Raises WireError
+    for a message it cannot encode.
     """
     if not isinstance(msg, Message):
         raise WireError(f"encode expects a Message, got {type(msg).__name__}")
     kind = MessageKind.coerce(msg.kind)
     pol = _resolve_policy(policy, kind)
+    flags = digest_flags(digest)
     for what, value in (("run_id", msg.run_id), ("sender", msg.sender)):
         if not isinstance(value, str):
             raise WireError(f"Message.{what} must be a str, got {type(value).__name__}")
@@ -182,7 +189,7 @@ def encode(
     data = bytearray(size + reserve)
     pos = PREFIX_BYTES + len(header)
     data[PREFIX_BYTES:pos] = header
-    signed = _PREFIX.pack(ENVELOPE_MAGIC, WIRE_MAJOR, WIRE_MINOR, kind.code, 0, len(header),
+    signed = _PREFIX.pack(ENVELOPE_MAGIC, WIRE_MAJOR, WIRE_MINOR, kind.code, flags, len(header),
                           body_len, b"")[:_SIGNED]
     hasher = _Hasher(data, signed, size)  # a big message is hashed while it is being written
     try:
@@ -203,7 +210,8 @@ def encode(
 
 
 class _Hasher:
-    """The envelope's sha256 over ``[PREFIX_BYTES, size)`` of ``data`` (after ``signed``). For a
+    """The envelope's digest over ``[PREFIX_BYTES, size)`` of ``data`` (after ``signed``, whose
+    flags byte names the algorithm). For a
     message of at least THREADED_HASH_BYTES a second thread hashes each region as soon as it is
     written (hashlib and numpy's copies both release the GIL), so hashing 61 MB overlaps copying
     it instead of following it; smaller messages are hashed at the end, in this thread."""
@@ -215,7 +223,7 @@ class _Hasher:
         import threading
 
         self.data, self.size, self.done = data, size, PREFIX_BYTES
-        self.h = hashlib.sha256(signed)
+        self.h = new_hash(signed[ENVELOPE_FLAGS], signed)
         self.threaded = size >= self.THREADED_HASH_BYTES
         if self.threaded:
             self._q: queue.SimpleQueue = queue.SimpleQueue()
@@ -385,7 +393,7 @@ def _decode(data: bytes | bytearray | memoryview, limits: Limits, digest_checked
         raise WireError(f"unsupported wire version {major}.{minor} (this decoder speaks "
                         f"{WIRE_MAJOR}.x)")
     kind = MessageKind.from_code(kind_code)
-    if flags:
+    if flags & ~FLAG_BLAKE3:
         raise WireError(f"unknown flags 0x{flags:02x} in a version {major} message")
     if hlen > limits.max_meta_bytes:
         raise WireError(f"header is {hlen} bytes, max_meta_bytes is {limits.max_meta_bytes}")
@@ -393,8 +401,9 @@ def _decode(data: bytes | bytearray | memoryview, limits: Limits, digest_checked
         raise WireError(f"length mismatch: header {hlen} + body {body_len} + {PREFIX_BYTES} != "
                         f"{len(buf)} bytes received")
     if not digest_checked:
-        if envelope_sha256(buf, len(buf)).digest() != digest:
-            raise WireError("sha256 mismatch: message corrupted or truncated")
+        if envelope_hash(buf, len(buf)).digest() != digest:  # WireError: BLAKE3 without blake3
+            raise WireError(f"{'blake3' if flags & FLAG_BLAKE3 else 'sha256'} mismatch: message corrupted "
+                            "or truncated")
 
     try:
         header = json.loads(bytes(buf[PREFIX_BYTES:PREFIX_BYTES + hlen]))

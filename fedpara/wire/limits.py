@@ -8,6 +8,7 @@ anything is allocated or decompressed (docs/wire.md).
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass, field, fields
@@ -20,10 +21,55 @@ ENVELOPE_MAGIC = b"FPWE"
 WIRE_MAJOR = 1
 WIRE_MINOR = 0
 #: The envelope's fixed prefix (docs/wire.md): magic, major, minor, kind, flags, header length H,
-#: body length B, then the sha256 over bytes [0, 20) and everything after the prefix.
+#: body length B, then the digest over bytes [0, 20) and everything after the prefix.
 ENVELOPE_PREFIX = struct.Struct("<4sBBBBIQ32s")  # 52 bytes
 ENVELOPE_DIGEST = slice(20, ENVELOPE_PREFIX.size)
+ENVELOPE_FLAGS = 7  # the flags byte's offset
 _ENVELOPE_LENGTHS = struct.Struct("<IQ")  # H and B, at byte 8
+
+#: Flag bit 0: the digest is BLAKE3-256 instead of SHA-256. Every other bit is reserved (a
+#: decoder refuses a message that sets one). Peers agree on BLAKE3 before using it (docs/wire.md,
+#: Digests): a decoder without the ``blake3`` package refuses such messages with a clear error.
+FLAG_BLAKE3 = 0x01
+DIGESTS = ("sha256", "blake3")
+
+
+@functools.cache
+def _blake3():
+    try:
+        from blake3 import blake3
+    except ImportError:
+        return None
+    return blake3
+
+
+def digests_available() -> tuple[str, ...]:
+    """The envelope digests this installation can make and check: SHA-256 always, BLAKE3 where
+    the ``blake3`` package is installed (a client announces these in its status)."""
+    return DIGESTS if _blake3() is not None else ("sha256",)
+
+
+def digest_flags(digest: str) -> int:
+    """The envelope flags for ``digest``; WireError for one this installation cannot make."""
+    if digest not in DIGESTS:
+        raise WireError(f"unknown envelope digest {digest!r} (known: {', '.join(DIGESTS)})")
+    if digest == "blake3" and _blake3() is None:
+        raise WireError("the blake3 digest needs the blake3 package (pip install blake3)")
+    return FLAG_BLAKE3 if digest == "blake3" else 0
+
+
+def new_hash(flags: int, data=b""):
+    """A hash object of the digest ``flags`` select, fed ``data``. WireError for reserved bits,
+    or for BLAKE3 without the blake3 package."""
+    if flags & ~FLAG_BLAKE3:
+        raise WireError(f"unknown envelope flags 0x{flags:02x}")
+    if flags & FLAG_BLAKE3:
+        blake3 = _blake3()
+        if blake3 is None:
+            raise WireError("message digested with BLAKE3; this installation cannot check it "
+                            "(pip install blake3)")
+        return blake3(data)
+    return hashlib.sha256(data)
 
 
 def envelope_length(prefix) -> int:
@@ -32,9 +78,10 @@ def envelope_length(prefix) -> int:
     return ENVELOPE_PREFIX.size + hlen + blen
 
 
-def envelope_sha256(buf: memoryview, end: int):
-    """The envelope digest's hash object over ``buf[:20]`` and ``buf[52:end]``."""
-    h = hashlib.sha256(buf[:ENVELOPE_DIGEST.start])
+def envelope_hash(buf: memoryview, end: int):
+    """The envelope digest's hash object (the algorithm its flags byte names) over ``buf[:20]``
+    and ``buf[52:end]``. WireError for flags no decoder here accepts."""
+    h = new_hash(buf[ENVELOPE_FLAGS], buf[:ENVELOPE_DIGEST.start])
     h.update(buf[ENVELOPE_PREFIX.size:end])
     return h
 

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_stages.py [--payloads vgg16-fedpara,vgg16-dense] [--repeat 5]
 
-For each payload (the factor states of bench_round.py), median milliseconds of: the coordinator
+For each payload (the factor states of bench_round.py), median milliseconds (after one untimed
+run of each step) of: the coordinator
 encoding + signing the task and splitting it into 1 MB chunks; a client reassembling, verifying and
 decoding it (reassembly takes the envelope's digest, in the runtime as frames arrive; decoding
 then skips it); another client of the same pool taking the verified copy (edge_client/shared.py);
@@ -61,7 +62,7 @@ def run(payload: str, repeat: int, digest: str) -> dict[str, float]:
     out: dict[str, float] = {}
 
     def timed(name, fn):
-        times, result = [], None
+        times, result = [], fn()  # once untimed: a round's buffers are warm after the first round
         for _ in range(repeat):
             t = time.perf_counter()
             result = fn()

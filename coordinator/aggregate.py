@@ -4,7 +4,10 @@ They take state dicts and weights and return a state dict; no I/O (flower's aggr
 """
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -21,10 +24,13 @@ def check_compatible(reference: Mapping[str, Tensor], state: Mapping[str, Tensor
 
 
 @torch.no_grad()
-def fedavg(states: list[Mapping[str, Tensor]], weights: list[float]) -> dict[str, Tensor]:
+def fedavg(states: list[Mapping[str, Tensor]], weights: list[float], *,
+           workers: int | None = None) -> dict[str, Tensor]:
     """Average of factor states weighted by local example counts (FedAvg, paper Alg. 1).
 
-    Every state must have the same keys and shapes; weights must be positive.
+    Every state must have the same keys and shapes; weights must be positive. ``workers``
+    threads sum the blocks (default :func:`aggregation_workers`); each element is summed in the
+    same order whatever their number, so the result is the same bit for bit.
     """
     if not states or len(states) != len(weights):
         raise ValueError("fedavg needs one weight per state and at least one state")
@@ -35,8 +41,7 @@ def fedavg(states: list[Mapping[str, Tensor]], weights: list[float]) -> dict[str
         check_compatible(states[0], s)
     total = float(sum(weights))
     alphas = [w / total for w in weights]
-    scratch = None  # one block's float64 sum, made for the first tensor larger than a block
-    out = {}
+    out, blocks = {}, []
     for k in keys:
         ref = states[0][k]
         if not ref.is_floating_point():  # integer buffers (e.g. num_batches_tracked): take the first
@@ -46,27 +51,66 @@ def fedavg(states: list[Mapping[str, Tensor]], weights: list[float]) -> dict[str
         # added to it, so memory sees each update once and the result once (no float64 tensor of
         # the whole model); per element the same operations in the same order as a whole-tensor sum
         n = ref.numel()
-        if n <= BLOCK:  # fits in cache anyway: one pass per update (fewer calls than blocks)
-            acc = torch.zeros_like(ref, dtype=torch.float64)
-            for s, alpha in zip(states, alphas):
-                acc.add_(s[k], alpha=alpha)
-            out[k] = acc.to(ref.dtype)
-            continue
-        if scratch is None:
-            scratch = torch.empty(BLOCK, dtype=torch.float64)
         result = torch.empty_like(ref, memory_format=torch.contiguous_format)
         flat_out, flats = result.view(-1), [s[k].reshape(-1) for s in states]
-        for a in range(0, n, BLOCK):
-            b = min(n, a + BLOCK)
-            acc = scratch[:b - a].zero_()
-            for f, alpha in zip(flats, alphas):
-                acc.add_(f[a:b], alpha=alpha)
-            flat_out[a:b].copy_(acc)
+        blocks += [(flat_out, flats, a, min(n, a + BLOCK)) for a in range(0, n, BLOCK)]
         out[k] = result
+    _sum_blocks(blocks, alphas, aggregation_workers() if workers is None else workers)
     return out
 
 
 BLOCK = 1 << 18  # elements: a 2 MiB float64 block
+WORK_PER_THREAD = 1 << 24  # element additions (updates x elements) that make one more thread worth it
+_pool: tuple[ThreadPoolExecutor, int] | None = None  # (executor, its threads), made when first needed
+_pool_lock = threading.Lock()
+
+
+def aggregation_workers() -> int:
+    """Threads for summing blocks: up to 4, at most the CPUs this process may use. Aggregation runs
+    while every client waits for the next task (memory-bound; torch releases the GIL)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+def _sum_range(blocks: list, alphas: list[float]) -> None:
+    scratch = torch.empty(BLOCK, dtype=torch.float64)  # one block's float64 sum, per thread
+    for flat_out, flats, a, b in blocks:
+        acc = scratch[:b - a].zero_()
+        for f, alpha in zip(flats, alphas):
+            acc.add_(f[a:b], alpha=alpha)
+        flat_out[a:b].copy_(acc)
+
+
+def _sum_blocks(blocks: list, alphas: list[float], workers: int) -> None:
+    global _pool
+    total = sum(b - a for *_, a, b in blocks)
+    # a thread per WORK_PER_THREAD additions at most: below that, starting one costs more than it
+    # saves (many small FedPara factors: the Python calls, which hold the GIL, dominate)
+    workers = max(1, min(workers, len(blocks), total * len(alphas) // WORK_PER_THREAD))
+    if workers == 1:
+        _sum_range(blocks, alphas)
+        return
+    with _pool_lock:
+        if _pool is None or _pool[1] < workers - 1:
+            _pool = (ThreadPoolExecutor(workers - 1, thread_name_prefix="fedavg"), workers - 1)
+        pool = _pool[0]
+    # contiguous runs of blocks (neighbours stay together in memory) of about equal elements
+    parts, run, done = [], [], 0
+    for block in blocks:
+        run.append(block)
+        done += block[3] - block[2]
+        if done * workers >= total * (len(parts) + 1) and len(parts) < workers - 1:
+            parts.append(run)
+            run = []
+    parts.append(run)
+    parts = [p for p in parts if p]
+    futures = [pool.submit(_sum_range, part, alphas) for part in parts[1:]]
+    _sum_range(parts[0], alphas)  # this thread takes the first run
+    for f in futures:
+        f.result()
 
 
 def all_finite(state: Mapping[str, Tensor]) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -166,15 +167,20 @@ def test_inbox_budgets_and_rate():
     assert box.put("a", b"x" * 40) is False  # 100-byte burst: the grant did not lift the cap
 
 
-def test_blocked_fedavg_equals_the_whole_tensor_sum_bit_for_bit():
+@pytest.mark.parametrize("workers", [1, 2, 3, None])
+def test_blocked_fedavg_equals_the_whole_tensor_sum_bit_for_bit(workers, monkeypatch):
+    monkeypatch.setattr(agg, "WORK_PER_THREAD", 1)  # threads even for this small a sum
     g = torch.Generator().manual_seed(3)
     n = agg.BLOCK * 2 + 12345  # several blocks and a ragged end
     states = [{"big": torch.randn(n, generator=g) * 10 ** i, "small": torch.randn(7, 3, generator=g),
-               "half": torch.randn(n, generator=g).half(), "count": torch.tensor(5 + i)} for i in range(5)]
+               "half": torch.randn(n, generator=g).half(), "big2": torch.randn(3, n // 3, generator=g),
+               "count": torch.tensor(5 + i)} for i in range(5)]
     weights = [3, 1, 4, 1, 5]
-    out = agg.fedavg(states, weights)
+    out = agg.fedavg(states, weights, workers=workers)  # threads sum blocks: the same bits
+    if workers and workers > 1:  # the blocks were shared out to the aggregation's threads
+        assert any(t.name.startswith("fedavg") for t in threading.enumerate())
     total = float(sum(weights))
-    for k in ("big", "small", "half"):
+    for k in ("big", "small", "half", "big2"):
         acc = torch.zeros_like(states[0][k], dtype=torch.float64)
         for s, w in zip(states, weights):
             acc.add_(s[k], alpha=w / total)

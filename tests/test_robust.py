@@ -174,19 +174,23 @@ def test_blocked_fedavg_equals_the_whole_tensor_sum_bit_for_bit(workers, monkeyp
     n = agg.BLOCK * 2 + 12345  # several blocks and a ragged end
     states = [{"big": torch.randn(n, generator=g) * 10 ** i, "small": torch.randn(7, 3, generator=g),
                "half": torch.randn(n, generator=g).half(), "big2": torch.randn(3, n // 3, generator=g),
+               "small2": torch.randn(4, 5, generator=g).t(),  # not contiguous
+               "small_half": torch.randn(9, generator=g).half(), "one": torch.randn((), generator=g),
                "count": torch.tensor(5 + i)} for i in range(5)]
     weights = [3, 1, 4, 1, 5]
     out = agg.fedavg(states, weights, workers=workers)  # threads sum blocks: the same bits
     if workers and workers > 1:  # the blocks were shared out to the aggregation's threads
         assert any(t.name.startswith("fedavg") for t in threading.enumerate())
     total = float(sum(weights))
-    for k in ("big", "small", "half", "big2"):
+    for k in ("big", "small", "half", "big2", "small2", "small_half", "one"):
         acc = torch.zeros_like(states[0][k], dtype=torch.float64)
         for s, w in zip(states, weights):
             acc.add_(s[k], alpha=w / total)
         ref = acc.to(states[0][k].dtype)
         assert out[k].dtype == ref.dtype and torch.equal(out[k], ref)
     assert out["count"].item() == 5  # integer buffers: the first state's
+    # every result owns its storage (a checkpoint refuses tensors that share it)
+    assert len({t.untyped_storage().data_ptr() for t in out.values()}) == len(out)
     assert agg.all_finite(out)
     out["small"][0, 0] = float("nan")
     assert not agg.all_finite(out)

@@ -377,8 +377,7 @@ class EdgeClient:
                 else self._phase(name)
 
         self.trainer.load(task, item.msg.tensors, phase)  # our own model: done while another client trains
-        with self.trainer.lock:  # a pool's clients take turns for the CPU-heavy parts only
-            out = self.trainer.fit(task, rnd, None, phase)
+        out = self.trainer.fit(task, rnd, None, phase)  # holds a pool's shared CPU lock while it trains
         metrics = {**out.metrics, **transfer}
         for key in ("prev_upload", "prev_socket_bytes"):
             if key in self._carry:

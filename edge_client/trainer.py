@@ -113,20 +113,22 @@ class Trainer:
         is sent: neither delays the round.
 
         ``phase(name)`` is a context manager factory wrapping the download/train phases (energy).
-        Raises ValueError for a task that does not fit the model or the data.
+        The shared CPU lock (:attr:`lock`: a pool's clients take turns) is held for the training
+        loop only: loading before it and gathering the update after it run beside another client's
+        training. Raises ValueError for a task that does not fit the model or the data.
         """
         with self.model_lock:
             return self._fit(task, rnd, tensors, phase)
 
     def _fit(self, task: Task, rnd: int, tensors: dict[str, Tensor] | None, phase) -> FitOutput:
-        torch.set_num_threads(self.threads)
         t = task.train
         if tensors is not None:
             self.load(task, tensors, phase)
         elif self._loaded != task.task_id:
             raise ValueError(f"task {task.task_id}: its global factors were not loaded")
         self._loaded = None  # trained from here on: a second fit needs a fresh load
-        with phase("train"):
+        with self.lock, phase("train"):
+            torch.set_num_threads(self.threads)  # process-wide: set by whoever trains now
             res = train_epochs(self.model, self.train_data, epochs=t.epochs, batch_size=t.batch_size,
                                lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                device=self.device, seed=t.seed)

@@ -5,6 +5,7 @@ weights inside every forward pass, so these loops are the same for dense and Fed
 """
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -50,7 +51,9 @@ def train_epochs(model: nn.Module, data: Dataset, *, epochs: int, batch_size: in
                  seed: int = 0, progress=None) -> dict:
     """E epochs of minibatch SGD; returns {"loss", "num_examples", "steps", "seconds"}."""
     device = torch.device(device)
-    model.to(device).train()
+    if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
+        model.to(device)  # (a model already there: .to() would still walk and reassign every tensor)
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     momentum_buffers: dict[int, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(seed)

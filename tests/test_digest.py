@@ -43,6 +43,15 @@ def test_round_trip_and_tampering(digest):
             decode(bad)
 
 
+@pytest.mark.parametrize("digest", ["sha256", "blake3"])
+def test_a_big_message_hashed_while_written_has_the_same_bytes(monkeypatch, digest):
+    import fedpara.wire.envelope as env
+
+    serial = encode(_msg(), digest=digest).data
+    monkeypatch.setattr(env._Hasher, "THREADED_HASH_BYTES", 1)  # the second thread's path
+    assert encode(_msg(), digest=digest).data == serial
+
+
 def test_the_two_digests_differ_and_name_the_algorithm_in_the_digested_bytes():
     a, b = encode(_msg(), digest="sha256").data, encode(_msg(), digest="blake3").data
     assert a[52:] == b[52:] and a[20:52] != b[20:52]

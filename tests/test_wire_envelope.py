@@ -193,4 +193,4 @@ def test_threaded_hash_of_big_messages_gives_the_same_bytes(monkeypatch):
     threaded = env.encode(msg, policy, reserve=68)
     assert bytes(threaded.data[:len(serial)]) == bytes(serial) and threaded.data[len(serial):] == bytes(68)
     assert env.decode(serial).meta == {"n": 1}
-    assert not [t for t in threading.enumerate() if t.name == "envelope-sha256"]  # no thread left behind
+    assert not [t for t in threading.enumerate() if t.name == "envelope-digest"]  # no thread left behind

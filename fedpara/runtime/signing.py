@@ -177,7 +177,7 @@ class Verifier:
         is checked before anything is decoded; replays are tracked per sender and message kind
         (a sender's messages of different kinds may overtake each other on the way).
         ``ordered=False`` leaves age and order to the caller (statuses: see ``fresh``).
-        ``digest_checked``: the envelope's sha256 was verified on reassembly; ``alias``: tensors may
+        ``digest_checked``: the envelope's digest was verified on reassembly; ``alias``: tensors may
         be views into ``data``, a buffer the caller owns (both: see ``decode``)."""
         from cryptography.exceptions import InvalidSignature
 

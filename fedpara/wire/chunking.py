@@ -20,8 +20,8 @@ checked on arrival, before it is stored. A reassembled version 1 message is chec
 digest. A version 2 message is an envelope: its digest (SHA-256, or BLAKE3 where its flags say
 so; over its bytes [0, 20) and [52, 52 + H + B), the lengths its prefix declares) is taken piece
 by piece as the frames arrive in order, checked against the digest when the last one comes, and
-``Reassembler.checked(data)`` tells the decoder it need not hash again. Version 2 exists so that an envelope is hashed once on each side, mostly
-while it is still arriving (docs/wire.md).
+``Reassembler.checked(data)`` tells the decoder it need not hash again. Version 2 exists so that
+an envelope is hashed once on each side, mostly while it is still arriving (docs/wire.md).
 """
 
 from __future__ import annotations

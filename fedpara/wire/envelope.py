@@ -227,7 +227,7 @@ class _Hasher:
         self.threaded = size >= self.THREADED_HASH_BYTES
         if self.threaded:
             self._q: queue.SimpleQueue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._run, name="envelope-sha256", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="envelope-digest", daemon=True)
             self._thread.start()
 
     def written(self, end: int) -> None:
@@ -362,7 +362,7 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits(), *,
            digest_checked: bool = False, alias: bool = False) -> Message:
     """Decode one envelope. Any bad input raises WireError and nothing else.
 
-    ``digest_checked``: the caller verified the envelope's sha256 against its contents already
+    ``digest_checked``: the caller verified the envelope's digest against its contents already
     (``Reassembler.checked``: hashed as its frames arrived), so it is not taken twice.
     ``alias``: raw and fp32 tensors that lie aligned in a writable ``data`` (a bytearray the caller
     owns and will not change) are views into it instead of copies."""

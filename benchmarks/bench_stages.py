@@ -3,8 +3,7 @@
     python benchmarks/bench_stages.py [--payloads vgg16-fedpara,vgg16-dense] [--repeat 5]
 
 For each payload (the factor states of bench_round.py), median milliseconds (after one untimed
-run of each step) of: the coordinator
-encoding + signing the task and splitting it into 1 MB chunks; a client reassembling, verifying and
+run of each step) of: the coordinator encoding + signing the task and splitting it into 1 MB chunks; a client reassembling, verifying and
 decoding it (reassembly takes the envelope's digest, in the runtime as frames arrive; decoding
 then skips it); another client of the same pool taking the verified copy (edge_client/shared.py);
 loading the factors into the model; the client encoding + signing and splitting its update; the

@@ -110,8 +110,9 @@ def coord_cfg(tmp_path, **kw):
     return CoordinatorConfig(**base)
 
 
-def start_clients(url, cfg, tmp_path, n, *, first=0, total=None, **kw):
-    """``n`` started in-process edge clients c<first>.. of ``total`` IID partitions."""
+def start_clients(url, cfg, tmp_path, n, *, first=0, total=None, before_start=None, **kw):
+    """``n`` started in-process edge clients c<first>.. of ``total`` IID partitions;
+    ``before_start(client)``, if given, may adjust each one before it connects."""
     from edge_client.client import EdgeClient
     from edge_client.config import ClientConfig
 
@@ -123,6 +124,8 @@ def start_clients(url, cfg, tmp_path, n, *, first=0, total=None, **kw):
     for i in range(first, first + n):
         c = EdgeClient(ClientConfig(client_id=f"c{i}", run_id=cfg.run_id, data=TRAIN.format(n=total, i=i),
                                     state_dir=str(tmp_path / f"state-c{i}"), **kw), broker)
+        if before_start is not None:
+            before_start(c)
         c.start()
         clients.append(c)
     return clients

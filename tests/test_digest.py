@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from conftest import needs_fmnist
-from support import TRAIN, Sniffer, coord_cfg, start_clients
+from support import Sniffer, coord_cfg, start_clients
 
 import fedpara.wire.limits as limits
 from coordinator.server import Coordinator
@@ -155,12 +155,14 @@ def _digests_seen(sniffer: Sniffer) -> dict[str, set[int]]:
 def test_a_run_uses_blake3_only_with_peers_that_announced_it(mosquitto_broker, tmp_path, legacy):
     cfg = coord_cfg(tmp_path, rounds=1, scheme="dense")  # dense: updates well above 100 kB
     sniffer = Sniffer(mosquitto_broker, cfg.run_id)
+
+    def version(client):  # legacy: c2 is of a version without BLAKE3 (announces and answers SHA-256)
+        if legacy and client.cfg.client_id == "c2":
+            client.digests = ("sha256",)
+
     clients = []
     try:
-        clients = start_clients(mosquitto_broker, cfg, tmp_path, 2)
-        old = _legacy_client(mosquitto_broker, cfg, tmp_path) if legacy else start_clients(
-            mosquitto_broker, cfg, tmp_path, 1, first=2, total=3)[0]
-        clients.append(old)
+        clients = start_clients(mosquitto_broker, cfg, tmp_path, 3, before_start=version)
         summary = Coordinator(cfg, parse_broker_url(mosquitto_broker)).run()
         time.sleep(0.3)
     finally:
@@ -177,14 +179,9 @@ def test_a_run_uses_blake3_only_with_peers_that_announced_it(mosquitto_broker, t
     assert seen["c0"] == seen["c1"] == {FLAG_BLAKE3}
 
 
-def _legacy_client(url, cfg, tmp_path):
-    """A client of a version without BLAKE3: it announces SHA-256 only and answers with it."""
-    from edge_client.client import EdgeClient
-    from edge_client.config import ClientConfig
+def test_the_coordinator_digest_setting_is_checked():
+    from coordinator.config import CoordinatorConfig
 
-    c = EdgeClient(ClientConfig(client_id="c2", run_id=cfg.run_id, data=TRAIN.format(n=3, i=2),
-                                state_dir=str(tmp_path / "state-c2"), energy="estimate", insecure=True),
-                   parse_broker_url(url))
-    c.digests = ("sha256",)
-    c.start()
-    return c
+    assert CoordinatorConfig(insecure=True).digest == "auto"
+    with pytest.raises(ValueError, match="digest: must be one of auto, sha256"):
+        CoordinatorConfig(insecure=True, digest="md5")

@@ -40,6 +40,12 @@ def is_float(dtype_name: str) -> bool:
     return dtype_name in ("float64", "float32", "float16", "bfloat16")
 
 
+def finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. A finite sum proves every element finite (NaN/Inf propagate)
+    without allocating a mask; only a sum that overflows needs the element-wise check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _fp32(x: torch.Tensor) -> Parts:
     return {"": ("F32", tuple(x.shape), to_numpy(x))}
 

@@ -40,7 +40,7 @@ import zstandard
 
 from . import blob
 from .accounting import TensorStats, WireStats
-from .codecs import decode_tensor, encode_tensor, expected_parts, is_float
+from .codecs import decode_tensor, encode_tensor, expected_parts, finite, is_float
 from .limits import (
     ENVELOPE_DIGEST,
     ENVELOPE_FLAGS,
@@ -352,12 +352,6 @@ def _decompress(stored: memoryview, level: int | None, raw_len: int, i: int) -> 
     return memoryview(out)
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    # A finite sum proves every element finite (NaN/Inf propagate), without allocating a mask;
-    # only an overflowing sum needs the element-wise check.
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
 def decode(data: bytes | bytearray | memoryview, limits: Limits = Limits(), *,
            digest_checked: bool = False, alias: bool = False) -> Message:
     """Decode one envelope. Any bad input raises WireError and nothing else.
@@ -445,7 +439,7 @@ def _decode(data: bytes | bytearray | memoryview, limits: Limits, digest_checked
     for name, dtype_name, shape, codec, _ in manifest:
         suffixes = expected_parts(codec, dtype_name, shape)
         t = decode_tensor(codec, dtype_name, {s: arrays[name + s] for s in suffixes}, alias=alias)
-        if limits.reject_nonfinite and t.is_floating_point() and not _all_finite(t):
+        if limits.reject_nonfinite and t.is_floating_point() and not finite(t):
             raise WireError(f"tensor {name!r} contains NaN or Inf")
         tensors[name] = t
     return Message(kind=kind, run_id=run_id, round=rnd, sender=sender, tensors=tensors, meta=meta)

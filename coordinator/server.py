@@ -50,6 +50,7 @@ from .inbound import Inbound, RunFailed
 from .preflight import check_model_fits_data, trust
 from .registry import ClientRegistry
 from .aggregate import StreamingFedAvg, all_finite
+from .backoff import FailureTracker, ResendLimiter
 from .strategy import FedAvg, FitResult
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ class Coordinator(Inbound):
         self._attempt: RoundState | None = None
         self._task_msg: Message | None = None  # the current attempt's task, to ask again after a reconnect
         self._resent: Counter = Counter()
+        self._resends = ResendLimiter()  # a status flood claiming reconnects costs O(1) tasks a round
+        self.failing = FailureTracker()  # a failing device sits out, the run goes on
         self._results: dict[str, FitResult] = {}
         self._failures: dict[str, str] = {}
         self._up_framed = 0
@@ -217,12 +220,14 @@ class Coordinator(Inbound):
         return {"bytes_down": enc.stats.payload_bytes * receivers, "mqtt_bytes_down": mqtt_down,
                 "raw_bytes_down": enc.stats.raw_bytes * receivers, "receivers": receivers}, complete
 
-    def _collect(self, rnd: int, attempt: int, live: list[str]) -> tuple[list[str], dict]:
-        """One attempt: sample, send the task, wait for replies until all or the deadline."""
-        sampled = self.strategy.sample(live, rnd, attempt)
+    def _collect(self, rnd: int, attempt: int, live: list[str], eligible: list[str]) -> tuple[list[str], dict]:
+        """One attempt: sample from ``eligible``, send the task, wait for replies until all or the
+        deadline. ``live``: every live client (a task for all of them goes out as one broadcast)."""
+        sampled = self.strategy.sample(eligible, rnd, attempt)
         task = self._task(rnd, attempt, sampled)
         self._results, self._failures = {}, {}
         self._resent: Counter = Counter()
+        self._resends.forget(keep_task=task.task_id)
         self._stream = StreamingFedAvg(self.state) if self.streaming else None
         announced = {c: info.num_examples for c in sampled if (info := self.registry.get(c)) is not None}
         self._attempt = RoundState(self.cfg.run_id, rnd, task.task_id, frozenset(sampled), frozenset(), self.state,
@@ -243,7 +248,7 @@ class Coordinator(Inbound):
                 break
             if self.session.connects != connects:  # we reconnected: replies sent meanwhile are lost
                 connects = self.session.connects
-                self._reask(pending)
+                self._reask(pending, ours=True)
             if not any(self.registry.is_live(c) for c in pending):  # last will, offline, or silent
                 log.warning("round %d attempt %d: %s gone; not waiting for the deadline", rnd, attempt,
                             ", ".join(pending))
@@ -254,12 +259,20 @@ class Coordinator(Inbound):
             self._finalize()  # the previous round's line, once evaluated and reported
         return sampled, task.task_id, Counter(sent) + self._resent
 
-    def _reask(self, clients: list[str]) -> None:
+    def _reask(self, clients: list[str], *, ours: bool = False) -> None:
         """Send the current task again to those of ``clients`` that were sampled and have not
         answered, after a reconnect (ours or theirs) may have lost their update on the way. A
-        client that already trained sends its update again; one that never got the task runs it."""
+        client that already trained sends its update again; one that never got the task runs it.
+        A reconnect a client announces is its word only: at most ``ResendLimiter.max_per_task``
+        re-sends per (client, task), a few seconds apart (``ours``: our own reconnect, which our
+        session saw, is not limited)."""
         a = self._attempt
         pending = [c for c in clients if a is not None and c in a.sampled and c not in a.replied]
+        if not ours:
+            refused = [c for c in pending if not self._resends.allow(c, a.task_id)]
+            if refused:
+                self.ignored["resend_limited"] += len(refused)
+                pending = [c for c in pending if c not in refused]
         if not pending or self._task_msg is None:
             return
         # a fresh seq: the first one was seen already
@@ -281,24 +294,35 @@ class Coordinator(Inbound):
         self._timing = {"send_s": 0.0}
         sent: Counter = Counter()  # every attempt's bytes count: they crossed the wire
         self._up_framed = 0
+        failures: dict[str, str] = {}  # every attempt's failure replies: each counts against its client only
         for attempt in range(1, cfg.max_attempts + 1):
             live = self._wait_for_clients()
-            sampled, task_id, attempt_sent = self._collect(rnd, attempt, live)
+            eligible = self.failing.eligible(live, rnd, failures)
+            if not eligible:
+                self._failures = failures
+                raise RunFailed(f"round {rnd}: every live client failed this round" + self._failure_text())
+            sampled, task_id, attempt_sent = self._collect(rnd, attempt, live, eligible)
             sent.update(attempt_sent)
+            for c, reason in self._failures.items():
+                failures[c] = reason
+                rest = self.failing.failed(c, rnd, reason)
+                if rest:
+                    log.warning("round %d: %s failed %d rounds in a row; it sits out %d round(s)",
+                                rnd, c, self.failing.streak[c], rest)
+            for c in self._results:
+                self.failing.succeeded(c)
             needed = max(1, math.ceil(cfg.min_reply_fraction * len(sampled)))
             if len(self._results) >= needed:
                 break
-            log.warning("round %d attempt %d: %d of %d sampled clients replied (need %d); model kept",
-                        rnd, attempt, len(self._results), len(sampled), needed)
+            log.warning("round %d attempt %d: %d of %d sampled clients replied (need %d); model kept%s",
+                        rnd, attempt, len(self._results), len(sampled), needed,
+                        "; sampling again from the others" if self._failures else "")
             self._accepted.pop(task_id, None)
             self._reports.pop(task_id, None)
-            if self._failures and len(self._failures) == len(sampled):
-                break  # every sampled client said it cannot run this task: retrying will not help
         else:
+            self._failures = failures
             raise RunFailed(f"round {rnd}: too few replies after {cfg.max_attempts} attempts"
                             + self._failure_text())
-        if len(self._results) < needed:
-            raise RunFailed(f"round {rnd}: every sampled client failed" + self._failure_text())
         t_collected = time.monotonic()
         self._timing["wait_s"] = t_collected - t0 - self._timing["send_s"]
         results = list(self._results.values())
@@ -328,7 +352,8 @@ class Coordinator(Inbound):
         self._timing["aggregate_s"] = time.monotonic() - t_collected
         fields = dict(rnd=rnd, attempt=attempt, sampled=sampled, broadcast=set(sampled) == set(live), sent=sent,
                       mqtt_bytes_up=self._up_framed, dense_bytes=self.dense_bytes, lr=self._lr(rnd),
-                      duration_s=time.monotonic() - t0, screened=screened, failures=dict(self._failures))
+                      duration_s=time.monotonic() - t0, screened=screened, failures=failures,
+                      backed_off=self.failing.backed_off(rnd + 1))
         socket = {}
         sock = self.session.socket_bytes()
         if sock is not None:  # what the coordinator's own TCP connection moved this round (kernel count)
@@ -393,10 +418,10 @@ class Coordinator(Inbound):
         self._accepted.pop(p.task_id, None)
         results = [dataclasses.replace(r, metrics={**r.metrics, **reports.get(r.client_id, {})}) for r in p.results]
         fields = dict(p.fields)
-        screened, failures = fields.pop("screened"), fields.pop("failures")
+        screened, failures, backed_off = fields.pop("screened"), fields.pop("failures"), fields.pop("backed_off")
         row = report.round_row(**fields, evaluation=ev or {"accuracy": None, "loss": None}, results=results,
                                ignored=self.ignored, personalised=self.personalised)
-        row["screened"], row["failures"] = screened, failures
+        row["screened"], row["failures"], row["backed_off"] = screened, failures, backed_off
         row["timing"] = {**p.timing, "eval_s": eval_s, "save_s": save_s}
         row.update(p.socket)
         try:  # the checkpoint is on disk already: a resume redoes a round without its line
@@ -465,7 +490,7 @@ class Coordinator(Inbound):
         summary = report.summarize(
             rows, status=status, run_id=self.cfg.run_id, spec=self.spec.to_dict(), wall_s=wall,
             params=sum(t.numel() for t in self.state.values()), digest=state_digest(self.state),
-            ignored=dict(self.ignored),
+            ignored=dict(self.ignored), failing_clients=self.failing.report(),
             checkpoint=str(self.run_dir.checkpoint(rows[-1]["round"])) if rows else None)
         try:
             self.run_dir.write_summary(summary)

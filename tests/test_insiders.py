@@ -81,7 +81,7 @@ def test_clients_that_cannot_train_fail_the_round_at_once(mosquitto_broker, tmp_
         for c in clients:
             c.stop()
     assert time.monotonic() - t0 < 60  # not the 120 s deadline
-    assert summary["status"].startswith("failed: round 1: every sampled client failed")
+    assert summary["status"].startswith("failed: round 1: every live client failed this round")
     assert "c0: RuntimeError" in summary["status"] and "c1: RuntimeError" in summary["status"]
 
 
@@ -134,3 +134,34 @@ def test_nan_factors_and_oversized_metrics_change_nothing(mosquitto_broker, tmp_
     assert len(text) < 40_000 and "NaN" not in text and "junk" not in text
     for line in text.splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+
+def test_one_device_that_always_fails_never_ends_the_run(mosquitto_broker, tmp_path):
+    """c0 answers every task with a failure reply. One client a round: whenever c0 is sampled the
+    round samples again from the others; c0 is backed off after failing twice in a row and
+    reported in metrics.jsonl and summary.json; the run completes."""
+    cfg = _cfg(tmp_path, min_clients=3, clients_per_round=1, rounds=6, max_attempts=3, round_deadline_s=30.0,
+               seed=5)  # seed 5 samples c0 first in rounds 1, 3 and 4
+
+    def broken(c):
+        if c.cfg.client_id == "c0":
+            def fit(*a, **kw):
+                raise RuntimeError("out of memory (simulated)")
+            c.trainer.fit = fit
+
+    clients = _clients(mosquitto_broker, cfg, tmp_path, 3, before_start=broken)
+    try:
+        summary = Coordinator(cfg, parse_broker_url(mosquitto_broker)).run()
+    finally:
+        for c in clients:
+            c.stop()
+    rows = RunDir(cfg.out).read_metrics()
+    assert summary["status"] == "completed" and [r["round"] for r in rows] == list(range(1, 7))
+    assert all(r["replied"] == 1 and r["clients"] != ["c0"] for r in rows)
+    failed = [r for r in rows if "c0" in r["failures"]]
+    assert failed and all(r["attempt"] >= 2 for r in failed)
+    assert failed[0]["failures"]["c0"].startswith("RuntimeError: out of memory")
+    report = summary["failing_clients"]["c0"]
+    assert report["failures"] == len(failed) and "out of memory" in report["last_reason"]
+    # failed in rounds 1 and 3 (two failing rounds in a row for it): it sits out round 4
+    assert [r["round"] for r in failed] == [1, 3] and rows[2]["backed_off"] == ["c0"]

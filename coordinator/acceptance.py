@@ -29,6 +29,19 @@ class RoundState:
     reference: Mapping[str, Tensor]  # the global state: keys and shapes an update must match
     max_examples: int = 10_000_000   # config cap on one update's example count
     announced: Mapping[str, int] = dataclasses.field(default_factory=dict)  # counts from statuses
+    max_weight_ratio: float = 0.0    # one update weighs at most this x the (lower) median announced count
+
+
+def weight_cap(state: RoundState, client: str) -> int:
+    """The most examples ``client``'s update may count for: the config cap, what it announced when
+    it joined, and ``max_weight_ratio`` times the lower median of what the round's sampled clients
+    announced (so that one device claiming 10 million examples cannot freeze FedAvg on an echo
+    of the global model)."""
+    cap = min(state.max_examples, state.announced.get(client) or state.max_examples)
+    counts = sorted(n for n in state.announced.values() if n > 0)
+    if state.max_weight_ratio > 0 and counts:
+        cap = min(cap, max(1, int(state.max_weight_ratio * counts[(len(counts) - 1) // 2])))
+    return cap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +88,7 @@ def judge_update(msg: Message, topic_client: str, state: RoundState) -> Verdict:
     except (ProtocolError, ValueError) as exc:
         return Verdict.refuse("malformed", f"update from {topic_client}: {exc}")
     # an update weighs no more than the client announced when it joined, nor than the config cap
-    cap = min(state.max_examples, state.announced.get(topic_client) or state.max_examples)
+    cap = weight_cap(state, topic_client)
     if update.num_examples > cap:
         update = dataclasses.replace(update, num_examples=cap)
     return Verdict(True, "ok", update=update)

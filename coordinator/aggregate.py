@@ -253,3 +253,38 @@ def _check_all(states: list[Mapping[str, Tensor]]) -> None:
         raise ValueError("aggregation needs at least one state")
     for s in states[1:]:
         check_compatible(states[0], s)
+
+
+class StepGuard:
+    """How far one aggregate may move the global model (docs/security.md).
+
+    Whatever the number of replies (with fewer than 3 the screen cannot tell an outlier), a new
+    global state is refused when it is not finite or when its L2 distance to the current one is
+    more than ``factor`` times the median of the last ``window`` accepted moves (but never less
+    than ``floor`` times the model's own norm, so that a few tiny moves, an echoing client's say,
+    cannot freeze the model); before any move was accepted (round 1, or after a resume), more
+    than ``factor`` times the model's own norm. ``factor`` 0 turns the guard off (finiteness is
+    still checked)."""
+
+    def __init__(self, factor: float = 10.0, window: int = 5, floor: float = 0.5) -> None:
+        self.factor, self.window, self.floor = factor, window, floor
+        self.moves: list[float] = []
+
+    def limit(self, current: Mapping[str, Tensor]) -> float:
+        if self.factor <= 0:
+            return float("inf")
+        norm = delta_norms({k: torch.zeros_like(v) for k, v in current.items()}, [current])[0]
+        if self.moves:
+            ordered = sorted(self.moves)
+            return max(self.factor * ordered[len(ordered) // 2], self.floor * norm)
+        return self.factor * norm
+
+    def check(self, current: Mapping[str, Tensor], new: Mapping[str, Tensor]) -> tuple[bool, float, float]:
+        """(accepted, move, limit); an accepted move joins the history."""
+        if not all_finite(new):
+            return False, float("inf"), self.limit(current)
+        move, limit = delta_norms(current, [new])[0], self.limit(current)
+        ok = move == move and move <= limit
+        if ok and move > 0:
+            self.moves = (self.moves + [move])[-self.window:]
+        return ok, move, limit

@@ -57,6 +57,10 @@ class CoordinatorConfig:
                                   "the median distance (0: off)")
     max_examples: int = option(10_000_000, "cap on the example count one client's update may claim "
                                "(also capped by what the client announced)")
+    max_weight_ratio: float = option(4.0, "cap on one client's FedAvg weight: this many times the (lower) median "
+                                     "example count its round's sampled clients announced (0: off)")
+    max_step_factor: float = option(10.0, "refuse an aggregate that moves the model more than this many times the "
+                                    "median of the last 5 moves (round 1: the model's norm); 0: off")
     # local training (sent to the clients with every task)
     local_epochs: int = option(1, "local epochs E per round")
     batch_size: int = option(64, "local batch size")
@@ -100,7 +104,8 @@ class CoordinatorConfig:
         check_int("seed", self.seed, min=0)
         check_int("max_examples", self.max_examples, min=1)
         check_choice("digest", self.digest, ("auto", "sha256"))
-        check_number("screen_factor", self.screen_factor, min=0.0)
+        for name in ("screen_factor", "max_weight_ratio", "max_step_factor"):
+            check_number(name, getattr(self, name), min=0.0)
         parse_aggregator(self.aggregator)
         if self.dashboard:
             from .observe import parse_listen

@@ -64,10 +64,11 @@ class Inbound:
                 self._handle(topic, payload)
             except AuthError as exc:  # unsigned, forged, unknown, replayed: counted, changes nothing
                 self.ignored[exc.reason] += 1
-                log.info("refused message on %s: %s", topic, str(exc))
+                self._refusals.log(logging.INFO, exc.reason, "refused message on %s: %s", topic, str(exc))
             except (WireError, ValueError) as exc:
                 self.ignored["malformed"] += 1
-                log.warning("ignored message on %s: %s", topic, str(exc))  # str: keep no frame alive
+                # str: keep no frame alive; rate-limited: junk frames must not fill a disk with log
+                self._refusals.log(logging.WARNING, "malformed", "ignored message on %s: %s", topic, str(exc))
             except Exception:  # a bug must not take the coordinator down mid-run
                 self.ignored["error"] += 1
                 log.exception("error handling a message on %s", topic)
@@ -138,8 +139,8 @@ class Inbound:
             return
         if not verdict.accepted:
             self.ignored[verdict.reason] += 1
-            log.log(logging.WARNING if verdict.reason == "malformed" else logging.INFO,
-                    "ignored update: %s", verdict.detail)
+            self._refusals.log(logging.WARNING if verdict.reason == "malformed" else logging.INFO,
+                               f"update:{verdict.reason}", "ignored update: %s", verdict.detail)
             return
         tensors = {k: v.to(self.state[k].dtype) for k, v in msg.tensors.items()}
         n = verdict.update.num_examples

@@ -27,6 +27,7 @@ from fedpara.data import load_test_data
 from fedpara.models import ModelSpec
 from fedpara.runtime.checkpoint import load_checkpoint, save_checkpoint, state_digest
 from fedpara.runtime.inbox import Inbox
+from fedpara.runtime.lograte import Throttled
 from fedpara.runtime.messages import Control, Status, Task, TrainParams
 from fedpara.runtime.mqtt import BrokerURL, MqttSession
 from fedpara.runtime.rundir import RunDir
@@ -49,7 +50,7 @@ from .events import RoundCompleted, TaskSent
 from .inbound import Inbound, RunFailed
 from .preflight import check_model_fits_data, trust
 from .registry import ClientRegistry
-from .aggregate import StreamingFedAvg, all_finite
+from .aggregate import StepGuard, StreamingFedAvg
 from .backoff import FailureTracker, ResendLimiter
 from .strategy import FedAvg, FitResult
 
@@ -97,6 +98,7 @@ class Coordinator(Inbound):
         # message id, and each sender's partial messages are capped on their own
         self._reassemblers: dict[str, Reassembler] = {}
         self.ignored: Counter = Counter()
+        self._refusals = Throttled(log)  # refused input: counted always, logged a few lines a minute
         self.model = self.spec.build(cfg.seed)
         self.state = global_state(self.model)
         self.dense_bytes = state_bytes(self.spec.dense().build(cfg.seed).state_dict())
@@ -122,6 +124,7 @@ class Coordinator(Inbound):
         self._resent: Counter = Counter()
         self._resends = ResendLimiter()  # a status flood claiming reconnects costs O(1) tasks a round
         self.failing = FailureTracker()  # a failing device sits out, the run goes on
+        self.guard = StepGuard(cfg.max_step_factor)  # no aggregate moves the model unboundedly
         self._results: dict[str, FitResult] = {}
         self._failures: dict[str, str] = {}
         self._up_framed = 0
@@ -231,7 +234,7 @@ class Coordinator(Inbound):
         self._stream = StreamingFedAvg(self.state) if self.streaming else None
         announced = {c: info.num_examples for c in sampled if (info := self.registry.get(c)) is not None}
         self._attempt = RoundState(self.cfg.run_id, rnd, task.task_id, frozenset(sampled), frozenset(), self.state,
-                                   self.cfg.max_examples, announced)
+                                   self.cfg.max_examples, announced, self.cfg.max_weight_ratio)
         for c in sampled:  # each sampled client may reply (update + report) however short the round
             self.session.inbox.grant(self.topics.update(c), self._partial_cap)
         t_send = time.monotonic()
@@ -344,16 +347,25 @@ class Coordinator(Inbound):
             log.warning("round %d: %s cannot aggregate: %s", rnd, self.cfg.aggregator, exc)
             new_state = None
         self._stream = None
-        if new_state is None or not all_finite(new_state):
+        refused = None
+        if new_state is None:
+            refused = "all updates screened"
+        else:
+            ok, move, limit = self.guard.check(self.state, new_state)
+            if not ok:
+                refused = (f"the aggregate would move the model by {move:.3g} (limit {limit:.3g}: max_step_factor "
+                           f"{cfg.max_step_factor:g} x the recent moves)" if move == move and move != float("inf")
+                           else "the aggregate is not finite")
+        if refused is not None:
             self.ignored["aggregate_rejected"] += 1
-            log.warning("round %d: no usable aggregate (all updates screened or non-finite); model kept", rnd)
+            log.warning("round %d: aggregate refused, model kept: %s", rnd, refused)
         else:
             self.state = new_state
         self._timing["aggregate_s"] = time.monotonic() - t_collected
         fields = dict(rnd=rnd, attempt=attempt, sampled=sampled, broadcast=set(sampled) == set(live), sent=sent,
                       mqtt_bytes_up=self._up_framed, dense_bytes=self.dense_bytes, lr=self._lr(rnd),
                       duration_s=time.monotonic() - t0, screened=screened, failures=failures,
-                      backed_off=self.failing.backed_off(rnd + 1))
+                      backed_off=self.failing.backed_off(rnd + 1), aggregate_refused=refused)
         socket = {}
         sock = self.session.socket_bytes()
         if sock is not None:  # what the coordinator's own TCP connection moved this round (kernel count)
@@ -419,9 +431,12 @@ class Coordinator(Inbound):
         results = [dataclasses.replace(r, metrics={**r.metrics, **reports.get(r.client_id, {})}) for r in p.results]
         fields = dict(p.fields)
         screened, failures, backed_off = fields.pop("screened"), fields.pop("failures"), fields.pop("backed_off")
+        refused = fields.pop("aggregate_refused")
         row = report.round_row(**fields, evaluation=ev or {"accuracy": None, "loss": None}, results=results,
                                ignored=self.ignored, personalised=self.personalised)
         row["screened"], row["failures"], row["backed_off"] = screened, failures, backed_off
+        if refused is not None:  # the model was kept: say why in the round's line
+            row["aggregate_refused"] = refused
         row["timing"] = {**p.timing, "eval_s": eval_s, "save_s": save_s}
         row.update(p.socket)
         try:  # the checkpoint is on disk already: a resume redoes a round without its line

@@ -25,6 +25,7 @@ from fedpara.runtime.messages import (
     Task,
     Update,
 )
+from fedpara.runtime.lograte import Throttled
 from fedpara.runtime.mqtt import BrokerURL, MqttSession
 from fedpara.runtime.signing import AuthError, endpoints, load_public_key
 from fedpara.runtime.topics import Topics
@@ -102,6 +103,7 @@ class EdgeClient:
         # in a pool one client hashes a broadcast task as it arrives; the others compare bytes
         self.reassembler = Reassembler(timeout_s=300.0, hash_envelope=shared.claim if shared is not None else None)
         self.counters: Counter = Counter()
+        self._refusals = Throttled(log)  # junk frames are counted; only a few lines a minute are logged
         self.rounds_done: list[int] = []
         self.finished = threading.Event()
         self.coordinator_seen = threading.Event()  # its status or a task for our run arrived
@@ -241,10 +243,12 @@ class EdgeClient:
                 self._handle(topic, payload)
             except AuthError as exc:  # unsigned, forged, replayed: counted, never obeyed
                 self.counters[exc.reason] += 1
-                log.info("%s: refused message on %s: %s", self.cfg.client_id, topic, str(exc))
+                self._refusals.log(logging.INFO, exc.reason, "%s: refused message on %s: %s", self.cfg.client_id,
+                                   topic, str(exc))
             except (WireError, ValueError) as exc:
                 self.counters["malformed"] += 1
-                log.warning("%s: ignored message on %s: %s", self.cfg.client_id, topic, str(exc))
+                self._refusals.log(logging.WARNING, "malformed", "%s: ignored message on %s: %s", self.cfg.client_id,
+                                   topic, str(exc))
             except Exception:
                 self.counters["error"] += 1
                 log.exception("%s: error handling a message on %s", self.cfg.client_id, topic)

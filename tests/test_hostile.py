@@ -103,3 +103,164 @@ def test_a_status_flood_claiming_reconnects_costs_o1_resends(mosquitto_broker, k
     ids = {payload[6:22] for _, payload, _ in seen}  # chunk message ids: one per task sent to c2 alone
     assert len(ids) <= 2 * 2, len(ids)  # 2 rounds x at most 2 re-sends (the first task was a broadcast)
     assert summary["ignored"].get("resend_limited", 0) > 50, summary["ignored"]
+
+
+# --- the aggregate's bounds (item 5) -------------------------------------------------------------
+def test_step_guard_refuses_non_finite_and_outsized_moves():
+    import torch
+
+    from coordinator.aggregate import StepGuard
+
+    cur = {"w": torch.ones(4, 4)}  # norm 4
+    g = StepGuard(factor=10.0)
+    assert g.check(cur, {"w": torch.full((4, 4), float("nan"))})[0] is False
+    ok, move, limit = g.check(cur, {"w": torch.full((4, 4), 1e30)})
+    assert not ok and limit == pytest.approx(40.0) and move > 1e30
+    assert g.check(cur, {"w": cur["w"] + 0.5})[0] and g.moves == [pytest.approx(2.0)]
+    # now 10 x the median of recent moves (20), but never under half the model's norm
+    assert not g.check(cur, {"w": cur["w"] + 5.5})[0]  # move 22 > 20
+    assert g.check(cur, {"w": cur["w"] + 4.5})[0]
+    assert g.check(cur, {"w": cur["w"]})[0] and len(g.moves) == 2  # an echo: no move, not remembered
+    tiny = StepGuard(factor=10.0)
+    tiny.moves = [1e-9]
+    assert tiny.check(cur, {"w": cur["w"] + 0.1})[0]  # 0.4 <= 0.5 x 4: tiny moves cannot freeze it
+    assert StepGuard(factor=0).check(cur, {"w": torch.full((4, 4), 1e30)})[0]
+
+
+def test_one_clients_weight_is_capped_by_the_rounds_median():
+    import torch
+
+    from coordinator.acceptance import RoundState, judge_update, weight_cap
+
+    ref = {"w": torch.zeros(2)}
+    state = RoundState("r", 1, "t", frozenset("abcd"), frozenset(), ref, 10_000_000,
+                       {"a": 150, "b": 150, "c": 150, "d": 10_000_000}, 4.0)
+    assert weight_cap(state, "d") == 600 and weight_cap(state, "a") == 150
+    msg = Message(MessageKind.UPDATE, "r", 1, "d", ref, {"task_id": "t", "num_examples": 10_000_000})
+    assert judge_update(msg, "d", state).update.num_examples == 600
+    two = RoundState("r", 1, "t", frozenset("ad"), frozenset(), ref, 10_000_000, {"a": 150, "d": 10_000_000}, 4.0)
+    assert weight_cap(two, "d") == 600  # the lower median: one of two cannot set the bar
+    off = RoundState("r", 1, "t", frozenset("ad"), frozenset(), ref, 10_000_000, {"a": 150, "d": 10_000_000}, 0.0)
+    assert weight_cap(off, "d") == 10_000_000
+
+
+@needs_fmnist
+def test_two_replies_and_a_1e30_insider_leave_the_model_untouched(mosquitto_broker, tmp_path):
+    """With 2 replies the screen cannot tell an outlier; the step guard refuses every round's
+    aggregate, keeps the model, says so in metrics.jsonl, and the checkpoint stays finite."""
+    import torch
+    from support import coord_cfg, start_clients
+
+    from edge_client.trainer import FitOutput
+    from fedpara.runtime.checkpoint import load_checkpoint
+
+    cfg = coord_cfg(tmp_path, min_clients=2, rounds=2)
+
+    def evil(c):
+        if c.cfg.client_id == "c1":
+            honest = c.trainer.fit
+
+            def huge(*a, **k):
+                out = honest(*a, **k)
+                return FitOutput({n: torch.full_like(v, 1e30) for n, v in out.tensors.items()},
+                                 out.num_examples, out.metrics)
+            c.trainer.fit = huge
+
+    clients = start_clients(mosquitto_broker, cfg, tmp_path, 2, energy="off", before_start=evil)
+    try:
+        coordinator = Coordinator(cfg, parse_broker_url(mosquitto_broker))
+        before = {k: v.clone() for k, v in coordinator.state.items()}
+        summary = coordinator.run()
+    finally:
+        for c in clients:
+            c.stop()
+    rows = RunDir(cfg.out).read_metrics()
+    assert summary["status"] == "completed" and all(r["replied"] == 2 for r in rows)
+    assert all("would move the model" in r["aggregate_refused"] for r in rows)
+    assert summary["ignored"]["aggregate_rejected"] == 2
+    state, _, _ = load_checkpoint(RunDir(cfg.out).checkpoint(2))
+    assert all(torch.equal(state[k], before[k]) for k in before)
+
+
+def test_resume_refuses_metrics_corrupt_before_the_last_line(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.start_metrics()
+    for r in (1, 2, 3):
+        rd.append_metrics({"round": r})
+    lines = rd.metrics_path.read_text().splitlines()
+    lines[1] = lines[1][:-3] + "#!"  # round 2's line damaged, round 3's intact after it
+    rd.metrics_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"line 2 is not a round's JSON row.*1 line\(s\) follow.*head -n 1"):
+        rd.repair_metrics()
+    assert rd.metrics_path.read_text().count("\n") == 3  # left as it was, for the operator
+    rd.metrics_path.write_text('{"round": 1}\n{"round": 1}\n{"round": 2}\n')
+    with pytest.raises(ValueError, match="repeats a round"):
+        rd.repair_metrics()
+    rd.metrics_path.write_text('{"round": 1}\n{"round": 2}\n{"round": 3, "acc')  # torn: fine
+    assert [r["round"] for r in rd.repair_metrics()] == [1, 2]
+
+
+def test_trust_directories_and_pub_files_writable_by_others_are_refused(keys, tmp_path):
+    import os
+    import shutil
+
+    from fedpara.runtime.signing import load_public_key, load_trust_dir
+
+    trust = tmp_path / "trust"
+    shutil.copytree(keys / "clients", trust)
+    os.chmod(trust, 0o755)
+    assert set(load_trust_dir(trust)) == {"c0", "c1", "c2"}
+    os.chmod(trust / "c1.pub", 0o666)
+    with pytest.raises(ValueError, match=r"c1.pub is writable by others \(mode 0666\).*chmod go-w"):
+        load_trust_dir(trust)
+    with pytest.raises(ValueError, match="writable by others"):
+        load_public_key(trust / "c1.pub")
+    os.chmod(trust / "c1.pub", 0o644)
+    os.chmod(trust, 0o777)
+    with pytest.raises(ValueError, match=r"trust.* is writable by others \(mode 0777\).*chmod go-w"):
+        load_trust_dir(trust)
+
+
+def test_refusal_log_lines_are_rate_limited_with_counts(caplog):
+    import logging
+
+    from fedpara.runtime.lograte import Throttled
+
+    now = [0.0]
+    t = Throttled(logging.getLogger("t.throttle"), burst=3, window_s=60.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="t.throttle"):
+        written = [t.log(logging.WARNING, "malformed", "junk %d", i) for i in range(1000)]
+        assert sum(written) == 3 and t.held() == 997
+        now[0] = 61.0
+        assert t.log(logging.WARNING, "malformed", "junk %d", 1000)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 5 and "counted, not logged" in lines[3]
+    assert lines[4] == "junk 1000 (and 997 more like this in the last 60 s)"
+
+
+@needs_fmnist
+def test_a_junk_frame_flood_writes_a_few_log_lines(mosquitto_broker, tmp_path, caplog):
+    """Thousands of 71-byte junk frames on a client's task topic: every one is counted, a handful
+    of lines is logged."""
+    import logging
+
+    run_id = f"junk-{secrets.token_hex(2)}"
+    from support import coord_cfg, start_clients
+
+    cfg = coord_cfg(tmp_path, run_id=run_id)
+    (client,) = start_clients(mosquitto_broker, cfg, tmp_path, 1, energy="off")
+    flood, _ = _raw(mosquitto_broker)
+    try:
+        with caplog.at_level(logging.INFO):
+            for i in range(3000):
+                flood.publish(Topics(run_id).task_for("c0"), b"FPWC" + bytes(67), qos=0)
+            deadline = time.monotonic() + 20
+            while client.counters["malformed"] < 2000 and time.monotonic() < deadline:
+                time.sleep(0.2)
+    finally:
+        flood.loop_stop()
+        flood.disconnect()
+        client.stop()
+    assert client.counters["malformed"] >= 2000
+    refusals = [r for r in caplog.records if "ignored message" in r.getMessage()]
+    assert 1 <= len(refusals) <= 12, len(refusals)

@@ -127,8 +127,37 @@ class RunDir:
         self.metrics_path.write_text("")
 
     def repair_metrics(self) -> list[dict]:
-        """Rewrite metrics.jsonl without a torn tail (so appends stay valid lines); its rows."""
-        rows = self.read_metrics()
+        """Rewrite metrics.jsonl without a torn last line (a crash mid-append; so appends stay
+        valid lines) and return its rows. A line that is not a round's JSON row anywhere else means
+        the file was damaged: ValueError saying where and how to repair it, rather than silently
+        dropping every later round and training those rounds again."""
+        try:
+            text = self.metrics_path.read_text()
+        except FileNotFoundError:
+            return []
+        lines = text.splitlines()
+        while lines and not lines[-1].strip():
+            lines.pop()
+        rows: list[dict] = []
+        for i, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+                ok = isinstance(row, dict) and isinstance(row.get("round"), int) and not isinstance(row["round"], bool)
+            except json.JSONDecodeError:
+                ok = False
+            if ok and rows and row["round"] <= rows[-1]["round"]:
+                ok = False
+            if ok:
+                rows.append(row)
+            elif i == len(lines):  # a torn last line: the round it was writing is redone
+                break
+            else:
+                later = len(lines) - i
+                raise ValueError(
+                    f"resume: {self.metrics_path} line {i} is not a round's JSON row (or repeats a round) and "
+                    f"{later} line(s) follow it: the file is damaged, not torn. Repair it by hand: fix or delete "
+                    f"line {i}, or keep only lines 1-{i - 1} (head -n {i - 1}) to train the later rounds again; "
+                    "then --resume")
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return rows
 

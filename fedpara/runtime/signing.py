@@ -64,7 +64,7 @@ def new_key(name: str, directory: str | os.PathLike) -> tuple[Path, Path]:
 
     check_id("key name", name)
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    d.mkdir(mode=0o755, parents=True, exist_ok=True)
     key_path, pub_path = d / f"{name}.key", d / f"{name}.pub"
     if key_path.exists():
         raise FileExistsError(f"{key_path} exists; delete it first to make a new identity")
@@ -76,6 +76,7 @@ def new_key(name: str, directory: str | os.PathLike) -> tuple[Path, Path]:
         f.write(pem)
     pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub_path.chmod(0o644)  # whatever the umask: trust directories refuse .pub files others may write
     return key_path, pub_path
 
 
@@ -99,6 +100,14 @@ def load_private_key(path: str | os.PathLike):
     return key
 
 
+def _not_writable_by_others(p: Path, what: str) -> None:
+    """Refuse a trust anchor that another local user could replace (as loose private keys are)."""
+    mode = stat.S_IMODE(p.stat().st_mode)
+    if mode & 0o022:
+        raise ValueError(f"{what} {p} is writable by others (mode {mode:04o}): anyone on this machine could "
+                         f"make their key trusted; chmod go-w {p}")
+
+
 def load_public_key(path: str | os.PathLike):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -106,6 +115,7 @@ def load_public_key(path: str | os.PathLike):
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"public key {p} does not exist")
+    _not_writable_by_others(p, "public key")
     try:
         key = serialization.load_pem_public_key(p.read_bytes())
     except (ValueError, TypeError) as exc:
@@ -120,6 +130,7 @@ def load_trust_dir(directory: str | os.PathLike) -> dict:
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"trusted keys directory {d} does not exist")
+    _not_writable_by_others(d, "trusted keys directory")
     keys = {p.stem: load_public_key(p) for p in sorted(d.glob("*.pub"))}
     if not keys:
         raise ValueError(f"trusted keys directory {d} holds no *.pub files")

@@ -76,6 +76,14 @@ class Inbound:
                 return
 
     def _handle(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.coordinator:
+            # someone cleared or replaced our retained status (an old session's, replayed): put it back,
+            # so that clients learn the current session before any replayed finish (at most 1/s)
+            if self._status_last and payload != self._status_last and time.monotonic() - self._reasserted > 1:
+                self._reasserted = time.monotonic()
+                self.ignored["status_reasserted"] += 1
+                self.session.publish(self.topics.coordinator, self._status_payload("online"), retain=True)
+            return
         client = self.topics.client_of(topic)
         if client is None:
             self.ignored["unknown_topic"] += 1

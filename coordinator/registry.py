@@ -30,7 +30,8 @@ class ClientRegistry:
         self._clients: dict[str, ClientInfo] = {}
         self._clock = clock
         self.max_clients = max_clients
-        self._order: dict[str, tuple[int, int]] = {}  # client -> (newest signed status seq, session)
+        # client -> (newest signed status seq, its session, whether that session's will was applied)
+        self._order: dict[str, tuple[int, int, bool]] = {}
         self._lock = threading.Lock()  # writers: the coordinator thread; readers: also a dashboard
 
     def update(self, client_id: str, status: Status) -> ClientInfo:
@@ -45,16 +46,20 @@ class ClientRegistry:
 
     def signed_status_order(self, client_id: str, seq: int, status: Status, fresh: bool) -> str:
         """"ok" when a signed status may be applied: it is newer than the client's last one and
-        fresh, or it is the last will of the client's current connection (sealed when it
-        connected, so older: its ``seq`` equals the ``session`` that connection's statuses carry).
-        Else the counter to bump: "replayed" or "stale"."""
+        fresh, or it is the last will of the client's current connection (sealed before it
+        connected, so older: its ``seq`` equals the ``session`` that connection's statuses carry),
+        applied once. The will of an earlier connection (the client seals one per connection) is
+        older than the newest online status's session and refused, however often the broker's copy
+        is replayed. Else the counter to bump: "replayed" or "stale"."""
         last = self._order.get(client_id)
         if (last is None or seq > last[0]) and fresh:
             if last is None and len(self._order) >= self.max_clients:
                 return "stale"
-            self._order[client_id] = (seq, status.session)
+            will = not status.online and status.session == seq  # a will, applied now: not again
+            self._order[client_id] = (seq, status.session, will)
             return "ok"
-        if not status.online and last is not None and status.session == last[1] == seq:
+        if not status.online and last is not None and status.session == last[1] == seq and not last[2]:
+            self._order[client_id] = (last[0], last[1], True)
             return "ok"
         return "replayed" if fresh else "stale"
 

@@ -118,7 +118,9 @@ class Coordinator(Inbound):
         check_model_fits_data(self.model, self.spec, self.test_data, cfg.test_data)
         self._abort: str | None = None
         self.session: MqttSession | None = None
-        self._session_token = secrets.token_hex(4)  # tells tasks of a resumed coordinator apart
+        self._session_token = secrets.token_hex(4)  # tells tasks and the finish of a resumed coordinator apart
+        self._status_last = b""  # our retained online status: put back when someone overwrites it
+        self._reasserted = 0.0
         self._attempt: RoundState | None = None
         self._task_msg: Message | None = None  # the current attempt's task, to ask again after a reconnect
         self._resent: Counter = Counter()
@@ -168,8 +170,12 @@ class Coordinator(Inbound):
     # --- inbound -----------------------------------------------------------------------------
     def _status_payload(self, state: str) -> bytes:
         self._status_sent = time.monotonic()
-        return self.seal.seal(Message(MessageKind.STATUS, self.cfg.run_id, 0, "coordinator",
-                                      meta=Status(state, role="coordinator").to_meta())).data
+        payload = self.seal.seal(Message(MessageKind.STATUS, self.cfg.run_id, 0, "coordinator",
+                                         meta=Status(state, role="coordinator",
+                                                     coordinator_session=self._session_token).to_meta())).data
+        if state == "online":
+            self._status_last = payload
+        return payload
 
     def _wait_for_clients(self) -> list[str]:
         deadline = time.monotonic() + self.cfg.wait_clients_s
@@ -459,7 +465,7 @@ class Coordinator(Inbound):
         budget = max(4 << 20, 2 * self._partial_cap)
         inbox = Inbox(per_topic_bytes=budget, total_bytes=1 << 30, rate_bytes_per_s=max(1 << 20, budget / 10))
         self.session = MqttSession(self.broker, f"coordinator-{cfg.run_id}-{secrets.token_hex(4)}",
-                                   [(self.topics.status_all, 1), (self.topics.update_all, 1)],
+                                   [(self.topics.status_all, 1), (self.topics.update_all, 1), (self.topics.coordinator, 1)],
                                    will=(self.topics.coordinator, self._status_payload("offline"), 1, True),
                                    inbox=inbox)
         self.session.start()
@@ -496,7 +502,7 @@ class Coordinator(Inbound):
         if tell_clients:
             done = self.rows[-1]["round"] if self.rows else 0
             msg = Message(MessageKind.CONTROL, self.cfg.run_id, done, "coordinator",
-                          meta=Control("finish", status, done).to_meta())
+                          meta=Control("finish", status, done, self._session_token).to_meta())
             self.session.publish_all(self.topics.control, [self.seal.seal(msg).data], timeout=10)
         self.session.publish(self.topics.coordinator, self._status_payload("offline"), retain=True).wait_for_publish(5)
 

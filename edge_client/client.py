@@ -15,6 +15,7 @@ import secrets
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 from fedpara.runtime.messages import (
     Control,
@@ -42,6 +43,7 @@ from fedpara.wire import (
 from fedpara.wire.limits import digests_available
 
 from .config import ClientConfig
+from .watch import CoordinatorWatch
 from .shared import SharedVerified
 from .trainer import Trainer
 
@@ -103,6 +105,9 @@ class EdgeClient:
         # in a pool one client hashes a broadcast task as it arrives; the others compare bytes
         self.reassembler = Reassembler(timeout_s=300.0, hash_envelope=shared.claim if shared is not None else None)
         self.counters: Counter = Counter()
+        # the newest coordinator session and seq we accepted, kept across restarts: a finish must be
+        # newer and from that session (a replayed finish of an earlier run stops nobody)
+        self.watch = CoordinatorWatch(Path(self.trainer.state.root) / "coordinator.json", cfg.run_id)
         self._refusals = Throttled(log)  # junk frames are counted; only a few lines a minute are logged
         self.rounds_done: list[int] = []
         self.finished = threading.Event()
@@ -145,9 +150,10 @@ class EdgeClient:
 
     # --- presence --------------------------------------------------------------------------
     def _status(self, state: str, *, will: bool = False) -> bytes:
-        """Our signed status. The last will is sealed once, at connect time, with ``seq`` equal to
-        the ``session`` every later status of this connection carries: the coordinator accepts it
-        though it is older than our heartbeats, and refuses any other old status (docs/security.md)."""
+        """Our signed status. The last will is sealed for each connection, before it is made, with
+        ``seq`` equal to the ``session`` every later status of this connection carries: the
+        coordinator accepts it once though it is older than our heartbeats, and refuses any other
+        old status, the will of an earlier connection included (docs/security.md)."""
         seq = None
         if will:
             seq = self._session_seq = self.seal.next_seq()
@@ -169,7 +175,8 @@ class EdgeClient:
             self.broker, f"fp-{self.cfg.run_id}-{me}-{secrets.token_hex(3)}",
             [(self.topics.task, 1), (self.topics.task_for(me), 1), (self.topics.control, 1),
              (self.topics.coordinator, 1), (self.topics.status(me), 1)],
-            will=(self.topics.status(me), will, 1, True), on_connect=self._announce)
+            will=(self.topics.status(me), will, 1, True), on_connect=self._announce,
+            renew_will=lambda: self._status("offline", will=True))
         self.session.start()
         loops = [(self._dispatch, "dispatch"), (self._train_loop, "train")]
         if self.cfg.heartbeat_s > 0:
@@ -266,11 +273,22 @@ class EdgeClient:
                 msg = self.opener.open(payload, self.limits, sender="coordinator")
                 if msg.kind == MessageKind.STATUS and msg.run_id == self.cfg.run_id:
                     self.coordinator_seen.set()
+                    status = Status.from_meta(msg.meta)
+                    if status.online:
+                        self.watch.saw(msg.meta.get("seq", 0), status.coordinator_session)
             return
         if topic == self.topics.control:
             msg = self.opener.open(payload, self.limits, sender="coordinator")
             if msg.kind == MessageKind.CONTROL and msg.run_id == self.cfg.run_id:
                 control = Control.from_meta(msg.meta)
+                if self.opener.signed:
+                    why = self.watch.refuses(msg.meta.get("seq", 0), control.session)
+                    if why:  # a finish replayed from an earlier run of this id, or an earlier session
+                        self.counters["stale_control"] += 1
+                        self._refusals.log(logging.WARNING, "stale_control", "%s: ignored a finish: %s",
+                                           self.cfg.client_id, why)
+                        return
+                    self.watch.saw(msg.meta.get("seq", 0), None, save=True)  # obeyed: never again
                 self.finish_meta = control.to_meta()
                 log.info("%s: run finished (%s)", self.cfg.client_id, control.status)
                 self._work.put(_Finish(control))
@@ -316,6 +334,7 @@ class EdgeClient:
             return
         self._seen.add(task.task_id)
         self.coordinator_seen.set()
+        self.watch.saw(msg.meta.get("seq", 0), None)
         transfer["decode_s"] = time.perf_counter() - t0
         self._work.put(_Train(msg.round, task, msg, transfer))
 

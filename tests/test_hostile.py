@@ -13,6 +13,7 @@ import pytest
 from conftest import needs_fmnist
 
 from coordinator.config import CoordinatorConfig
+from coordinator.events import ClientStatusChanged
 from coordinator.server import Coordinator
 from edge_client.client import EdgeClient
 from edge_client.config import ClientConfig
@@ -264,3 +265,117 @@ def test_a_junk_frame_flood_writes_a_few_log_lines(mosquitto_broker, tmp_path, c
     assert client.counters["malformed"] >= 2000
     refusals = [r for r in caplog.records if "ignored message" in r.getMessage()]
     assert 1 <= len(refusals) <= 12, len(refusals)
+
+
+# --- replayed finish and wills (item 4) ----------------------------------------------------------
+def _replayer(url, topic, payload, every_s=0.1):
+    """Publishes ``payload`` on ``topic`` (retained) every ``every_s`` until stopped."""
+    client, _ = _raw(url)
+    halt, count = threading.Event(), [0]
+
+    def loop():
+        while not halt.wait(every_s):
+            client.publish(topic, payload, qos=1, retain=True)
+            count[0] += 1
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+
+    def stop():
+        halt.set()
+        t.join(5)
+        client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)  # clear the retained copy
+        client.loop_stop()
+        client.disconnect()
+        return count[0]
+    return stop
+
+
+@needs_fmnist
+def test_a_finish_replayed_from_an_earlier_run_stops_no_fresh_client(mosquitto_broker, keys, tmp_path):
+    """Run 1 of run id R ends with a signed finish, captured. Run 2 of R (a re-run: a new
+    coordinator session) trains while the finish is replayed, retained, ten times a second: the
+    restarted c0 (same state directory), c1 and a brand-new c2 (empty state) ignore it and
+    answer every round."""
+    run_id = f"again-{secrets.token_hex(2)}"
+    topics = Topics(run_id)
+    spy, seen = _raw(mosquitto_broker, topics.control)
+    first = [_client(mosquitto_broker, keys, tmp_path, run_id, i) for i in (0, 1, 2)]
+    for c in first:
+        c.start()
+    try:
+        s1 = Coordinator(_cfg(keys, tmp_path / "one", run_id, rounds=1), parse_broker_url(mosquitto_broker)).run()
+        assert s1["status"] == "completed" and all(c.wait(20) for c in first)
+    finally:
+        for c in first:
+            c.stop()
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.1)
+    spy.loop_stop()
+    spy.disconnect()
+    finish = seen[0][1]
+    stop = _replayer(mosquitto_broker, topics.control, finish)
+    second = [_client(mosquitto_broker, keys, tmp_path, run_id, 0), _client(mosquitto_broker, keys, tmp_path, run_id, 1),
+              _client(mosquitto_broker, keys, tmp_path / "new", run_id, 2)]
+    for c in second:
+        c.start()
+    try:
+        s2 = Coordinator(_cfg(keys, tmp_path / "two", run_id, rounds=3), parse_broker_url(mosquitto_broker)).run()
+    finally:
+        replays = stop()
+        for c in second:
+            c.stop()
+    rows = RunDir(tmp_path / "two" / "run").read_metrics()
+    assert s2["status"] == "completed" and [r["replied"] for r in rows] == [3, 3, 3], rows
+    assert replays > 10
+    for c in second:
+        assert c.rounds_done == [1, 2, 3] and c.counters["stale_control"] + c.counters["replayed"] >= 1, c.counters
+        assert c.finish_meta.get("status") == "completed"  # the real finish of run 2 was obeyed
+
+
+@needs_fmnist
+def test_a_replayed_last_will_leaves_no_client_out(mosquitto_broker, keys, tmp_path):
+    """c0's connection drops abnormally: the broker publishes its will, which a stranger captures
+    and replays (retained) twenty times a second for the whole run. The will was sealed for that
+    connection only: c0 is in every round."""
+    import socket
+
+    run_id = f"will-{secrets.token_hex(2)}"
+    topics = Topics(run_id)
+    spy, seen = _raw(mosquitto_broker, topics.status("c0"))
+    clients = [_client(mosquitto_broker, keys, tmp_path, run_id, i, heartbeat_s=2.0) for i in (0, 1, 2)]
+    for c in clients:
+        c.start()
+    try:
+        c0 = clients[0]
+        sessions = c0.session.connects
+        c0.session._client.socket().shutdown(socket.SHUT_RDWR)  # the network drops under it
+        deadline = time.monotonic() + 20
+        while c0.session.connects == sessions and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c0.session.connects > sessions, "c0 did not reconnect"
+        time.sleep(0.5)
+        from fedpara.wire import decode
+        wills = [p for _, p, _ in seen if p and decode(p[:-68]).meta.get("state") == "offline"]
+        assert wills, "the broker published no will"
+        stop = _replayer(mosquitto_broker, topics.status("c0"), wills[-1], every_s=0.05)
+        offline = []
+
+        def watch(event):
+            if isinstance(event, ClientStatusChanged) and event.client_id == "c0" and not event.online:
+                offline.append(time.monotonic())
+        try:
+            summary = Coordinator(_cfg(keys, tmp_path, run_id, rounds=6), parse_broker_url(mosquitto_broker),
+                                  on_event=watch).run()
+        finally:
+            replays = stop()
+    finally:
+        spy.loop_stop()
+        spy.disconnect()
+        for c in clients:
+            c.stop()
+    rows = RunDir(tmp_path / "run").read_metrics()
+    assert summary["status"] == "completed" and all("c0" in r["clients"] for r in rows), rows
+    assert replays >= 10 and summary["ignored"].get("replayed", 0) >= 5, (replays, summary["ignored"])
+    assert len(offline) <= 1, offline  # at most the retained copy, before c0's first status of the run

@@ -227,6 +227,7 @@ class Status:
     role: str = "client"
     heartbeat_s: float = 0.0
     session: int = 0  # signed runs: the seq of this connection's last will (see docs/security.md)
+    coordinator_session: str = ""  # a coordinator's status: the session token its tasks and finish carry
     connection: int = 0  # counts the client's MQTT (re)connects: a rise means messages may have been lost
     digests: tuple[str, ...] = ("sha256",)  # envelope digests the client can check (docs/wire.md, Digests)
 
@@ -236,7 +237,7 @@ class Status:
 
     def to_meta(self) -> dict:
         if self.role == "coordinator":
-            return {"state": self.state, "role": "coordinator"}
+            return {"state": self.state, "role": "coordinator", "coordinator_session": self.coordinator_session}
         return {"state": self.state, "num_examples": self.num_examples, "device": self.device,
                 "heartbeat_s": self.heartbeat_s, "session": self.session, "connection": self.connection,
                 "digests": list(self.digests)}
@@ -252,7 +253,15 @@ class Status:
                    heartbeat_s=_field("status", m, "heartbeat_s", check_number, min=0.0, max=86400.0, default=0.0),
                    session=_field("status", m, "session", check_int, min=0, max=(1 << 63) - 1, default=0),
                    connection=_field("status", m, "connection", check_int, min=0, max=(1 << 31) - 1, default=0),
-                   digests=_digests(m.get("digests")))
+                   digests=_digests(m.get("digests")),
+                   coordinator_session=_session_token(m.get("coordinator_session")))
+
+
+def _session_token(value: Any) -> str:
+    """A coordinator session token: up to 32 hex digits, else "" (unknown)."""
+    if isinstance(value, str) and 0 < len(value) <= 32 and all(c in "0123456789abcdef" for c in value):
+        return value
+    return ""
 
 
 def _digests(value: Any) -> tuple[str, ...]:
@@ -270,13 +279,15 @@ class Control:
     action: str
     status: str = ""
     round: int = 0
+    session: str = ""  # the coordinator session that sends it: clients obey only their current one
 
     def to_meta(self) -> dict:
-        return {"action": self.action, "status": self.status, "round": self.round}
+        return {"action": self.action, "status": self.status, "round": self.round, "session": self.session}
 
     @classmethod
     def from_meta(cls, meta: Any) -> Control:
         m = _meta("control", meta)
         return cls(action=_field("control", m, "action", check_choice, ACTIONS),
                    status=_field("control", m, "status", check_str, max_len=1024, default=""),
-                   round=_field("control", m, "round", check_int, min=0, default=0))
+                   round=_field("control", m, "round", check_int, min=0, default=0),
+                   session=_session_token(m.get("session")))

@@ -63,7 +63,7 @@ class MqttSession:
 
     def __init__(self, url: BrokerURL, client_id: str, subscriptions: list[tuple[str, int]], *,
                  will: tuple[str, bytes, int, bool] | None = None, keepalive: int = 30,
-                 inbox: Inbox | None = None, on_connect=None) -> None:
+                 inbox: Inbox | None = None, on_connect=None, renew_will=None) -> None:
         import paho.mqtt.client as mqtt
 
         self.url, self.client_id = url, client_id
@@ -83,6 +83,9 @@ class MqttSession:
             self._client.tls_set_context(ctx)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=will[2], retain=will[3])
+        # ``renew_will()``: a fresh will payload for the next connection (a signed will is sealed per
+        # connection, so that one published by the broker cannot be replayed after a reconnect)
+        self._will, self._renew_will = will, renew_will
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -114,6 +117,11 @@ class MqttSession:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
+        if self._renew_will is not None and self._will is not None and not self._stopped:
+            try:  # paho sends the will set now with its next CONNECT
+                client.will_set(self._will[0], self._renew_will(), qos=self._will[2], retain=self._will[3])
+            except Exception:  # never let a callback error stop the network thread
+                log.exception("%s: could not renew the last will", self.client_id)
         if reason_code != 0:
             log.info("%s: disconnected (%s); reconnecting", self.client_id, reason_code)
 

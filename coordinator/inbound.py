@@ -121,8 +121,10 @@ class Inbound:
             if len(self._reassemblers) >= MAX_SENDERS:
                 self.ignored["too_many_senders"] += 1
                 return
+            # signed runs: only frames whose header this client signed take a slot (docs/security.md)
             reassembler = self._reassemblers[topic] = Reassembler(
-                timeout_s=max(60.0, self.cfg.round_deadline_s), max_partial_bytes=self._partial_cap, max_messages=4)
+                timeout_s=max(60.0, self.cfg.round_deadline_s), max_partial_bytes=self._partial_cap, max_messages=4,
+                authenticate=self.opener.chunk_authenticator(client))
         data = reassembler.add(payload)
         if data is None:
             return

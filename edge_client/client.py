@@ -103,7 +103,9 @@ class EdgeClient:
         self._last_status = b""
         self._reasserted = 0.0
         # in a pool one client hashes a broadcast task as it arrives; the others compare bytes
-        self.reassembler = Reassembler(timeout_s=300.0, hash_envelope=shared.claim if shared is not None else None)
+        # signed runs: only frames whose header the coordinator signed take a slot (docs/security.md)
+        self.reassembler = Reassembler(timeout_s=300.0, hash_envelope=shared.claim if shared is not None else None,
+                                       authenticate=self.opener.chunk_authenticator("coordinator"))
         self.counters: Counter = Counter()
         # the newest coordinator session and seq we accepted, kept across restarts: a finish must be
         # newer and from that session (a replayed finish of an earlier run stops nobody)

@@ -379,3 +379,106 @@ def test_a_replayed_last_will_leaves_no_client_out(mosquitto_broker, keys, tmp_p
     assert summary["status"] == "completed" and all("c0" in r["clients"] for r in rows), rows
     assert replays >= 10 and summary["ignored"].get("replayed", 0) >= 5, (replays, summary["ignored"])
     assert len(offline) <= 1, offline  # at most the retained copy, before c0's first status of the run
+
+
+# --- chunk floods (item 1) -------------------------------------------------------------------------
+def _junk_frame(version: int) -> bytes:
+    """A chunk frame with a fresh message id, of a 2-chunk message: it would open a partial."""
+    import os
+    import struct
+
+    head = struct.pack("<4sBB16sIIQ32s", b"FPWC", version, 0, os.urandom(16), 0, 2, 2, os.urandom(32))
+    if version == 3:
+        head += struct.pack("<Q64s", time.time_ns(), os.urandom(64))
+    return head + b"x"
+
+
+@needs_fmnist
+def test_a_stranger_flooding_fresh_chunk_ids_evicts_no_genuine_message(mosquitto_broker, keys, tmp_path):
+    """Every task and update travels as ~100 frames over a throttled link (5 ms a frame: a slow
+    uplink) while a stranger without a key floods the task topic and c0's update topic with tiny
+    frames of fresh message ids (unsigned, and with forged signatures). Before chunk headers were
+    signed, a few such frames evicted the genuine partial message; now each junk frame is refused
+    before it takes a slot, and every client answers every round."""
+    from fedpara.runtime.mqtt import MqttSession
+
+    run_id = f"evict-{secrets.token_hex(2)}"
+    topics = Topics(run_id)
+    cfg = _cfg(keys, tmp_path, run_id, rounds=2, max_packet=4096, round_deadline_s=60.0)
+    honest_publish = MqttSession.publish
+
+    def throttled(self, topic, payload, qos=1, retain=False):
+        if payload[:4] == b"FPWC":
+            time.sleep(0.005)
+        return honest_publish(self, topic, payload, qos, retain)
+
+    flood, _ = _raw(mosquitto_broker)
+    halt, sent = threading.Event(), [0]
+
+    def junk():
+        while not halt.is_set():
+            for topic in (topics.task, topics.task_for("c0"), topics.update("c0")):
+                for version in (2, 3):
+                    flood.publish(topic, _junk_frame(version), qos=0)
+                    sent[0] += 1
+            time.sleep(0.002)
+
+    clients = [_client(mosquitto_broker, keys, tmp_path, run_id, i) for i in (0, 1, 2)]
+    MqttSession.publish = throttled
+    t = threading.Thread(target=junk, daemon=True)
+    try:
+        for c in clients:
+            c.start()
+        t.start()
+        coordinator = Coordinator(cfg, parse_broker_url(mosquitto_broker))
+        summary = coordinator.run()
+    finally:
+        MqttSession.publish = honest_publish
+        halt.set()
+        t.join(5)
+        flood.loop_stop()
+        flood.disconnect()
+        for c in clients:
+            c.stop()
+    rows = RunDir(cfg.out).read_metrics()
+    assert summary["status"] == "completed" and [r["replied"] for r in rows] == [3, 3], rows
+    assert sent[0] > 1000
+    assert coordinator._reassemblers[topics.update("c0")].unauthenticated > 100
+    for c in clients:
+        assert c.rounds_done == [1, 2] and c.reassembler.unauthenticated > 100, c.counters
+
+
+def test_signed_chunk_headers_keep_genuine_partials(keys):
+    from fedpara.runtime.signing import Verifier, load_trust_dir
+    from fedpara.wire import Reassembler, WireError, encode, split
+
+    signer = Signer(load_private_key(keys / "clients" / "c0.key"), "c0")
+    verifier = Verifier(load_trust_dir(keys / "clients"))
+    r = Reassembler(max_messages=2, authenticate=verifier.chunk_authenticator("c0"))
+    enc = signer.seal(Message(MessageKind.STATUS, "r", 0, "c0", meta={"pad": "x" * 5000}))
+    frames, _ = enc.split(1024, "t")
+    assert len(frames) > 3 and frames[0][4] == 3
+    assert r.add(frames[0]) is None
+    for version in (2, 3):
+        for _ in range(50):  # a stranger's fresh ids: refused before they take a slot
+            with pytest.raises(WireError):
+                r.add(_junk_frame(version))
+    assert r.unauthenticated == 100 and r.partial_messages == 1 and r.evicted == 0
+    forged = bytearray(frames[1])
+    forged[80] ^= 1  # another signature on a frame of the genuine message
+    with pytest.raises(WireError, match="another signed header"):
+        r.add(bytes(forged))
+    # replayed genuine headers of older messages give way to newer ones, never the reverse
+    old = [split(encode(Message(MessageKind.STATUS, "r", 0, "c0", meta={"pad": "y" * 5000})).data, 1024, "t",
+                 envelope=True, sign=signer.key.sign, clock=lambda: time.time_ns() - 60_000_000_000)[0]
+           for _ in range(3)]
+    for frame in old:
+        assert r.add(frame) is None
+    assert r.partial_messages == 2
+    data = None
+    for frame in frames[1:]:
+        data = r.add(frame)
+    assert data == bytes(enc.data)  # the genuine message completed despite all of that
+    unsigned = Reassembler(authenticate=verifier.chunk_authenticator("c1"))  # c0's frames on c1's topic
+    with pytest.raises(WireError, match="does not verify"):
+        unsigned.add(frames[0])

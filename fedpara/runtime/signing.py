@@ -161,7 +161,7 @@ class Signer:
         data = enc.data
         signature = self.key.sign(_signed_bytes(data))
         data[-TRAILER_BYTES:] = TRAILER_MAGIC + signature
-        return enc
+        return dataclasses.replace(enc, chunk_signer=self.key.sign)  # its frames' headers are signed too
 
 
 class Verifier:
@@ -234,6 +234,38 @@ class Verifier:
     def fresh(self, seq: int) -> bool:
         return abs(self.clock() - seq) <= self.max_age_ns
 
+    def chunk_authenticator(self, sender: str):
+        """For ``Reassembler(authenticate=...)``: accepts a chunk whose signed header verifies with
+        ``sender``'s trusted key and was signed within ``max_age_s`` of our clock. A verified
+        header is remembered (a few hundred), so that a pool's clients check a broadcast once."""
+        from cryptography.exceptions import InvalidSignature
+
+        key = self.keys.get(sender)
+
+        def authenticate(chunk) -> bool:
+            if key is None:
+                return False
+            if abs(self.clock() - chunk.signed_ns) > self.max_age_ns:
+                raise ValueError(f"{sender}'s chunk header is {(self.clock() - chunk.signed_ns) / 1e9:+.0f} s old")
+            signed = chunk.signed_bytes()
+            cache_key = (sender, signed, chunk.signature)
+            if cache_key in _VERIFIED_CHUNKS:
+                return True
+            try:
+                key.verify(chunk.signature, signed)
+            except InvalidSignature:
+                return False
+            with _VERIFIED_LOCK:
+                _VERIFIED_CHUNKS[cache_key] = True
+                while len(_VERIFIED_CHUNKS) > 512:
+                    _VERIFIED_CHUNKS.pop(next(iter(_VERIFIED_CHUNKS)))
+            return True
+        return authenticate
+
+
+_VERIFIED_CHUNKS: dict[tuple, bool] = {}  # (sender, signed header, signature) already verified
+_VERIFIED_LOCK = threading.Lock()
+
 
 def endpoints(sender: str, *, insecure: bool, key_path=None, trusted=None, max_age_s: float = 600.0):
     """(sealer, opener) for ``sender``: a Signer with its private key and a Verifier of the
@@ -256,6 +288,9 @@ class Plain:
 
     def seal(self, message: Message, policy=None, *, seq: int | None = None, digest: str = "sha256") -> Encoded:
         return encode(message, policy, digest=digest)
+
+    def chunk_authenticator(self, sender: str):
+        return None  # insecure: chunks are not authenticated (docs/security.md)
 
     signed = False
 

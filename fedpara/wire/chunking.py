@@ -5,7 +5,7 @@ every message travels as chunk frames, even one that fits (count = 1), so receiv
 path. Frame layout (little-endian, 70-byte header)::
 
     0   4   magic b"FPWC"
-    4   1   chunk format version (1 or 2)
+    4   1   chunk format version (1, 2 or 3)
     5   1   flags (0)
     6   16  message id (random)
     22  4   index (0-based)
@@ -14,6 +14,19 @@ path. Frame layout (little-endian, 70-byte header)::
     38  32  digest: version 1, sha256 of the whole message; version 2, the message's bytes
             [20, 52): an envelope's own digest, which the reassembler verifies (below)
     70  ..  payload: bytes [index * P, min(T, (index + 1) * P)) with P = ceil(T / count)
+
+Version 3 is version 2 with the message's header signed, for signed runs (docs/security.md):
+72 more bytes after the 70-byte header, then the payload::
+
+    70  8   signed_ns: the sender's clock when it split the message (nanoseconds)
+    78  64  Ed25519 signature over b"fedpara/v1 chunk\0" + bytes [6, 70) + signed_ns
+            (message id, index 0 in place of the index, count, length, envelope digest)
+
+Every frame of a message carries the same signature, so whichever frame arrives first tells a
+receiver, with one signature check per message, that a trusted sender is sending this message:
+a receiver that authenticates chunks (``Reassembler(authenticate=...)``) drops every frame
+without a valid signature before it takes a slot, so a stranger's frames with fresh message ids
+cannot push a genuine partial message out. The envelope inside is signed as before.
 
 The split is canonical (P is derived from T and count), so each frame's payload length is
 checked on arrival, before it is stored. A reassembled version 1 message is checked against the
@@ -40,9 +53,20 @@ from .limits import ENVELOPE_DIGEST, ENVELOPE_PREFIX, Limits, WireError, envelop
 CHUNK_MAGIC = b"FPWC"
 CHUNK_VERSION = 1  # digest: sha256 of the message
 CHUNK_VERSION_ENVELOPE = 2  # digest: the envelope's own, at bytes [20, 52)
+CHUNK_VERSION_SIGNED = 3  # version 2 + a signed message header (signed_ns, Ed25519 signature)
 _ENVELOPE_PREFIX = ENVELOPE_PREFIX.size
 _HEADER = struct.Struct("<4sBB16sIIQ32s")
 CHUNK_HEADER_BYTES = _HEADER.size  # 70
+_AUTH = struct.Struct("<Q64s")
+CHUNK_AUTH_BYTES = _AUTH.size  # 72
+CHUNK_CONTEXT = b"fedpara/v1 chunk\0"
+
+
+def chunk_signed_bytes(message_id: bytes, count: int, total: int, digest: bytes, signed_ns: int) -> bytes:
+    """What a version 3 frame's signature covers: the context, the message's header fields (index
+    0: the same for every frame) and the signing time."""
+    return CHUNK_CONTEXT + _HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION_SIGNED, 0, message_id, 0, count, total,
+                                        digest)[6:] + struct.pack("<Q", signed_ns)
 
 
 @dataclass(frozen=True)
@@ -54,6 +78,11 @@ class Chunk:
     digest: bytes
     payload: bytes | memoryview  # a view into the frame when the frame is bytes (no copy)
     version: int = CHUNK_VERSION
+    signed_ns: int = 0          # version 3: when the sender signed the header
+    signature: bytes = b""      # version 3: Ed25519 over chunk_signed_bytes(...)
+
+    def signed_bytes(self) -> bytes:
+        return chunk_signed_bytes(self.message_id, self.count, self.total, self.digest, self.signed_ns)
 
 
 def _piece(total: int, count: int, index: int) -> tuple[int, int]:
@@ -75,7 +104,7 @@ def parse_chunk(frame: bytes | bytearray | memoryview, *, max_message_bytes: int
     magic, version, flags, mid, index, count, total, digest = _HEADER.unpack_from(buf)
     if magic != CHUNK_MAGIC:
         raise WireError(f"bad chunk magic {bytes(magic)!r} (expected {CHUNK_MAGIC!r})")
-    if version not in (CHUNK_VERSION, CHUNK_VERSION_ENVELOPE) or flags:
+    if version not in (CHUNK_VERSION, CHUNK_VERSION_ENVELOPE, CHUNK_VERSION_SIGNED) or flags:
         raise WireError(f"unsupported chunk version {version} / flags 0x{flags:02x}")
     if total > max_message_bytes:
         raise WireError(f"chunked message declares {total} bytes, the limit is {max_message_bytes}")
@@ -85,19 +114,29 @@ def parse_chunk(frame: bytes | bytearray | memoryview, *, max_message_bytes: int
     if last_len <= 0 and not (total == 0 and count == 1):
         raise WireError(f"chunk count {count} impossible for {total} bytes")
     _, length = _piece(total, count, index)
-    if len(buf) - CHUNK_HEADER_BYTES != length:
-        raise WireError(f"chunk {index}/{count}: payload is {len(buf) - CHUNK_HEADER_BYTES} "
-                        f"bytes, expected {length}")
+    head = CHUNK_HEADER_BYTES
+    signed_ns, signature = 0, b""
+    if version == CHUNK_VERSION_SIGNED:
+        head += CHUNK_AUTH_BYTES
+        if len(buf) < head:
+            raise WireError(f"signed chunk frame too short ({len(buf)} bytes, header is {head})")
+        signed_ns, signature = _AUTH.unpack_from(buf, CHUNK_HEADER_BYTES)
+    if len(buf) - head != length:
+        raise WireError(f"chunk {index}/{count}: payload is {len(buf) - head} bytes, expected {length}")
     # bytes cannot change under us: keep a view of the payload rather than a copy of it
-    payload = buf[CHUNK_HEADER_BYTES:] if isinstance(frame, bytes) else bytes(buf[CHUNK_HEADER_BYTES:])
-    return Chunk(bytes(mid), index, count, total, bytes(digest), payload, version)
+    payload = buf[head:] if isinstance(frame, bytes) else bytes(buf[head:])
+    return Chunk(bytes(mid), index, count, total, bytes(digest), payload,
+                 CHUNK_VERSION_ENVELOPE if version == CHUNK_VERSION_SIGNED else version, signed_ns, bytes(signature))
 
 
 def max_chunk_payload(max_packet: int, topic: str | bytes, *, qos: int = 1, protocol: int = 4,
-                      properties_len: int = 0) -> int:
-    """Largest message slice per frame so the whole PUBLISH packet is <= max_packet bytes."""
+                      properties_len: int = 0, signed: bool = False) -> int:
+    """Largest message slice per frame so the whole PUBLISH packet is <= max_packet bytes
+    (``signed``: version 3 frames, 72 header bytes more)."""
+    head = CHUNK_HEADER_BYTES + (CHUNK_AUTH_BYTES if signed else 0)
+
     def size(n: int) -> int:
-        return mqtt_publish_bytes(topic, CHUNK_HEADER_BYTES + n, qos=qos, protocol=protocol,
+        return mqtt_publish_bytes(topic, head + n, qos=qos, protocol=protocol,
                                   properties_len=properties_len)
 
     n = max_packet - size(0)  # upper bound: the remaining-length varint can only grow
@@ -110,14 +149,19 @@ def max_chunk_payload(max_packet: int, topic: str | bytes, *, qos: int = 1, prot
 
 def split(data: bytes | bytearray | memoryview, max_packet: int, topic: str | bytes, *,
           qos: int = 1, protocol: int = 4, properties_len: int = 0,
-          message_id: bytes | None = None, envelope: bool = False) -> list[bytes]:
+          message_id: bytes | None = None, envelope: bool = False,
+          sign: Callable[[bytes], bytes] | None = None, clock: Callable[[], int] = time.time_ns) -> list[bytes]:
     """Chunk frames for data such that each PUBLISH on topic is at most max_packet bytes.
 
     ``envelope=True``: data is an envelope (its own digest at bytes [20, 52), checked by its
-    decoder); the frames are version 2 and carry that digest instead of hashing data again."""
+    decoder); the frames are version 2 and carry that digest instead of hashing data again.
+    ``sign``: a function from bytes to a 64-byte Ed25519 signature (a signed run's sender key):
+    the frames are version 3, their header signed once for the message (needs ``envelope``)."""
+    if sign is not None and not envelope:
+        raise ValueError("signed chunks carry an envelope (envelope=True)")
     buf = memoryview(data).cast("B")
     per_max = max_chunk_payload(max_packet, topic, qos=qos, protocol=protocol,
-                                properties_len=properties_len)
+                                properties_len=properties_len, signed=sign is not None)
     total = len(buf)
     count = max(1, -(-total // per_max))
     if count >= 1 << 32:
@@ -131,20 +175,28 @@ def split(data: bytes | bytearray | memoryview, max_packet: int, topic: str | by
         version, digest = CHUNK_VERSION_ENVELOPE, bytes(buf[ENVELOPE_DIGEST])
     else:
         version, digest = CHUNK_VERSION, hashlib.sha256(buf).digest()
+    auth = b""
+    if sign is not None:
+        version, signed_ns = CHUNK_VERSION_SIGNED, clock()
+        signature = sign(chunk_signed_bytes(mid, count, total, digest, signed_ns))
+        if len(signature) != 64:
+            raise ValueError("a chunk signature is 64 bytes (Ed25519)")
+        auth = _AUTH.pack(signed_ns, signature)
     frames = []
     for index in range(count):
         start, length = _piece(total, count, index)
-        frames.append(_HEADER.pack(CHUNK_MAGIC, version, 0, mid, index, count, total, digest)
+        frames.append(_HEADER.pack(CHUNK_MAGIC, version, 0, mid, index, count, total, digest) + auth
                       + buf[start:start + length])
     return frames
 
 
 class _Partial:
     __slots__ = ("count", "total", "digest", "version", "pieces", "held", "seen", "hasher", "fed", "total_env",
-                 "buf", "hash_it")
+                 "buf", "hash_it", "auth")
 
     def __init__(self, chunk: Chunk, now: float) -> None:
         self.count, self.total, self.digest, self.version = chunk.count, chunk.total, chunk.digest, chunk.version
+        self.auth = (chunk.signed_ns, chunk.signature)
         # version 1: frames kept as views until joined; version 2: each piece copied at once into
         # the message's own buffer (no join at the end; a decoder may alias tensors in it)
         self.pieces: dict[int, bytes | memoryview | int] = {}
@@ -188,14 +240,21 @@ class Reassembler:
     timeout_s without a new chunk; the oldest partial is evicted when more than max_messages are
     open or more than max_partial_bytes are held. Ids of completed messages are remembered for
     remember_s (default: timeout_s) so late duplicates are dropped. Not thread-safe: feed it from
-    one thread. Counters: completed, duplicates, expired, evicted, rejected.
+    one thread. Counters: completed, duplicates, expired, evicted, rejected, unauthenticated.
+
+    ``authenticate(chunk) -> bool`` (signed runs): only version 3 frames whose header signature
+    it accepts open a message, checked once per message id; every other frame is refused before
+    it takes a slot or a byte, and a frame that disagrees with its message's signed header is
+    refused too. The partial evicted first is then the one signed longest ago, so a replayed
+    genuine header cannot push out a newer message either.
     """
 
     def __init__(self, timeout_s: float = 60.0, max_partial_bytes: int = 256 << 20,
                  max_messages: int = 64, *, max_message_bytes: int = Limits().max_message_bytes,
                  max_chunks: int = 1 << 16, remember_s: float | None = None,
                  max_remembered: int = 4096, clock: Callable[[], float] = time.monotonic,
-                 hash_envelope: Callable[[bytes], bool] | None = None) -> None:
+                 hash_envelope: Callable[[bytes], bool] | None = None,
+                 authenticate: Callable[[Chunk], bool] | None = None) -> None:
         for name, value in (("timeout_s", timeout_s), ("max_partial_bytes", max_partial_bytes),
                             ("max_messages", max_messages), ("max_message_bytes", max_message_bytes),
                             ("max_chunks", max_chunks), ("max_remembered", max_remembered)):
@@ -210,12 +269,13 @@ class Reassembler:
         # version 2: hash an envelope as it arrives (True), or leave its check to whoever opens it
         # (a pool whose other client checks the same bytes: edge_client/shared.py)
         self.hash_envelope = hash_envelope
+        self.authenticate = authenticate
         self.max_remembered = max_remembered
         self.clock = clock
         self._partials: OrderedDict[bytes, _Partial] = OrderedDict()  # oldest activity first
         self._done: OrderedDict[bytes, float] = OrderedDict()  # completed id -> when
         self.partial_bytes = 0
-        self.completed = self.duplicates = self.expired = self.evicted = self.rejected = 0
+        self.completed = self.duplicates = self.expired = self.evicted = self.rejected = self.unauthenticated = 0
         self._checked: bytes | None = None
 
     @property
@@ -243,12 +303,33 @@ class Reassembler:
         self.partial_bytes -= p.held
 
     def _evict_oldest(self, keep: bytes) -> bool:
+        if self.authenticate is not None:  # the one signed longest ago
+            mids = [m for m in self._partials if m != keep]
+            if not mids:
+                return False
+            self._drop(min(mids, key=lambda m: self._partials[m].auth[0]))
+            self.evicted += 1
+            return True
         for mid in self._partials:
             if mid != keep:
                 self._drop(mid)
                 self.evicted += 1
                 return True
         return False
+
+    def _check_auth(self, chunk: Chunk) -> None:
+        """Refuse a frame no trusted sender signed (signed runs), before it costs a slot."""
+        if not chunk.signature:
+            self.unauthenticated += 1
+            raise WireError("unsigned chunk frame in a signed run")
+        try:
+            ok = self.authenticate(chunk)
+        except Exception as exc:  # the authenticator's own refusal (a stale header, say)
+            self.unauthenticated += 1
+            raise WireError(f"chunk header refused: {exc}") from None
+        if not ok:
+            self.unauthenticated += 1
+            raise WireError(f"message {chunk.message_id.hex()}: chunk header signature does not verify")
 
     def _hash_it(self, digest: bytes) -> bool:
         return self.hash_envelope is None or bool(self.hash_envelope(digest))
@@ -296,17 +377,27 @@ class Reassembler:
         if mid in self._done:
             self.duplicates += 1
             return None
+        p = self._partials.get(mid)
+        if self.authenticate is not None:
+            if p is None:
+                self._check_auth(chunk)
+            elif p.auth != (chunk.signed_ns, chunk.signature):
+                self.rejected += 1
+                raise WireError(f"message {mid.hex()}: chunk {chunk.index} carries another signed header")
         if chunk.count == 1:
             if chunk.version != CHUNK_VERSION_ENVELOPE:
                 return self._finish(mid, bytes(chunk.payload), chunk.digest, chunk.version)
             return self._finish(mid, bytearray(chunk.payload), chunk.digest, chunk.version,
                                 hash_it=self._hash_it(chunk.digest))
-        p = self._partials.get(mid)
         if p is None:
             if chunk.total > self.max_partial_bytes:
                 self.rejected += 1
                 raise WireError(f"message {mid.hex()} of {chunk.total} bytes exceeds "
                                 f"max_partial_bytes {self.max_partial_bytes}")
+            if (self.authenticate is not None and len(self._partials) >= self.max_messages
+                    and all(q.auth[0] > chunk.signed_ns for q in self._partials.values())):
+                self.evicted += 1  # older than every open message: it is the one that gives way
+                return None
             while len(self._partials) >= self.max_messages:
                 self._evict_oldest(keep=mid)
             p = self._partials[mid] = _Partial(chunk, self.clock())

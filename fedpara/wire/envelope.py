@@ -85,6 +85,8 @@ class Encoded:
 
     data: bytes | bytearray
     stats: WireStats
+    # a signed run's sender key (bytes -> Ed25519 signature): frames get a signed header (version 3)
+    chunk_signer: Any = field(default=None, compare=False, repr=False)
 
     def split(
         self, max_packet: int, topic: str, *, qos: int = 1, protocol: int = 4,
@@ -94,7 +96,7 @@ class Encoded:
         from .chunking import split
 
         chunks = split(self.data, max_packet, topic, qos=qos, protocol=protocol,
-                       properties_len=properties_len, envelope=True)
+                       properties_len=properties_len, envelope=True, sign=self.chunk_signer)
         return chunks, self.stats.framed(chunks, topic, qos=qos, protocol=protocol,
                                          properties_len=properties_len)
 

@@ -89,6 +89,11 @@ class CoordinatorConfig:
     out: str = option("runs/demo", "run directory: metrics.jsonl, checkpoints/, summary.json")
     dashboard: str = option("", "serve a live dashboard and Prometheus /metrics on HOST:PORT (':8050' = loopback; "
                             "docs/dashboard.md)")
+    dashboard_public: bool = option(False, "allow the dashboard on a non-loopback address; every request then needs "
+                                    "a token (dashboard_token, else FEDPARA_DASHBOARD_TOKEN, else a random one, "
+                                    "printed with the URL)")
+    dashboard_token: str = option("", "the non-loopback dashboard's token (>= 16 characters; better in the "
+                                  "FEDPARA_DASHBOARD_TOKEN environment variable than in a run file)")
     tensorboard: str = option("", "also log scalars to TensorBoard in this directory (needs tensorboard installed)")
 
     def __post_init__(self) -> None:
@@ -108,8 +113,14 @@ class CoordinatorConfig:
             check_number(name, getattr(self, name), min=0.0)
         parse_aggregator(self.aggregator)
         if self.dashboard:
-            from .observe import parse_listen
-            parse_listen("dashboard", self.dashboard)  # ValueError naming the field
+            from .observe import is_loopback, parse_listen
+            host, _ = parse_listen("dashboard", self.dashboard)  # ValueError naming the field
+            if not is_loopback(host) and not self.dashboard_public:
+                raise ValueError(f"dashboard: {host} is not a loopback address: anyone who can reach it would see "
+                                 "this run; bind 127.0.0.1, or set dashboard_public = true (--dashboard-public), "
+                                 "which requires a token on every request (docs/dashboard.md)")
+        if self.dashboard_token and len(self.dashboard_token) < 16:
+            raise ValueError("dashboard_token: must be at least 16 characters")
         check_number("max_message_age_s", self.max_message_age_s, min=1.0)
         check_number("min_reply_fraction", self.min_reply_fraction, min=0.0, max=1.0, min_open=True)
         for name in ("round_deadline_s", "wait_clients_s", "lr"):

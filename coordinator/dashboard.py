@@ -10,8 +10,10 @@ a daemon thread (stdlib ``ThreadingHTTPServer``):
     /static/plotly.min.js, /static/dashboard.js   plotly.js from the installed package, the page's script
     /metrics            Prometheus text format (:mod:`.prom`)
 
-Read-only: GET only, anything else is 405. Bound to loopback unless told otherwise (a warning
-then: anyone who reaches the port sees the run). Nothing secret is shown: no keys or key paths,
+Read-only: GET only, anything else is 405. Bound to loopback unless told otherwise: a
+non-loopback address needs ``dashboard_public`` and a token, which every request must carry
+(``Authorization: Bearer TOKEN``, or ``?token=TOKEN`` once: the page then keeps it in an
+HttpOnly, SameSite=Strict cookie); without it, 401. Nothing secret is shown: no keys or key paths,
 no broker credentials, no file paths; client-supplied strings are bounded and the page inserts
 them as text, never as HTML.
 
@@ -21,6 +23,7 @@ The state is fed by the coordinator's events (:class:`DashboardState` is a liste
 from __future__ import annotations
 
 import json
+import hmac
 import logging
 import threading
 import time
@@ -29,7 +32,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from . import runview
 from .events import ClientStatusChanged, ReplyAccepted, RoundCompleted, TaskSent
@@ -39,6 +42,7 @@ from .prom import RunMetrics
 
 log = logging.getLogger(__name__)
 
+TOKEN_COOKIE = "fedpara_dashboard_token"  # a non-loopback dashboard keeps its token here
 MAX_TEXT = 64          # client-supplied strings (device) are cut to this length
 MAX_CLIENTS_SHOWN = 500  # clients listed on the page (the count says how many there are)
 TIMELINE_KEEP = 5000   # clients-online records the page's plot keeps
@@ -217,12 +221,15 @@ class Dashboard:
     ``listener`` is the ``on_event`` to add to the coordinator's listeners."""
 
     def __init__(self, state: DashboardState, metrics: RunMetrics, *, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, token: str | None = None) -> None:
         self.state, self.metrics = state, metrics
         self.listener = Listeners(state, metrics)
         if not is_loopback(host):
-            log.warning("dashboard bound to %s:%d, not loopback: anyone who can reach it sees this run's "
-                        "clients and metrics (read-only); put it behind a firewall or a reverse proxy", host, port)
+            if not token:
+                raise ValueError(f"dashboard: {host} is not loopback; serving it there needs a token")
+            log.warning("dashboard bound to %s:%d, not loopback: every request needs the token; serve it over "
+                        "TLS (a reverse proxy) where others share the network", host, port)
+        self.token = token
         try:
             self.httpd = _Server((host, port), self._handler())
         except OSError as exc:  # port taken, address not ours: the operator's setting, named
@@ -232,7 +239,8 @@ class Dashboard:
         self._cache: dict[str, bytes] = {}
 
     @classmethod
-    def for_coordinator(cls, coordinator, *, host: str = "127.0.0.1", port: int = 0) -> Dashboard:
+    def for_coordinator(cls, coordinator, *, host: str = "127.0.0.1", port: int = 0,
+                        token: str | None = None) -> Dashboard:
         """A dashboard of ``coordinator`` (not yet serving: :meth:`start`); add ``.listener`` to
         the listeners the coordinator was built with."""
         cfg = coordinator.cfg
@@ -249,7 +257,7 @@ class Dashboard:
         state = DashboardState(run_info={**info, "signed": not cfg.insecure}, rounds_total=cfg.rounds,
                                rows=list(coordinator.rows), registry=registry)
         metrics = RunMetrics(run_info={**info, "ratio": str(cfg.ratio)}, clients=clients, ignored=ignored)
-        return cls(state, metrics, host=host, port=port)
+        return cls(state, metrics, host=host, port=port, token=token)
 
     @property
     def url(self) -> str:
@@ -303,6 +311,21 @@ class Dashboard:
             return 204, "image/x-icon", b"", {}
         return 404, "text/plain; charset=utf-8", b"not found\n", {}
 
+    @staticmethod
+    def presented_token(headers, query: str) -> str | None:
+        """The token a request carries: Bearer header, ``token`` query parameter, or cookie."""
+        auth = headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            return auth[7:].strip()
+        values = parse_qs(query).get("token")
+        if values:
+            return values[0]
+        for part in headers.get("Cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == TOKEN_COOKIE:
+                return value
+        return None
+
     def _handler(self):
         dashboard = self
 
@@ -323,8 +346,20 @@ class Dashboard:
                     self.wfile.write(body)
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                url = urlsplit(self.path)
+                if dashboard.token is not None:
+                    given = dashboard.presented_token(self.headers, url.query)
+                    if given is None or not hmac.compare_digest(given.encode(), dashboard.token.encode()):
+                        self.close_connection = True
+                        self._send(HTTPStatus.UNAUTHORIZED, "text/plain; charset=utf-8",
+                                   b"token required: ?token=... or Authorization: Bearer ...\n",
+                                   {"WWW-Authenticate": 'Bearer realm="fedpara"', "Connection": "close"})
+                        return
                 try:
-                    status, ctype, body, headers = dashboard.route(urlsplit(self.path).path)
+                    status, ctype, body, headers = dashboard.route(url.path)
+                    if dashboard.token is not None and "token=" in url.query:  # the page's later requests
+                        headers = {**headers, "Set-Cookie": f"{TOKEN_COOKIE}={dashboard.token}; HttpOnly; "
+                                                            "SameSite=Strict; Path=/"}
                 except Exception:  # noqa: BLE001 - one bad request must not take the server down
                     log.exception("dashboard: %s failed", self.path)
                     status, ctype, body, headers = 500, "text/plain; charset=utf-8", b"internal error\n", {}

@@ -11,6 +11,8 @@ import collections
 import contextlib
 import ipaddress
 import logging
+import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 
@@ -168,11 +170,19 @@ def observers(cfg, coordinator, listeners: Listeners, *, resume: bool = False,
             from .dashboard import Dashboard
 
             host, port = parse_listen("dashboard", cfg.dashboard)
-            obs.dashboard = Dashboard.for_coordinator(coordinator, host=host, port=port)
+            token = None
+            if not is_loopback(host):  # the config refused this unless dashboard_public is set
+                token = (getattr(cfg, "dashboard_token", "") or os.environ.get("FEDPARA_DASHBOARD_TOKEN", "")
+                         or secrets.token_urlsafe(18))
+            obs.dashboard = Dashboard.for_coordinator(coordinator, host=host, port=port, token=token)
             listeners.add(obs.dashboard.listener)
             obs.dashboard.start()
             if echo is not None:
-                echo(f"dashboard: {obs.dashboard.url}  (Prometheus: {obs.dashboard.url}metrics)")
+                if token is None:
+                    echo(f"dashboard: {obs.dashboard.url}  (Prometheus: {obs.dashboard.url}metrics)")
+                else:
+                    echo(f"dashboard: {obs.dashboard.url}?token={token}  (Prometheus: {obs.dashboard.url}metrics "
+                         "with the header 'Authorization: Bearer <token>')")
         yield obs
     finally:
         if obs.dashboard is not None:

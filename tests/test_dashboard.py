@@ -222,11 +222,45 @@ def test_the_page_works_without_a_registry():
     assert snap["clients_online"] == 1 and snap["status"] == "waiting for clients"
 
 
-def test_binding_beyond_loopback_warns(caplog):
+def test_beyond_loopback_only_with_the_flag_and_a_token(caplog):
+    import http.client
+
+    from coordinator.config import CoordinatorConfig
+
+    with pytest.raises(ValueError, match=r"dashboard: 0.0.0.0 is not a loopback address.*dashboard_public"):
+        CoordinatorConfig(dashboard="0.0.0.0:8050", insecure=True)
+    assert CoordinatorConfig(dashboard="0.0.0.0:8050", dashboard_public=True, insecure=True).dashboard_public
+    with pytest.raises(ValueError, match="dashboard_token: must be at least 16"):
+        CoordinatorConfig(dashboard="0.0.0.0:8050", dashboard_public=True, dashboard_token="short", insecure=True)
+    with pytest.raises(ValueError, match="needs a token"):
+        Dashboard(DashboardState(run_info={}, rounds_total=1), RunMetrics(), host="0.0.0.0", port=0)
+    token = "t" * 24
     with caplog.at_level(logging.WARNING, logger="coordinator.dashboard"):
-        dash = Dashboard(DashboardState(run_info={}, rounds_total=1), RunMetrics(), host="0.0.0.0", port=0)
+        dash = Dashboard(DashboardState(run_info={}, rounds_total=1), RunMetrics(), host="0.0.0.0", port=0,
+                         token=token).start()
+    assert "every request needs the token" in caplog.text
+
+    def get(path, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", dash.port, timeout=10)
+        conn.request("GET", path, headers=headers or {})
+        r = conn.getresponse()
+        body, hdrs = r.read(), dict(r.getheaders())
+        conn.close()
+        return r.status, hdrs, body
+
+    try:
+        for path in ("/", "/api/state", "/metrics", "/static/dashboard.js"):
+            assert get(path)[0] == 401, path
+        assert get("/metrics", {"Authorization": "Bearer wrong-token-wrong-token"})[0] == 401
+        assert get("/?token=nope")[0] == 401
+        status, hdrs, _ = get(f"/?token={token}")
+        assert status == 200 and "HttpOnly" in hdrs["Set-Cookie"] and "SameSite=Strict" in hdrs["Set-Cookie"]
+        cookie = hdrs["Set-Cookie"].split(";")[0]
+        assert get("/api/state", {"Cookie": cookie})[0] == 200  # the page's own requests
+        status, _, body = get("/metrics", {"Authorization": f"Bearer {token}"})  # a Prometheus scraper
+        assert status == 200 and b"fedpara_round" in body
+    finally:
         dash.stop()
-    assert "not loopback" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="coordinator.dashboard"):
         Dashboard(DashboardState(run_info={}, rounds_total=1), RunMetrics(), port=0).stop()

@@ -52,7 +52,11 @@ class DemoCommand:
         add_broker_arguments(p, default=None)
         add_config_flags(p, CoordinatorConfig, defaults=DEMO_DEFAULTS,
                          skip=[f.name for f in dataclasses.fields(CoordinatorConfig) if f.name not in DEMO_FIELDS])
-        p.add_argument("--clients", type=int, default=3, help="edge-client processes (default 3)")
+        p.add_argument("--clients", type=int, default=None,
+                       help="edge-client processes (default 3, or one per --device-profiles entry)")
+        p.add_argument("--device-profiles", default="",
+                       help="comma-separated device profiles (e.g. pi4-1gb,pi5-4gb,laptop): client i runs inside "
+                            "profile i (cycling), its CPU share and memory enforced by cgroups (root; docs/lab.md)")
         p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:K")
         p.add_argument("--limit", type=int, default=0, help="cap each client's training examples (0 = all)")
         p.add_argument("--data", default="fashion-mnist",
@@ -67,6 +71,17 @@ class DemoCommand:
         from .server import Coordinator
 
         torch.set_num_threads(1)
+        profiles = [p.strip() for p in args.device_profiles.split(",") if p.strip()]
+        if args.clients is None:
+            args.clients = len(profiles) or 3
+        if profiles:  # a wrong name or a machine without cgroups: said before anything starts
+            from edge_client.devprofile import get_profile, unavailable_reason
+
+            for name in profiles:
+                get_profile(name)
+            reason = unavailable_reason()
+            if reason:
+                raise ValueError(f"--device-profiles: {reason}")
         if args.clients < 1:
             raise ValueError(f"--clients must be >= 1, got {args.clients}")
         out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -118,8 +133,9 @@ class DemoCommand:
             for i, cid in enumerate(client_ids):
                 cmd = [sys.executable, "-m", "fedpara.runtime.cli", "client", "--broker", url, "--client-id", cid,
                        "--run", run_id, "--data", f"{client_data},index={i}", "--threads", "1",
-                       "--state-dir", str(run_dir.client_state(cid)), "--energy", "estimate", "--device", "cpu",
-                       *trust_args]
+                       "--state-dir", str(run_dir.client_state(cid)), "--device", "cpu", *trust_args]
+                # inside a device profile the client estimates energy with that device's figures
+                cmd += ["--profile", profiles[i % len(profiles)]] if profiles else ["--energy", "estimate"]
                 with open(run_dir.logs / f"{cid}.log", "wb") as log_file:
                     procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
             listeners = Listeners()

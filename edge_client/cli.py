@@ -25,23 +25,42 @@ class ClientCommand:
         p.add_argument("--energy-link", choices=["wifi", "lte", "ethernet"], help="radio profile of the estimate")
         p.add_argument("--energy-cmd", help="external meter: command printing watts (or a joule counter)")
         p.add_argument("--energy-file", help="external meter: file whose last line ends with watts")
+        p.add_argument("--energy-profile", help="estimate: device class (rpi4, rpi5, jetson, laptop)")
+        p.add_argument("--energy-cpu-watts", type=float, help="estimate: W per busy core above idle")
+        p.add_argument("--energy-idle-watts", type=float, help="estimate: board idle W")
         p.add_argument("--stay", action="store_true", help="keep running after the run finishes "
                                                            "(same as --no-exit-on-finish)")
         p.add_argument("--pool", type=int, default=0, help="run M logical clients in this process (ids <client-id>-NNN)")
         p.add_argument("--pool-offset", type=int, default=0, help="first data index of the pool")
+        p.add_argument("--profile", help="run inside a device profile's CPU share and memory, enforced by cgroups "
+                                         "(root; deploy/lab/profiles.toml: pi-zero-2w, pi4-1gb, pi4-4gb, pi5-4gb, "
+                                         "jetson-nano-4gb, laptop; docs/lab.md)")
+        p.add_argument("--profile-report", help="with --profile: write the client's peak RSS, limit and exit "
+                                                "(OOM kill or not) to this JSON file")
 
     def run(self, args) -> int:
+        energy_options = {k: v for k, v in (("link", args.energy_link), ("external_cmd", args.energy_cmd),
+                                            ("external_file", args.energy_file), ("profile", args.energy_profile),
+                                            ("cpu_watts", args.energy_cpu_watts),
+                                            ("idle_watts", args.energy_idle_watts)) if v is not None}
+        if args.stay:
+            args.exit_on_finish = False
+        broker = broker_from_args(args)  # the broker URL first: the cheapest mistake to report
+        cfg = ClientConfig.load(args.config, **config_overrides(args, ClientConfig))
+        if args.profile:  # the client itself runs as a child, inside the profile's cgroup
+            import sys
+
+            from .devprofile import get_profile, run_client, strip_profile_args
+
+            if "--profile" not in " ".join(sys.argv):
+                raise ValueError("--profile is for the command line (fedpara client --profile NAME ...)")
+            return run_client(get_profile(args.profile), strip_profile_args(sys.argv[1:]), threads=cfg.threads,
+                              label=cfg.client_id, report=args.profile_report)
         import torch
 
         from .client import EdgeClient
         from .pool import ClientPool, pool_configs
 
-        energy_options = {k: v for k, v in (("link", args.energy_link), ("external_cmd", args.energy_cmd),
-                                            ("external_file", args.energy_file)) if v is not None}
-        if args.stay:
-            args.exit_on_finish = False
-        broker = broker_from_args(args)  # the broker URL first: the cheapest mistake to report
-        cfg = ClientConfig.load(args.config, **config_overrides(args, ClientConfig))
         if energy_options:  # flags add to (and win over) the file's [client.energy_options]
             cfg = dataclasses.replace(cfg, energy_options={**cfg.energy_options, **energy_options})
         torch.set_num_threads(cfg.threads)

@@ -24,6 +24,8 @@ from fedpara.runtime.messages import Task
 from fedpara.runtime.rundir import ClientStateDir
 from fedpara.training import evaluate, resolve_device, train_epochs
 
+from .fit import check_fit
+
 log = logging.getLogger(__name__)
 
 # local evaluation batch: cnn28's first activation at batch 1000 is 100 MB, at 256 about 26 MB
@@ -127,6 +129,9 @@ class Trainer:
         elif self._loaded != task.task_id:
             raise ValueError(f"task {task.task_id}: its global factors were not loaded")
         self._loaded = None  # trained from here on: a second fit needs a fresh load
+        # a task too big for this device's memory is refused now, not killed half-way (edge_client/fit.py)
+        check_fit(self.model, self.train_data, t.batch_size,
+                  what=f"{task.spec.model}/{task.spec.scheme} (ratio {task.spec.ratio})")
         with self.lock, phase("train"):
             torch.set_num_threads(self.threads)  # process-wide: set by whoever trains now
             res = train_epochs(self.model, self.train_data, epochs=t.epochs, batch_size=t.batch_size,

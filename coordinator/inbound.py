@@ -64,6 +64,7 @@ class Inbound:
                 self._handle(topic, payload)
             except AuthError as exc:  # unsigned, forged, unknown, replayed: counted, changes nothing
                 self.ignored[exc.reason] += 1
+                self._identity_hint(topic, exc.reason)
                 self._refusals.log(logging.INFO, exc.reason, "refused message on %s: %s", topic, str(exc))
             except (WireError, ValueError) as exc:
                 self.ignored["malformed"] += 1
@@ -74,6 +75,21 @@ class Inbound:
                 log.exception("error handling a message on %s", topic)
             if time.monotonic() >= end or (until is not None and until()):
                 return
+
+    def _identity_hint(self, topic: str, reason: str) -> None:
+        """A status that does not verify is most often a key mix-up: say which key and the fix."""
+        client = self.topics.client_of(topic)
+        if client is None or topic != self.topics.status(client):
+            return
+        where = self.cfg.trusted_keys
+        if reason == "bad_signature":
+            self._refusals.log(logging.WARNING, "identity", "status of %s does not verify against %s/%s.pub: that "
+                               "device signs with another key (is its --key %s.key its own?), or someone forges it",
+                               client, where, client, client)
+        elif reason == "unknown_sender":
+            self._refusals.log(logging.WARNING, "identity", "%s is not in trusted_keys %s: if it belongs to the "
+                               "fleet, copy its %s.pub there (fedpara keys new %s) and restart the coordinator",
+                               client, where, client, client)
 
     def _handle(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.coordinator:

@@ -181,8 +181,11 @@ class Coordinator(Inbound):
         deadline = time.monotonic() + self.cfg.wait_clients_s
         while len(self.registry.live()) < self.cfg.min_clients:
             if time.monotonic() > deadline:
+                keys = sum(self.ignored.get(r, 0) for r in ("bad_signature", "unknown_sender"))
+                hint = (f" ({keys} message(s) from clients did not verify against trusted_keys "
+                        f"{self.cfg.trusted_keys}: wrong keys? see the log)" if keys else "")
                 raise RunFailed(f"only {len(self.registry.live())} live clients after "
-                                f"{self.cfg.wait_clients_s:.0f}s; need min_clients={self.cfg.min_clients}")
+                                f"{self.cfg.wait_clients_s:.0f}s; need min_clients={self.cfg.min_clients}{hint}")
             self._pump(0.5, until=lambda: len(self.registry.live()) >= self.cfg.min_clients)
         self._pump(0.0, until=lambda: len(self.session.inbox) == 0)  # what already arrived counts too
         return self.registry.live()

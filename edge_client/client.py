@@ -28,7 +28,7 @@ from fedpara.runtime.messages import (
 )
 from fedpara.runtime.lograte import Throttled
 from fedpara.runtime.mqtt import BrokerURL, MqttSession
-from fedpara.runtime.signing import AuthError, endpoints, load_public_key
+from fedpara.runtime.signing import AuthError, check_identity, endpoints, load_public_key
 from fedpara.runtime.topics import Topics
 from fedpara.wire import (
     CodecPolicy,
@@ -55,9 +55,12 @@ def trust(cfg: ClientConfig):
     if cfg.insecure:
         log.warning("%s: insecure: messages are not signed; this device obeys anyone who can publish on "
                     "the broker (docs/security.md)", cfg.client_id)
-    return endpoints(cfg.client_id, insecure=cfg.insecure, key_path=cfg.key_path,
-                     trusted=lambda: {"coordinator": load_public_key(cfg.coordinator_pub)},
-                     max_age_s=cfg.max_message_age_s)
+    sealer, opener = endpoints(cfg.client_id, insecure=cfg.insecure, key_path=cfg.key_path,
+                               trusted=lambda: {"coordinator": load_public_key(cfg.coordinator_pub)},
+                               max_age_s=cfg.max_message_age_s)
+    if not cfg.insecure:  # another id's key is a one-line error, not a client the coordinator ignores
+        check_identity(cfg.key_path, cfg.client_id, sealer.key)
+    return sealer, opener
 
 
 NO_COORDINATOR_WARNING_S = 60.0  # warn once when nothing of our run's coordinator was seen by then
@@ -228,7 +231,12 @@ class EdgeClient:
             self.energy.close()
 
     def _warn_if_no_coordinator(self) -> None:
-        if not self.coordinator_seen.is_set() and not self.finished.is_set():
+        if not self.coordinator_seen.is_set() and not self.finished.is_set() and self.counters["bad_signature"]:
+            log.error("%s: nothing of run %r verified in %.0f s: %d message(s) from the coordinator did not verify "
+                      "against --coordinator-pub %s; copy this run's coordinator.pub", self.cfg.client_id,
+                      self.cfg.run_id, NO_COORDINATOR_WARNING_S, self.counters["bad_signature"],
+                      self.cfg.coordinator_pub)
+        elif not self.coordinator_seen.is_set() and not self.finished.is_set():
             log.warning("%s: no coordinator has announced run %r on %s after %.0f s: is --run right?",
                         self.cfg.client_id, self.cfg.run_id, self.broker, NO_COORDINATOR_WARNING_S)
 
@@ -252,6 +260,12 @@ class EdgeClient:
                 self._handle(topic, payload)
             except AuthError as exc:  # unsigned, forged, replayed: counted, never obeyed
                 self.counters[exc.reason] += 1
+                if exc.reason == "bad_signature" and topic == self.topics.coordinator:
+                    # the retained status is the coordinator's own: a wrong --coordinator-pub, or a forgery
+                    self._refusals.log(logging.ERROR, "coordinator_pub",
+                                       "%s: the coordinator's status does not verify against --coordinator-pub %s: "
+                                       "is it this run's coordinator.pub? (or someone forges it)", self.cfg.client_id,
+                                       self.cfg.coordinator_pub)
                 self._refusals.log(logging.INFO, exc.reason, "%s: refused message on %s: %s", self.cfg.client_id,
                                    topic, str(exc))
             except (WireError, ValueError) as exc:

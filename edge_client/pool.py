@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import threading
 import time
+from pathlib import Path
 
 from fedpara.data import parse_data_spec
 from fedpara.runtime.mqtt import BrokerURL
@@ -22,6 +23,10 @@ def pool_configs(base: ClientConfig, size: int, offset: int = 0) -> list[ClientC
     """Configs for clients ``offset .. offset+size-1``: id ``<base id>-NNN``, data index i."""
     if size < 1:
         raise ValueError(f"pool: size must be >= 1, got {size}")
+    if size > 1 and not base.insecure and base.key and not Path(base.key).is_dir():
+        raise ValueError(f"key: --pool {size} runs {size} clients, each with an identity of its own, but --key "
+                         f"{base.key} is one key file; give a directory holding <client id>.key for each "
+                         f"({base.client_id}-{offset:03d}.key ...: fedpara keys new ... --dir DIR)")
     spec = parse_data_spec(base.data)
     clients = spec.clients if spec.clients > 1 else offset + size
     if offset + size > clients:

@@ -482,3 +482,61 @@ def test_signed_chunk_headers_keep_genuine_partials(keys):
     unsigned = Reassembler(authenticate=verifier.chunk_authenticator("c1"))  # c0's frames on c1's topic
     with pytest.raises(WireError, match="does not verify"):
         unsigned.add(frames[0])
+
+
+# --- key mix-ups are one line (item 5) ------------------------------------------------------------
+def test_key_and_identity_mixups_are_one_line_errors(keys, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from edge_client.pool import pool_configs
+    from fedpara.runtime.signing import check_identity
+
+    d = tmp_path / "k"
+    shutil.copytree(keys / "clients", d)
+    with pytest.raises(ValueError, match=r"c1.key is the identity of 'c1', not of 'c0'.*--key .*c0.key"):
+        check_identity(d / "c1.key", "c0")
+    (d / "c0.key").unlink()
+    shutil.copy(d / "c2.key", d / "c0.key")  # c2's key under c0's name
+    with pytest.raises(ValueError, match=r"c0.key does not match .*c0.pub \('c0''s public key\)"):
+        check_identity(d / "c0.key", "c0")
+    check_identity(keys / "clients" / "c0.key", "c0")  # the right one passes
+    base = ClientConfig(client_id="dev", run_id="r", data="synthetic,n=64,clients=4", energy="off",
+                        key=str(keys / "clients" / "c0.key"), coordinator_pub=str(keys / "coordinator.pub"))
+    with pytest.raises(ValueError, match=r"key: --pool 3 runs 3 clients.*one key file"):
+        pool_configs(base, 3)
+    r = subprocess.run([sys.executable, "-m", "fedpara.runtime.cli", "client", "--client-id", "c0", "--key",
+                        str(keys / "clients" / "c1.key"), "--coordinator-pub", str(keys / "coordinator.pub"),
+                        "--data", "synthetic,n=8", "--state-dir", str(tmp_path / "s"), "--energy", "off",
+                        "--broker", "mqtt://127.0.0.1:1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is the identity of 'c1', not of 'c0'" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_wrong_coordinator_pub_is_named_at_once(mosquitto_broker, keys, tmp_path, caplog):
+    import logging
+
+    run_id = f"pub-{secrets.token_hex(2)}"
+    coord = Signer(load_private_key(keys / "coordinator.key"), "coordinator")
+    raw, _ = _raw(mosquitto_broker)
+    status = coord.seal(Message(MessageKind.STATUS, run_id, 0, "coordinator",
+                                meta=Status("online", role="coordinator", coordinator_session="ab12").to_meta())).data
+    raw.publish(Topics(run_id).coordinator, status, qos=1, retain=True).wait_for_publish(5)
+    client = EdgeClient(ClientConfig(client_id="c0", run_id=run_id, data=TRAIN.format(i=0), energy="off",
+                                     state_dir=str(tmp_path / "s"), key=str(keys / "clients"),
+                                     coordinator_pub=str(keys / "clients" / "c1.pub")), parse_broker_url(mosquitto_broker))
+    try:
+        with caplog.at_level(logging.ERROR):
+            client.start()
+            deadline = time.monotonic() + 10
+            while not client.counters["bad_signature"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.2)
+    finally:
+        client.stop()
+        raw.publish(Topics(run_id).coordinator, b"", qos=1, retain=True).wait_for_publish(5)
+        raw.loop_stop()
+        raw.disconnect()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("does not verify against --coordinator-pub" in e and "c1.pub" in e for e in errors), errors

@@ -233,6 +233,7 @@ def test_a_client_with_an_untrusted_key_never_takes_part(amqtt_broker, keys, tmp
     finally:
         impostor.stop()
     assert summary["status"].startswith("failed: only 0 live clients")
+    assert "did not verify against trusted_keys" in summary["status"]
     assert summary["ignored"].get("bad_signature", 0) >= 1
 
 

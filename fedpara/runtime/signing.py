@@ -125,6 +125,31 @@ def load_public_key(path: str | os.PathLike):
     return key
 
 
+def public_bytes(key) -> bytes:
+    """The raw 32 bytes of an Ed25519 public key (or of a private key's public half)."""
+    from cryptography.hazmat.primitives import serialization
+
+    if hasattr(key, "public_key"):
+        key = key.public_key()
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def check_identity(key_path: str | os.PathLike, sender: str, private_key=None) -> None:
+    """ValueError in one line when the key at ``key_path`` is evidently not ``sender``'s: the
+    ``.pub`` beside it names another identity, or ``<sender>.pub`` beside it holds another key.
+    (A key with no ``.pub`` beside it cannot be told apart here: the receiver's log names it.)"""
+    p = Path(key_path)
+    mine = public_bytes(private_key if private_key is not None else load_private_key(p))
+    own_pub, sender_pub = p.with_suffix(".pub"), p.parent / f"{sender}.pub"
+    fix = f"start it with --key {p.parent / (sender + '.key')} (fedpara keys new {sender} --dir {p.parent})"
+    if p.stem != sender and own_pub.is_file() and public_bytes(load_public_key(own_pub)) == mine:
+        raise ValueError(f"key: {p} is the identity of {p.stem!r}, not of {sender!r}: {fix}, or use "
+                         f"--client-id {p.stem}")
+    if sender_pub.is_file() and public_bytes(load_public_key(sender_pub)) != mine:
+        raise ValueError(f"key: {p} does not match {sender_pub} ({sender!r}'s public key): the coordinator "
+                         f"would refuse every message of {sender!r}; {fix}")
+
+
 def load_trust_dir(directory: str | os.PathLike) -> dict:
     """{sender id: public key} from every DIR/<sender>.pub."""
     d = Path(directory)

@@ -337,8 +337,9 @@ def test_a_finish_replayed_from_an_earlier_run_stops_no_fresh_client(mosquitto_b
 @needs_fmnist
 def test_a_replayed_last_will_leaves_no_client_out(mosquitto_broker, keys, tmp_path):
     """c0's connection drops abnormally: the broker publishes its will, which a stranger captures
-    and replays (retained) twenty times a second for the whole run. The will was sealed for that
-    connection only: c0 is in every round."""
+    and replays (retained) twenty times a second for the whole run, across a restart of c0 and a
+    resumed coordinator. The will was sealed for that connection only and is applied once: c0 is
+    in every round (without a will per connection it went offline after every heartbeat)."""
     import socket
 
     run_id = f"will-{secrets.token_hex(2)}"
@@ -366,8 +367,18 @@ def test_a_replayed_last_will_leaves_no_client_out(mosquitto_broker, keys, tmp_p
             if isinstance(event, ClientStatusChanged) and event.client_id == "c0" and not event.online:
                 offline.append(time.monotonic())
         try:
+            first = Coordinator(_cfg(keys, tmp_path, run_id, rounds=3), parse_broker_url(mosquitto_broker),
+                                on_event=watch).run()
+            assert first["status"] == "completed" and len(offline) <= 1, offline  # at most the retained copy
+            # then the clients restart (new processes: new wills; the finish ended the old ones) and the
+            # coordinator resumes, the replays going on
+            for i, c in enumerate(clients):
+                c.stop()
+                clients[i] = _client(mosquitto_broker, keys, tmp_path, run_id, i, heartbeat_s=2.0)
+                clients[i].start()
+            offline.clear()
             summary = Coordinator(_cfg(keys, tmp_path, run_id, rounds=6), parse_broker_url(mosquitto_broker),
-                                  on_event=watch).run()
+                                  resume=True, on_event=watch).run()
         finally:
             replays = stop()
     finally:
@@ -376,9 +387,10 @@ def test_a_replayed_last_will_leaves_no_client_out(mosquitto_broker, keys, tmp_p
         for c in clients:
             c.stop()
     rows = RunDir(tmp_path / "run").read_metrics()
-    assert summary["status"] == "completed" and all("c0" in r["clients"] for r in rows), rows
+    assert summary["status"] == "completed" and [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all("c0" in r["clients"] for r in rows), rows
     assert replays >= 10 and summary["ignored"].get("replayed", 0) >= 5, (replays, summary["ignored"])
-    assert len(offline) <= 1, offline  # at most the retained copy, before c0's first status of the run
+    assert len(offline) <= 1, offline  # the resumed coordinator: at most the retained copy, once
 
 
 # --- chunk floods (item 1) -------------------------------------------------------------------------
@@ -540,3 +552,36 @@ def test_a_wrong_coordinator_pub_is_named_at_once(mosquitto_broker, keys, tmp_pa
         raw.disconnect()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("does not verify against --coordinator-pub" in e and "c1.pub" in e for e in errors), errors
+
+
+@needs_fmnist
+@pytest.mark.parametrize("ratio", [4.0, 0.0])
+def test_an_echoing_device_claiming_ten_million_examples_does_not_freeze_fedavg(mosquitto_broker, tmp_path, ratio):
+    """c2 sends the global model back unchanged and claims 10 million examples, in its status and
+    in every update. Its weight is capped at 4 x the lower median of what the round's clients
+    announced, so FedAvg still learns; without the cap (ratio 0) it stays where it started."""
+    from support import coord_cfg, start_clients
+
+    import fedpara
+    from edge_client.trainer import FitOutput, Trainer
+
+    def echo(c):
+        if c.cfg.client_id == "c2":
+            c.trainer.__class__ = type("Liar", (Trainer,), {"num_examples": property(lambda self: 10_000_000)})
+            c.trainer.fit = lambda task, rnd, tensors=None, phase=None: FitOutput(
+                {k: v.clone() for k, v in fedpara.global_state(c.trainer.model).items()}, 10_000_000, {"loss": 1.0})
+
+    cfg = coord_cfg(tmp_path, rounds=4, lr=0.1, max_weight_ratio=ratio)
+    clients = start_clients(mosquitto_broker, cfg, tmp_path, 3, energy="off", before_start=echo)
+    try:
+        summary = Coordinator(cfg, parse_broker_url(mosquitto_broker)).run()
+    finally:
+        for c in clients:
+            c.stop()
+    rows = RunDir(cfg.out).read_metrics()
+    accuracy = [r["accuracy"] for r in rows]
+    assert summary["status"] == "completed" and all(r["replied"] == 3 for r in rows)
+    if ratio:
+        assert accuracy[-1] > 0.4, accuracy
+    else:  # what the cap protects against: the echo holds the model where round 1 left it
+        assert max(accuracy) - min(accuracy) < 0.02, accuracy

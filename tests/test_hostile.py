@@ -5,6 +5,7 @@ chunk floods that try to evict a genuine message, and the weaker ways to lose a 
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 import threading
 import time
 
@@ -585,3 +586,105 @@ def test_an_echoing_device_claiming_ten_million_examples_does_not_freeze_fedavg(
         assert accuracy[-1] > 0.4, accuracy
     else:  # what the cap protects against: the echo holds the model where round 1 left it
         assert max(accuracy) - min(accuracy) < 0.02, accuracy
+
+
+def _netns_ready() -> str | None:
+    import os
+    import shutil
+
+    from support import MOSQUITTO
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if not (shutil.which("ip") and shutil.which("tc")):
+        return "iproute2 (ip, tc) is not installed"
+    if MOSQUITTO is None:
+        return "mosquitto is not installed"
+    return None
+
+
+FLOOD = """
+import os, struct, sys, time, paho.mqtt.client as m
+host, run, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+c = m.Client(m.CallbackAPIVersion.VERSION2, client_id="stranger")
+c.connect(host, 1883); c.loop_start(); end, n, i = time.monotonic() + seconds, 0, 0
+
+def junk(version):
+    head = struct.pack("<4sBB16sIIQ32s", b"FPWC", version, 0, os.urandom(16), 0, 2, 2, os.urandom(32))
+    return head + (struct.pack("<Q64s", time.time_ns(), os.urandom(64)) if version == 3 else b"") + b"x"
+
+while time.monotonic() < end:  # ~1,000 frames/s on c0's update topic, ~100/s on the task topics
+    i += 1
+    for version in (2, 3):
+        c.publish(f"fedpara/v1/{run}/update/c0", junk(version), qos=0); n += 1
+        if i % 10 == 0:  # the task topics cross c0's narrow link: a flood there must not fill it
+            for topic in (f"fedpara/v1/{run}/task", f"fedpara/v1/{run}/task/c0"):
+                c.publish(topic, junk(version), qos=0); n += 1
+    time.sleep(0.002)
+print(n, flush=True)
+"""
+
+
+@needs_fmnist
+def test_chunk_flood_over_a_throttled_link(keys, tmp_path):
+    """The same attack over a real shaped link: Mosquitto, the coordinator, c1 and the stranger in
+    one network namespace; c0 in another, joined by a veth pair shaped to 2 mbit/s each way by
+    ``tc tbf`` (benchmarks/netns.py). c0's task and updates take over a second each to cross it
+    in 4 KB frames, while the stranger floods fresh chunk ids on c0's update topic (~1,000 a
+    second) and on the task topics (~100 a second, so as not to fill c0's link itself: that
+    would be a bandwidth attack, which only the broker's ACL stops): the run completes with c0
+    in every round."""
+    import subprocess
+    import sys
+
+    why = _netns_ready()
+    if why:
+        pytest.skip(why)
+    from support import MOSQUITTO
+
+    from benchmarks.netns import LinkLab
+
+    run_id = f"tbf{secrets.token_hex(2)}"
+    (tmp_path / "run.toml").write_text(
+        f'run_id = "{run_id}"\nmodel = "mlp"\nratio = 0.3\nrounds = 2\nmin_clients = 2\nlr = 0.05\n'
+        f'batch_size = 32\ntest_data = "fashion-mnist,limit=300"\nmax_packet = 4096\nround_deadline_s = 120.0\n'
+        f'wait_clients_s = 120.0\nout = "{tmp_path / "run"}"\ncoordinator_key = "{keys / "coordinator.key"}"\n'
+        f'trusted_keys = "{keys / "clients"}"\n')
+    (tmp_path / "mosq").mkdir()
+    (tmp_path / "mosq" / "mosquitto.conf").write_text(
+        "listener 1883 0.0.0.0\nallow_anonymous true\npersistence false\nuser root\n")
+    cli = [sys.executable, "-m", "fedpara.runtime.cli"]
+
+    def client(i: int, broker: str) -> list[str]:
+        return [*cli, "client", "--broker", broker, "--client-id", f"c{i}", "--run", run_id, "--data",
+                TRAIN.replace("clients=3", "clients=2").format(i=i), "--state-dir", str(tmp_path / f"s{i}"),
+                "--energy", "off", "--threads", "1", "--key", str(keys / "clients"),
+                "--coordinator-pub", str(keys / "coordinator.pub")]
+
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    with LinkLab(n_clients=1, rate="2mbit", prefix=f"fh{secrets.token_hex(2)}") as lab:
+        hub = lab.links[0].hub_addr
+        lab.popen(lab.hub, [MOSQUITTO, "-c", str(tmp_path / "mosq" / "mosquitto.conf")],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("coordinator", "c0", "c1", "flood")}
+        coord = lab.popen(lab.hub, [*cli, "coordinator", "--broker", "mqtt://127.0.0.1:1883", "--config",
+                                    str(tmp_path / "run.toml")], stdout=logs["coordinator"], stderr=subprocess.STDOUT,
+                          env=env)
+        lab.popen(lab.client_ns(0), client(0, f"mqtt://{hub}:1883"), stdout=logs["c0"], stderr=subprocess.STDOUT,
+                  env=env)
+        lab.popen(lab.hub, client(1, "mqtt://127.0.0.1:1883"), stdout=logs["c1"], stderr=subprocess.STDOUT, env=env)
+        flood = lab.popen(lab.hub, [sys.executable, "-c", FLOOD, "127.0.0.1", run_id, "300"], stdout=logs["flood"],
+                          stderr=subprocess.STDOUT, env=env)
+        try:
+            coord.wait(timeout=300)
+        finally:
+            lab.stop(flood)
+            for f in logs.values():
+                f.close()
+        tc = lab.tc_stats()
+    rows = RunDir(tmp_path / "run").read_metrics()
+    summary = RunDir(tmp_path / "run").read_summary()
+    assert summary.get("status") == "completed", (tmp_path / "coordinator.log").read_text()[-3000:]
+    assert [r["clients"] for r in rows] == [["c0", "c1"], ["c0", "c1"]]
+    assert summary["ignored"].get("malformed", 0) > 100  # the flood on c0's update topic, refused
+    assert tc, "no tbf statistics: the link was not shaped"

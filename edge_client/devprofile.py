@@ -287,10 +287,18 @@ def run_client(profile: DeviceProfile, argv: list[str], *, threads: int, label: 
               "memory_limit_bytes": profile.client_memory_bytes, "cpu_quota": quota,
               "wall_s": time.monotonic() - t0}
     cg.remove()
+    # the cgroup charges a page to whoever read it first: shared library pages cached by another
+    # process on this host count in the client's RSS, not against its limit. On the board they
+    # would take RAM, so a peak RSS over the limit means "does not fit" even without a kill.
+    result["over_limit"] = bool(peak_rss and peak_rss > profile.client_memory_bytes)
     killed = " KILLED by the kernel's OOM killer (over its memory)" if result["oom_kills"] else ""
     rss = f"{peak_rss / MB:.0f} MB" if peak_rss else "?"
     print(f"profile {profile.name}: client exited with {code}{killed}; peak RSS {rss} of "
           f"{profile.client_memory_bytes / MB:.0f} MB", file=sys.stderr, flush=True)
+    if result["over_limit"] and not result["oom_kills"]:
+        print(f"profile {profile.name}: peak RSS over the device's memory: it would not fit on the board "
+              "(shared library pages cached by other processes here are not charged to the cgroup)",
+              file=sys.stderr, flush=True)
     if report:
         Path(report).write_text(json.dumps(result, indent=1))
     return code

@@ -111,15 +111,30 @@ def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
+def own_rss(status: Path = Path("/proc/self/status")) -> int | None:
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def available_memory(root: Path = CGROUP_ROOT, proc: Path = Path("/proc/self/cgroup"),
-                     meminfo: Path = Path("/proc/meminfo")) -> Memory | None:
+                     meminfo: Path = Path("/proc/meminfo"), status: Path = Path("/proc/self/status")) -> Memory | None:
     """What this process may still allocate: the smaller of its cgroup's headroom and the
-    machine's MemAvailable. None where neither can be read (not Linux)."""
+    machine's MemAvailable. None where neither can be read (not Linux).
+
+    In a cgroup, "used" is the larger of what the cgroup is charged and our own RSS: a page is
+    charged to the cgroup that first read it, so library pages (torch's, ~80 MB) already cached by
+    another process are in our RSS but not in our cgroup's usage; on a board they take RAM."""
     cg = cgroup_memory(root, proc)
     free = mem_available(meminfo)
     options = []
     if cg is not None:
         limit, usage = cg
+        usage = max(usage, own_rss(status) or 0)
         options.append((max(0, limit - usage), limit, f"cgroup limit {limit / MB:.0f} MB, {usage / MB:.0f} MB used"))
     if free is not None:
         options.append((free, cg[0] if cg else None, f"MemAvailable {free / MB:.0f} MB"))

@@ -84,7 +84,7 @@ work, run, cpu, wall, root = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 rows = [json.loads(l) for l in (work / "run" / "metrics.jsonl").read_text().splitlines() if l.strip()]
 infer = json.loads((work / "infer.json").read_text())
 arm = (work / "arm-pi.log").read_text()
-torch_v = subprocess.run(["chroot", root, "/opt/fedpara/venv/bin/python", "-c", "import torch; print(torch.__version__)"],
+torch_v = subprocess.run(["/usr/sbin/chroot", root, "/opt/fedpara/venv/bin/python", "-c", "import torch; print(torch.__version__)"],
                          capture_output=True, text=True, env={"QEMU_CPU": cpu, "PATH": "/usr/bin:/bin"}).stdout.strip()
 result = {"run": run, "qemu_cpu": cpu, "wall_s": wall, "torch_aarch64": torch_v, "rounds": len(rows),
           "accuracy": rows[-1].get("accuracy"),

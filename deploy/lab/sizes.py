@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.machinery
+import importlib.util
 import re
 import subprocess
 import sys
@@ -22,7 +23,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-check = importlib.machinery.SourceFileLoader("check_aarch64", str(ROOT / ".ci" / "check-aarch64")).load_module()
+_loader = importlib.machinery.SourceFileLoader("check_aarch64", str(ROOT / ".ci" / "check-aarch64"))
+check = importlib.util.module_from_spec(importlib.util.spec_from_loader(_loader.name, _loader))
+_loader.exec_module(check)
 MB = 1e6
 
 

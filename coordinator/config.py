@@ -61,6 +61,23 @@ class CoordinatorConfig:
                                      "example count its round's sampled clients announced (0: off)")
     max_step_factor: float = option(10.0, "refuse an aggregate that moves the model more than this many times the "
                                     "median of the last 5 moves (round 1: the model's norm); 0: off")
+    sampling: str = option("fixed", "fixed: clients_per_round of the live clients, without replacement (all when 0) | "
+                           "poisson: each live client independently with probability sample_rate")
+    sample_rate: float = option(0.1, "poisson sampling: each live client's chance to be sampled in a round")
+    # differential privacy (docs/privacy.md; needs the privacy extra: dp-accounting)
+    dp_noise_multiplier: float = option(0.0, "user-level DP-FedAvg: Gaussian noise std on the sum of clipped deltas, "
+                                        "in units of dp_clip_norm (0: off)", flag="--dp-noise")
+    dp_clip_norm: float = option(1.0, "clip each client's update delta (the factors it sends) to this L2 norm",
+                                 flag="--dp-clip")
+    dp_delta: float = option(1e-5, "the delta of the (epsilon, delta) guarantee the run reports")
+    max_epsilon: float = option(0.0, "stop the run before a round would push epsilon at dp_delta past this "
+                                "(0: no limit)", flag="--max-epsilon")
+    dp_mode: str = option("central", "central: the coordinator adds the noise | local: each client noises its own "
+                          "update (an untrusted coordinator; far more noise in the average)")
+    dp_adaptive_clip: bool = option(False, "adapt dp_clip_norm to the dp_target_quantile of the update norms "
+                                    "(Andrew et al., NeurIPS 2021; central mode)")
+    dp_target_quantile: float = option(0.5, "adaptive clipping: the share of updates meant to need no clipping")
+    dp_clip_lr: float = option(0.2, "adaptive clipping: the geometric step of the clip norm")
     # local training (sent to the clients with every task)
     local_epochs: int = option(1, "local epochs E per round")
     batch_size: int = option(64, "local batch size")
@@ -109,6 +126,26 @@ class CoordinatorConfig:
         check_int("seed", self.seed, min=0)
         check_int("max_examples", self.max_examples, min=1)
         check_choice("digest", self.digest, ("auto", "sha256"))
+        check_choice("sampling", self.sampling, ("fixed", "poisson"))
+        check_number("sample_rate", self.sample_rate, min=0.0, max=1.0, min_open=True)
+        check_choice("dp_mode", self.dp_mode, ("central", "local"))
+        check_number("dp_noise_multiplier", self.dp_noise_multiplier, min=0.0, max=1e4)
+        check_number("dp_clip_norm", self.dp_clip_norm, min=0.0, min_open=True)
+        check_number("dp_delta", self.dp_delta, min=0.0, max=1.0, min_open=True, max_open=True)
+        check_number("max_epsilon", self.max_epsilon, min=0.0)
+        check_number("dp_target_quantile", self.dp_target_quantile, min=0.0, max=1.0, min_open=True, max_open=True)
+        check_number("dp_clip_lr", self.dp_clip_lr, min=0.0, min_open=True)
+        if self.dp_noise_multiplier > 0:
+            from .privacy import accounting
+            accounting()  # ValueError naming dp_noise_multiplier when dp-accounting is missing
+            if parse_aggregator(self.aggregator)[0] != "fedavg":
+                raise ValueError(f"aggregator: differential privacy runs DP-FedAvg (clipped, noised sum); "
+                                 f"{self.aggregator} changes the sensitivity the noise is calibrated to "
+                                 "(docs/privacy.md): use fedavg")
+            if self.dp_adaptive_clip and self.dp_mode == "local":
+                raise ValueError("dp_adaptive_clip: central mode only (local noise leaves no count to adapt from)")
+        elif self.max_epsilon > 0:
+            raise ValueError("max_epsilon: a privacy budget needs dp_noise_multiplier > 0")
         for name in ("screen_factor", "max_weight_ratio", "max_step_factor"):
             check_number(name, getattr(self, name), min=0.0)
         parse_aggregator(self.aggregator)

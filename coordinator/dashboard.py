@@ -165,6 +165,7 @@ class DashboardState:
             "accuracy": h["accuracy"], "best_accuracy": h["best_accuracy"], "mb_down": round(h["mb_down"], 4),
             "mb_up": round(h["mb_up"], 4), "dense_mb": round(h["dense_mb"], 4), "dense_ratio": h["dense_ratio"],
             "energy_j": round(h["energy_j"], 3), "energy_measured": h["energy_measured"],
+            "epsilon": last.get("epsilon"), "delta": last.get("delta"),
             "clients_online": live, "clients_known": known, "clients": clients,
             "figures_version": self._version_for(key), "uptime_s": round(self.clock() - self.started, 1),
         }

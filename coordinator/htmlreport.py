@@ -69,6 +69,11 @@ def headline_items(rows: Sequence[Mapping], summary: Mapping, config: Mapping) -
         ("energy, all clients", f"{h['energy_j']:.1f} J ({'measured' if h['energy_measured'] else 'estimated'})"
          if rows else "-"),
     ]
+    eps = [r for r in rows if isinstance(r.get("epsilon"), (int, float))]
+    if eps:  # a differentially private run: the budget it spent (docs/privacy.md)
+        dp = eps[-1].get("dp") or {}
+        items.append(("privacy spent (user-level DP)", f"epsilon {eps[-1]['epsilon']:.3f} at delta {eps[-1].get('delta')}"
+                      f" ({dp.get('mode', 'central')}, noise multiplier {dp.get('noise_multiplier', '-')})"))
     if summary.get("wall_s") is not None:
         items.append(("wall time", f"{_fmt(summary.get('demo_wall_s', summary['wall_s']), '.1f')} s"))
     return items

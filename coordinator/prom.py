@@ -75,6 +75,8 @@ class RunMetrics:
         self.replies = Gauge("fedpara_round_replies", "updates accepted so far in the current attempt", registry=r)
         self.accuracy = Gauge("fedpara_accuracy", "test accuracy after the last completed round (0..1)", registry=r)
         self.loss = Gauge("fedpara_loss", "test loss after the last completed round", registry=r)
+        self.epsilon = Gauge("fedpara_epsilon", "differential privacy spent so far: epsilon at the run's delta "
+                             "(DP runs only; docs/privacy.md)", registry=r)
         self.bytes = Counter("fedpara_bytes", "bytes moved, by direction (down: to clients) and layer (payload: "
                              "envelopes; mqtt: whole MQTT packets; socket: the coordinator's TCP connection)",
                              ["direction", "layer"], registry=r)
@@ -145,7 +147,7 @@ class RunMetrics:
     def record_row(self, row: Mapping) -> None:
         """Add one metrics.jsonl row (a completed round)."""
         self.round.set(row["round"])
-        for gauge, key in ((self.accuracy, "accuracy"), (self.loss, "loss")):
+        for gauge, key in ((self.accuracy, "accuracy"), (self.loss, "loss"), (self.epsilon, "epsilon")):
             if (v := finite(row.get(key))) is not None:
                 gauge.set(v)
         for direction, layer, key in BYTE_FIELDS:

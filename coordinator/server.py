@@ -51,6 +51,7 @@ from .inbound import Inbound, RunFailed
 from .preflight import check_model_fits_data, trust
 from .registry import ClientRegistry
 from .aggregate import StepGuard, StreamingFedAvg
+from .privacy import BudgetExhausted, PrivacyLedger
 from .backoff import FailureTracker, ResendLimiter
 from .strategy import FedAvg, FitResult
 
@@ -81,7 +82,10 @@ class Coordinator(Inbound):
         self.run_dir = RunDir(cfg.out)
         self.on_event = on_event
         self.spec: ModelSpec = cfg.spec
-        self.strategy = FedAvg(cfg.clients_per_round, cfg.seed, cfg.aggregator, cfg.screen_factor)
+        # differential privacy (docs/privacy.md): DP-FedAvg, secret sampling, a budget that ends the run
+        self.dp = PrivacyLedger(cfg) if cfg.dp_noise_multiplier > 0 else None
+        self.strategy = FedAvg(cfg.clients_per_round, cfg.seed, cfg.aggregator, cfg.screen_factor,
+                               sampling=cfg.sampling, sample_rate=cfg.sample_rate, secret=self.dp is not None)
         self.wire = WireConfig(downlink=cfg.downlink, uplink=cfg.uplink)
         self.limits = Limits()
         self.seal, self.opener = trust(cfg)
@@ -127,6 +131,7 @@ class Coordinator(Inbound):
         self._resends = ResendLimiter()  # a status flood claiming reconnects costs O(1) tasks a round
         self.failing = FailureTracker()  # a failing device sits out, the run goes on
         self.guard = StepGuard(cfg.max_step_factor)  # no aggregate moves the model unboundedly
+        self._dp_plan = None  # a DP round's (event, denominator), from its sampling
         self._results: dict[str, FitResult] = {}
         self._failures: dict[str, str] = {}
         self._up_framed = 0
@@ -134,7 +139,8 @@ class Coordinator(Inbound):
         # FedAvg without the screen folds each update into a float64 sum as it arrives: memory
         # O(model) whatever the number of clients. The screen and the robust aggregators compare
         # updates with each other, so they keep every update of a round until it ends.
-        self.streaming = self.strategy.aggregator == "fedavg" and cfg.screen_factor == 0
+        # DP-FedAvg folds clipped deltas in the same way (the screen would look at unnoised updates)
+        self.streaming = self.strategy.aggregator == "fedavg" and (cfg.screen_factor == 0 or self.dp is not None)
         self._stream: StreamingFedAvg | None = None
         # pipeline: the evaluator thread evaluates and checkpoints round r while round r+1 trains
         self._eval_model = self.spec.build(cfg.seed)
@@ -165,6 +171,8 @@ class Coordinator(Inbound):
             self.state = global_state(self.model)
             self.start_round = last + 1
             self.rows = rows
+            if self.dp is not None:
+                self.dp.resume(rows)  # the spent budget and the clip norm carry over
         log.info("resuming %s at round %d", self.run_dir.root, self.start_round)
 
     # --- inbound -----------------------------------------------------------------------------
@@ -199,7 +207,8 @@ class Coordinator(Inbound):
                             momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed * 100_003 + rnd)
         return Task(task_id=f"{self._session_token}-{rnd}-{attempt}", selected=tuple(sampled), spec=self.spec,
                     train=train, attempt=attempt, init_seed=cfg.seed, deadline_s=cfg.round_deadline_s,
-                    uplink=cfg.uplink, max_packet=cfg.max_packet, digest=self._uplink_digest)
+                    uplink=cfg.uplink, max_packet=cfg.max_packet, digest=self._uplink_digest,
+                    dp=self.dp.task_params() if self.dp is not None else None)
 
     def _digest_for(self, receivers) -> str:
         """BLAKE3 when this run may use it and every receiver announced it can check it; else SHA-256."""
@@ -236,11 +245,20 @@ class Coordinator(Inbound):
         """One attempt: sample from ``eligible``, send the task, wait for replies until all or the
         deadline. ``live``: every live client (a task for all of them goes out as one broadcast)."""
         sampled = self.strategy.sample(eligible, rnd, attempt)
+        if self.dp is not None:  # before anything is sent: a round past the budget never starts
+            try:
+                self._dp_plan = self.dp.plan(len(eligible), len(sampled))
+            except ValueError as exc:
+                raise RunFailed(f"round {rnd}: {exc}") from None
+            self.dp.check(self._dp_plan[0], rnd)
         task = self._task(rnd, attempt, sampled)
         self._results, self._failures = {}, {}
         self._resent: Counter = Counter()
         self._resends.forget(keep_task=task.task_id)
-        self._stream = StreamingFedAvg(self.state) if self.streaming else None
+        self._stream = (self.dp.accumulator(self.state) if self.dp is not None
+                        else StreamingFedAvg(self.state) if self.streaming else None)
+        if not sampled:  # Poisson sampling drew nobody: the round releases the noise alone (docs/privacy.md)
+            return sampled, task.task_id, Counter()
         announced = {c: info.num_examples for c in sampled if (info := self.registry.get(c)) is not None}
         self._attempt = RoundState(self.cfg.run_id, rnd, task.task_id, frozenset(sampled), frozenset(), self.state,
                                    self.cfg.max_examples, announced, self.cfg.max_weight_ratio)
@@ -324,7 +342,7 @@ class Coordinator(Inbound):
             for c in self._results:
                 self.failing.succeeded(c)
             needed = max(1, math.ceil(cfg.min_reply_fraction * len(sampled)))
-            if len(self._results) >= needed:
+            if len(self._results) >= needed or not sampled:
                 break
             log.warning("round %d attempt %d: %d of %d sampled clients replied (need %d); model kept%s",
                         rnd, attempt, len(self._results), len(sampled), needed,
@@ -343,8 +361,11 @@ class Coordinator(Inbound):
         if self.session.inbox.dropped:
             self.ignored["backpressure"] = sum(self.session.inbox.dropped.values())
         screened: list[str] = []
+        privacy: dict = {}
         try:
-            if self._stream is not None:
+            if self.dp is not None:
+                new_state, privacy = self.dp.release(self._stream, *self._dp_plan)
+            elif self._stream is not None:
                 new_state = self._stream.result()
             else:
                 kept, screened = self.strategy.screen(self.state, results)
@@ -374,7 +395,7 @@ class Coordinator(Inbound):
         fields = dict(rnd=rnd, attempt=attempt, sampled=sampled, broadcast=set(sampled) == set(live), sent=sent,
                       mqtt_bytes_up=self._up_framed, dense_bytes=self.dense_bytes, lr=self._lr(rnd),
                       duration_s=time.monotonic() - t0, screened=screened, failures=failures,
-                      backed_off=self.failing.backed_off(rnd + 1), aggregate_refused=refused)
+                      backed_off=self.failing.backed_off(rnd + 1), aggregate_refused=refused, privacy=privacy)
         socket = {}
         sock = self.session.socket_bytes()
         if sock is not None:  # what the coordinator's own TCP connection moved this round (kernel count)
@@ -440,12 +461,13 @@ class Coordinator(Inbound):
         results = [dataclasses.replace(r, metrics={**r.metrics, **reports.get(r.client_id, {})}) for r in p.results]
         fields = dict(p.fields)
         screened, failures, backed_off = fields.pop("screened"), fields.pop("failures"), fields.pop("backed_off")
-        refused = fields.pop("aggregate_refused")
+        refused, privacy = fields.pop("aggregate_refused"), fields.pop("privacy")
         row = report.round_row(**fields, evaluation=ev or {"accuracy": None, "loss": None}, results=results,
                                ignored=self.ignored, personalised=self.personalised)
         row["screened"], row["failures"], row["backed_off"] = screened, failures, backed_off
         if refused is not None:  # the model was kept: say why in the round's line
             row["aggregate_refused"] = refused
+        row.update(privacy)  # epsilon, delta and the round's DP record (resume rebuilds the budget from it)
         row["timing"] = {**p.timing, "eval_s": eval_s, "save_s": save_s}
         row.update(p.socket)
         try:  # the checkpoint is on disk already: a resume redoes a round without its line
@@ -483,6 +505,10 @@ class Coordinator(Inbound):
                 self._run_round(rnd)
             self._finalize(block=True, grace_s=min(REPORT_GRACE_S, cfg.round_deadline_s))
             status, tell_clients = "completed", True
+        except BudgetExhausted as exc:  # a clean stop, said as such: the budget is the operator's limit
+            status, tell_clients = f"stopped: {exc}", True
+            log.warning("%s", exc)
+            self._finalize(block=True)
         except RunFailed as exc:
             status, tell_clients = f"failed: {exc}", not exc.resumable
             log.error("%s", exc)
@@ -515,6 +541,9 @@ class Coordinator(Inbound):
             rows, status=status, run_id=self.cfg.run_id, spec=self.spec.to_dict(), wall_s=wall,
             params=sum(t.numel() for t in self.state.values()), digest=state_digest(self.state),
             ignored=dict(self.ignored), failing_clients=self.failing.report(),
+            **({"privacy": {"epsilon": self.dp.accountant.epsilon(), "delta": self.dp.delta, "mode": self.dp.mode,
+                            "noise_multiplier": self.dp.z, "max_epsilon": self.dp.max_epsilon or None,
+                            "rounds_released": len(self.dp.accountant.events)}} if self.dp is not None else {}),
             checkpoint=str(self.run_dir.checkpoint(rows[-1]["round"])) if rows else None)
         try:
             self.run_dir.write_summary(summary)

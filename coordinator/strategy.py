@@ -58,18 +58,26 @@ class FedAvg:
     model is more than ``screen_factor`` times the median distance (0 turns it off)."""
 
     def __init__(self, clients_per_round: int = 0, seed: int = 0, aggregator: str = "fedavg",
-                 screen_factor: float = 10.0) -> None:
+                 screen_factor: float = 10.0, *, sampling: str = "fixed", sample_rate: float = 0.1,
+                 secret: bool = False) -> None:
         if clients_per_round < 0:
             raise ValueError(f"clients_per_round: must be >= 0, got {clients_per_round}")
         self.clients_per_round, self.seed = clients_per_round, seed
+        # poisson: each live client independently with probability sample_rate. secret: drawn from
+        # the OS, not the run's seed (a DP run's amplification by sampling needs a sample nobody
+        # can predict: docs/privacy.md)
+        self.sampling, self.sample_rate, self.secret = sampling, sample_rate, secret
         self.aggregator, self.arg = parse_aggregator(aggregator)
         self.screen_factor = screen_factor
 
     def sample(self, live: Sequence[str], rnd: int, attempt: int) -> list[str]:
         """K clients (all when K is 0 or at least the number live), sorted; reproducible for a
         given (seed, round, attempt) and set of live clients."""
+        rng = random.SystemRandom() if self.secret else random.Random(f"{self.seed}/{rnd}/{attempt}")
+        if self.sampling == "poisson":
+            return [c for c in sorted(live) if rng.random() < self.sample_rate]
         k = len(live) if self.clients_per_round == 0 else min(self.clients_per_round, len(live))
-        return sorted(random.Random(f"{self.seed}/{rnd}/{attempt}").sample(sorted(live), k))
+        return sorted(rng.sample(sorted(live), k))
 
     def screen(self, current: Mapping[str, Tensor], results: Sequence[FitResult]) -> tuple[list[FitResult], list[str]]:
         """(kept results, ids of the screened-out clients), in client-id order."""

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from fedpara.dp import privatize
 from fedpara.runtime.messages import (
     Control,
     Failure,
@@ -43,9 +44,9 @@ from fedpara.wire import (
 from fedpara.wire.limits import digests_available
 
 from .config import ClientConfig
-from .watch import CoordinatorWatch
 from .shared import SharedVerified
 from .trainer import Trainer
+from .watch import CoordinatorWatch
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +418,10 @@ class EdgeClient:
 
         self.trainer.load(task, item.msg.tensors, phase)  # our own model: done while another client trains
         out = self.trainer.fit(task, rnd, None, phase)  # holds a pool's shared CPU lock while it trains
+        tensors = out.tensors
+        if task.dp is not None:  # a DP run: only the clipped (local mode: and noised) delta leaves the device
+            tensors = privatize(out.tensors, {k: v.float() for k, v in item.msg.tensors.items()}, task.dp.clip,
+                                task.dp.noise if task.dp.mode == "local" else 0.0)
         metrics = {**out.metrics, **transfer}
         for key in ("prev_upload", "prev_socket_bytes"):
             if key in self._carry:
@@ -428,7 +433,7 @@ class EdgeClient:
         update = Update(task.task_id, out.num_examples, metrics)
         # the digest the task asks for (BLAKE3 where both ends have it), else SHA-256
         digest = task.digest if task.digest in self.digests else "sha256"
-        enc = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, out.tensors, update.to_meta()),
+        enc = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, tensors, update.to_meta()),
                              CodecPolicy.parse(task.uplink), digest=digest)
         topic = self.topics.update(me)
         frames, stats = enc.split(task.max_packet, topic)

@@ -71,6 +71,27 @@ class TrainParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPParams:
+    """What a client does for differential privacy (docs/privacy.md): clip its update's delta to
+    ``clip`` (L2, over every tensor it sends); in local mode also add N(0, (noise x clip)^2) to it
+    before it leaves the device."""
+
+    clip: float
+    noise: float = 0.0   # local mode's noise multiplier; 0 in central mode (the coordinator adds it)
+    mode: str = "central"
+
+    def to_meta(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> DPParams:
+        m, k = _meta("task.dp", meta), "task.dp"
+        return cls(clip=_field(k, m, "clip", check_number, min=0.0, max=1e9, min_open=True),
+                   noise=_field(k, m, "noise", check_number, min=0.0, max=1e6, default=0.0),
+                   mode=_field(k, m, "mode", check_choice, ("central", "local"), default="central"))
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
     task_id: str
     selected: tuple[str, ...]
@@ -82,12 +103,16 @@ class Task:
     uplink: str = "fp32"
     max_packet: int = 1_000_000
     digest: str = "sha256"  # the envelope digest the coordinator asks updates to use, if the client can
+    dp: DPParams | None = None  # differentially private runs: clip (and, local mode, noise) the update
 
     def to_meta(self) -> dict:
-        return {"selected": list(self.selected), "attempt": self.attempt, "task_id": self.task_id,
+        meta = {"selected": list(self.selected), "attempt": self.attempt, "task_id": self.task_id,
                 "spec": self.spec.to_dict(), "init_seed": self.init_seed, "deadline_s": self.deadline_s,
                 "uplink": self.uplink, "max_packet": self.max_packet, "train": self.train.to_meta(),
                 "digest": self.digest}
+        if self.dp is not None:
+            meta["dp"] = self.dp.to_meta()
+        return meta
 
     @classmethod
     def from_meta(cls, meta: Any) -> Task:
@@ -112,7 +137,8 @@ class Task:
                    max_packet=_field("task", m, "max_packet", check_int, min=1024, max=1 << 28,
                                      default=1_000_000),
                    # a digest this version does not know (a newer coordinator's): SHA-256, which every peer checks
-                   digest=m["digest"] if m.get("digest") in DIGESTS else "sha256")
+                   digest=m["digest"] if m.get("digest") in DIGESTS else "sha256",
+                   dp=DPParams.from_meta(m["dp"]) if m.get("dp") is not None else None)
 
 
 def _check_task_id(name: str, value: Any) -> str:

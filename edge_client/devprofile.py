@@ -263,7 +263,11 @@ def run_client(profile: DeviceProfile, argv: list[str], *, threads: int, label: 
           f"({min(threads, profile.cores)} x {profile.core_speed}), memory {profile.client_memory_bytes / MB:.0f} MB "
           f"(cgroup {cg.layout} {GROUP}/{cg.name})", file=sys.stderr, flush=True)
     t0 = time.monotonic()
-    child = subprocess.Popen(cmd, env=child_env(), preexec_fn=lambda: cg.add(os.getpid()))
+    try:
+        child = subprocess.Popen(cmd, env=child_env(), preexec_fn=lambda: cg.add(os.getpid()))
+    except BaseException:
+        cg.remove()
+        raise
     forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -122,8 +123,6 @@ def test_a_client_killed_by_the_kernel_mid_round_is_gone_then_rejoins_with_its_s
         """Another process on the device grows: the kernel kills the client, the OOM killer's
         first choice (oom_score_adj 1000, as systemd's OOMScoreAdjust= sets it for a unit)."""
         procs = [d / "cgroup.procs" for d in devprofile.cgroup_dirs(cgroup_name)]
-        for pid in procs[-1].read_text().split():
-            Path(f"/proc/{pid}/oom_score_adj").write_text("1000")
         code = ("import os, sys, time\n"
                 "for p in sys.argv[1:]:\n"
                 "    with open(p, 'w') as f: f.write(str(os.getpid()))\n"
@@ -134,6 +133,13 @@ def test_a_client_killed_by_the_kernel_mid_round_is_gone_then_rejoins_with_its_s
     def on_event(e) -> None:
         events.append(e)
         if isinstance(e, TaskSent) and e.round == 2 and not hog:
+            # c0 is held where it is, the task just sent (SIGSTOP, here, before it can train and
+            # reply): the kill lands mid-round whatever the machine's speed; the kernel kills a
+            # stopped process all the same
+            for d in devprofile.cgroup_dirs(name)[-1:]:
+                for pid in (d / "cgroup.procs").read_text().split():
+                    Path(f"/proc/{pid}/oom_score_adj").write_text("1000")
+                    os.kill(int(pid), signal.SIGSTOP)
             threading.Thread(target=grow_in_the_device, args=(name,), daemon=True).start()
         if isinstance(e, ClientStatusChanged) and e.client_id == "c0" and not e.online and hog:
             def restart() -> None:  # what systemd's Restart=on-failure does, after the runner has exited

@@ -125,8 +125,9 @@ class Suite:
 
     def fl_run(self, name: str, model: str, scheme: str, lr: float, seed: int, client_data: str,
                eval_data: str, rounds: int, num_classes: int, eval_local: bool = False,
-               batch_size: int | None = None, deadline: float = 60.0) -> dict:
-        """One federated run through broker + pool + coordinator; resumable by its directory."""
+               batch_size: int | None = None, deadline: float = 60.0, extra: dict | None = None) -> dict:
+        """One federated run through broker + pool + coordinator; resumable by its directory.
+        ``extra``: more coordinator settings (bench_privacy.py: the DP ones)."""
         from coordinator.config import CoordinatorConfig
         from coordinator.server import Coordinator
         from fedpara.runtime.mqtt import parse_broker_url
@@ -136,7 +137,7 @@ class Suite:
         run_dir = self.runs_root / name
         rd = RunDir(run_dir)
         status = str(rd.read_summary().get("status", ""))
-        if status == "completed" or (status.startswith("failed") and (run_dir / "bench.json").exists()):
+        if status.startswith(("completed", "stopped")) or (status.startswith("failed") and (run_dir / "bench.json").exists()):
             return self.load(run_dir)
         if self.args.only_cached:
             return None
@@ -163,7 +164,7 @@ class Suite:
                                     # drops them, the round times out and the run ends as failed
                                     round_deadline_s=deadline, max_attempts=1,
                                     lr=lr, batch_size=batch_size or self.args.batch_size,
-                                    test_data=eval_data, eval_batch_size=500, out=str(run_dir))
+                                    test_data=eval_data, eval_batch_size=500, out=str(run_dir), **(extra or {}))
             summary = Coordinator(cfg, parse_broker_url(self.url)).run()
         finally:
             if pool.poll() is None:

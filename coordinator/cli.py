@@ -68,7 +68,7 @@ class CoordinatorCommand:
             summary = coord.run()
             obs.finish(summary)
         print(json.dumps({k: summary[k] for k in ("status", "rounds", "final_accuracy", "dense_ratio")}))
-        return 0 if summary["status"] == "completed" else 1
+        return 0 if summary["status"] == "completed" or summary["status"].startswith("stopped: privacy budget") else 1
 
 
 class ReportCommand:

@@ -42,7 +42,8 @@ DEMO_DEFAULTS = {"batch_size": 32, "uplink": "fp16+zstd:3", "downlink": "fp16+zs
                  "round_deadline_s": 300.0}
 # The coordinator fields the demo exposes as flags; the rest keep CoordinatorConfig's defaults.
 DEMO_FIELDS = ("model", "scheme", "ratio", "rounds", "local_epochs", "lr", "batch_size", "uplink", "downlink",
-               "seed", "aggregator", "insecure", "dashboard", "tensorboard")
+               "seed", "aggregator", "insecure", "dashboard", "tensorboard",
+               "dp_noise_multiplier", "dp_clip_norm", "max_epsilon")
 
 
 class DemoCommand:
@@ -168,7 +169,8 @@ class DemoCommand:
         run_dir.write_summary(summary)
         print_table(summary)
         print_report(run_dir)
-        return 0 if summary["status"] == "completed" else 1
+        # a privacy budget reached is the operator's limit doing its job, not a failure
+        return 0 if summary["status"] == "completed" or summary["status"].startswith("stopped: privacy budget") else 1
 
 
 class ClientWatch(threading.Thread):
@@ -239,6 +241,10 @@ def print_table(s: dict) -> None:
         ("energy, all clients", f"{s.get('energy_j', 0):.0f} J ({'measured' if s.get('energy_measured') else 'estimated'})"),
         ("wall time", f"{s.get('demo_wall_s', s['wall_s']):.1f} s"),
     ]
+    if s.get("privacy"):
+        p = s["privacy"]
+        rows.insert(3, ("privacy spent (user-level DP)", f"epsilon {p['epsilon']:.3f} at delta {p['delta']:g} "
+                                                          f"({p['mode']}, noise multiplier {p['noise_multiplier']:g})"))
     width = max(len(k) for k, _ in rows)
     print()
     for k, v in rows:

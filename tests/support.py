@@ -21,7 +21,7 @@ from fedpara.wire import Message, Reassembler, WireError, decode
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 __all__ = ["MOSQUITTO", "TRAIN", "Sniffer", "coord_cfg", "free_port", "mosquitto_conf", "publish_bytes_by_peer",
-           "rss_mb", "start_bridged_brokers", "start_clients", "start_mosquitto", "wait_for_port"]
+           "rss_mb", "run_federated", "start_bridged_brokers", "start_clients", "start_mosquitto", "wait_for_port"]
 
 
 def mosquitto_conf(work: Path, port: int, extra: str = "", *, host: str | None = "127.0.0.1",
@@ -129,6 +129,21 @@ def start_clients(url, cfg, tmp_path, n, *, first=0, total=None, before_start=No
         c.start()
         clients.append(c)
     return clients
+
+
+def run_federated(url, cfg, tmp_path, n, **client_kw):
+    """Start ``n`` in-process clients (``start_clients``), run the coordinator of ``cfg`` to its end,
+    stop the clients: (summary, metrics.jsonl rows, clients)."""
+    from coordinator.server import Coordinator
+    from fedpara.runtime.rundir import RunDir
+
+    clients = start_clients(url, cfg, tmp_path, n, **client_kw)
+    try:
+        summary = Coordinator(cfg, parse_broker_url(url) if isinstance(url, str) else url).run()
+    finally:
+        for c in clients:
+            c.stop()
+    return summary, RunDir(cfg.out).read_metrics(), clients
 
 
 _LOG_PUBLISH = re.compile(r"^\d+: (Received|Sending) PUBLISH (?:from|to) (\S+) \(d\d, q\d, r\d, m\d+, '(.*)', \.\.\. "

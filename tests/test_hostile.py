@@ -561,7 +561,7 @@ def test_an_echoing_device_claiming_ten_million_examples_does_not_freeze_fedavg(
     """c2 sends the global model back unchanged and claims 10 million examples, in its status and
     in every update. Its weight is capped at 4 x the lower median of what the round's clients
     announced, so FedAvg still learns; without the cap (ratio 0) it stays where it started."""
-    from support import coord_cfg, start_clients
+    from support import coord_cfg, run_federated
 
     import fedpara
     from edge_client.trainer import FitOutput, Trainer
@@ -573,13 +573,7 @@ def test_an_echoing_device_claiming_ten_million_examples_does_not_freeze_fedavg(
                 {k: v.clone() for k, v in fedpara.global_state(c.trainer.model).items()}, 10_000_000, {"loss": 1.0})
 
     cfg = coord_cfg(tmp_path, rounds=4, lr=0.1, max_weight_ratio=ratio)
-    clients = start_clients(mosquitto_broker, cfg, tmp_path, 3, energy="off", before_start=echo)
-    try:
-        summary = Coordinator(cfg, parse_broker_url(mosquitto_broker)).run()
-    finally:
-        for c in clients:
-            c.stop()
-    rows = RunDir(cfg.out).read_metrics()
+    summary, rows, clients = run_federated(mosquitto_broker, cfg, tmp_path, 3, energy="off", before_start=echo)
     accuracy = [r["accuracy"] for r in rows]
     assert summary["status"] == "completed" and all(r["replied"] == 3 for r in rows)
     if ratio:

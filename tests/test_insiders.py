@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from conftest import needs_fmnist
-from support import coord_cfg, start_clients
+from support import coord_cfg, run_federated, start_clients
 
 from coordinator.server import Coordinator
 from edge_client.trainer import FitOutput
@@ -149,13 +149,7 @@ def test_one_device_that_always_fails_never_ends_the_run(mosquitto_broker, tmp_p
                 raise RuntimeError("out of memory (simulated)")
             c.trainer.fit = fit
 
-    clients = _clients(mosquitto_broker, cfg, tmp_path, 3, before_start=broken)
-    try:
-        summary = Coordinator(cfg, parse_broker_url(mosquitto_broker)).run()
-    finally:
-        for c in clients:
-            c.stop()
-    rows = RunDir(cfg.out).read_metrics()
+    summary, rows, clients = run_federated(mosquitto_broker, cfg, tmp_path, 3, before_start=broken, energy="off")
     assert summary["status"] == "completed" and [r["round"] for r in rows] == list(range(1, 7))
     assert all(r["replied"] == 1 and r["clients"] != ["c0"] for r in rows)
     failed = [r for r in rows if "c0" in r["failures"]]

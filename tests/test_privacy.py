@@ -202,20 +202,10 @@ def test_local_poisson_and_adaptive_runs(mosquitto_broker, tmp_path, kw, kind):
     from conftest import fashion_mnist_available
     if not fashion_mnist_available():
         pytest.skip("needs Debian's dataset-fashion-mnist")
-    from support import coord_cfg, start_clients
-
-    from coordinator.server import Coordinator
-    from fedpara.runtime.mqtt import parse_broker_url
-    from fedpara.runtime.rundir import RunDir
+    from support import coord_cfg, run_federated
 
     cfg = coord_cfg(tmp_path, min_clients=4, rounds=3, **{"dp_noise_multiplier": 0.3, "dp_clip_norm": 0.05, **kw})
-    clients = start_clients(mosquitto_broker, cfg, tmp_path, 4, energy="off")
-    try:
-        summary = Coordinator(cfg, parse_broker_url(mosquitto_broker)).run()
-    finally:
-        for c in clients:
-            c.stop()
-    rows = RunDir(cfg.out).read_metrics()
+    summary, rows, clients = run_federated(mosquitto_broker, cfg, tmp_path, 4, energy="off")
     assert summary["status"] == "completed" and len(rows) == 3
     assert all(r["dp"]["event"]["kind"] == kind for r in rows)
     assert rows[0]["epsilon"] < rows[1]["epsilon"] < rows[2]["epsilon"]

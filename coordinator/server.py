@@ -111,6 +111,9 @@ class Coordinator(Inbound):
         self.rows: list[dict] = []
         self.start_round = 1
         self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        # wall_s of every metrics line: seconds since the run started (a resumed run goes on from its
+        # last line's, not counting the time it was down), so time-to-accuracy reads off any run
+        self._wall_base, self._t_start = 0.0, time.monotonic()
         if resume:
             self._resume()
         else:
@@ -173,6 +176,8 @@ class Coordinator(Inbound):
             self.rows = rows
             if self.dp is not None:
                 self.dp.resume(rows)  # the spent budget and the clip norm carry over
+            if isinstance(rows[-1].get("wall_s"), (int, float)):
+                self._wall_base = float(rows[-1]["wall_s"])
         log.info("resuming %s at round %d", self.run_dir.root, self.start_round)
 
     # --- inbound -----------------------------------------------------------------------------
@@ -395,7 +400,8 @@ class Coordinator(Inbound):
         fields = dict(rnd=rnd, attempt=attempt, sampled=sampled, broadcast=set(sampled) == set(live), sent=sent,
                       mqtt_bytes_up=self._up_framed, dense_bytes=self.dense_bytes, lr=self._lr(rnd),
                       duration_s=time.monotonic() - t0, screened=screened, failures=failures,
-                      backed_off=self.failing.backed_off(rnd + 1), aggregate_refused=refused, privacy=privacy)
+                      backed_off=self.failing.backed_off(rnd + 1), aggregate_refused=refused, privacy=privacy,
+                      wall_s=self._wall_base + time.monotonic() - self._t_start)
         socket = {}
         sock = self.session.socket_bytes()
         if sock is not None:  # what the coordinator's own TCP connection moved this round (kernel count)
@@ -461,13 +467,14 @@ class Coordinator(Inbound):
         results = [dataclasses.replace(r, metrics={**r.metrics, **reports.get(r.client_id, {})}) for r in p.results]
         fields = dict(p.fields)
         screened, failures, backed_off = fields.pop("screened"), fields.pop("failures"), fields.pop("backed_off")
-        refused, privacy = fields.pop("aggregate_refused"), fields.pop("privacy")
+        refused, privacy, wall = fields.pop("aggregate_refused"), fields.pop("privacy"), fields.pop("wall_s")
         row = report.round_row(**fields, evaluation=ev or {"accuracy": None, "loss": None}, results=results,
                                ignored=self.ignored, personalised=self.personalised)
         row["screened"], row["failures"], row["backed_off"] = screened, failures, backed_off
         if refused is not None:  # the model was kept: say why in the round's line
             row["aggregate_refused"] = refused
         row.update(privacy)  # epsilon, delta and the round's DP record (resume rebuilds the budget from it)
+        row["wall_s"] = round(wall, 3)  # when the round's aggregate was ready
         row["timing"] = {**p.timing, "eval_s": eval_s, "save_s": save_s}
         row.update(p.socket)
         try:  # the checkpoint is on disk already: a resume redoes a round without its line
@@ -483,7 +490,7 @@ class Coordinator(Inbound):
 
     def run(self) -> dict:
         cfg = self.cfg
-        t0 = time.monotonic()
+        t0 = self._t_start = time.monotonic()
         # an unpredictable MQTT client id: nobody can take over our session by connecting with it
         # each sender topic may hold two updates' worth of unread bytes and refills that budget in
         # 10 s: an honest client sends one update per round; a flood beyond is dropped and counted

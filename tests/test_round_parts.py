@@ -223,3 +223,32 @@ def test_model_spec_build_is_seeded_and_leaves_global_rng_alone():
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_every_metrics_line_carries_wall_s_and_resume_goes_on_from_it(amqtt_broker, tmp_path):
+    """``wall_s``: seconds since the run started, increasing; a resumed run continues from its last
+    line's (time-to-accuracy reads off any run)."""
+    import dataclasses
+
+    from conftest import fashion_mnist_available
+    if not fashion_mnist_available():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    from support import coord_cfg, run_federated
+
+    cfg = coord_cfg(tmp_path, rounds=2)
+    summary, rows, _ = run_federated(amqtt_broker, cfg, tmp_path, 3, energy="off", exit_on_finish=False)
+    walls = [r["wall_s"] for r in rows]
+    assert summary["status"] == "completed" and 0 < walls[0] < walls[1] <= summary["wall_s"]
+    from coordinator.server import Coordinator
+    from fedpara.runtime.mqtt import parse_broker_url
+    from fedpara.runtime.rundir import RunDir
+    from support import start_clients
+
+    clients = start_clients(amqtt_broker, cfg, tmp_path, 3, energy="off")
+    try:
+        Coordinator(dataclasses.replace(cfg, rounds=3), parse_broker_url(amqtt_broker), resume=True).run()
+    finally:
+        for c in clients:
+            c.stop()
+    rows = RunDir(cfg.out).read_metrics()
+    assert [r["round"] for r in rows] == [1, 2, 3] and rows[2]["wall_s"] > walls[1]

@@ -133,9 +133,14 @@ def test_a_client_killed_by_the_kernel_mid_round_is_gone_then_rejoins_with_its_s
     def on_event(e) -> None:
         events.append(e)
         if isinstance(e, TaskSent) and e.round == 2 and not hog:
-            # c0 is held where it is, the task just sent (SIGSTOP, here, before it can train and
-            # reply): the kill lands mid-round whatever the machine's speed; the kernel kills a
-            # stopped process all the same
+            # c0 writes round 1's local half right after its update went (what a restart restores)
+            saved = tmp_path / "state-c0" / "local.safetensors"
+            deadline = time.monotonic() + 30
+            while not saved.exists() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            # then c0 is held where it is, round 2's task just sent (SIGSTOP, here, long before it
+            # could train and reply): the kill lands mid-round whatever the machine's speed; the
+            # kernel kills a stopped process all the same
             for d in devprofile.cgroup_dirs(name)[-1:]:
                 for pid in (d / "cgroup.procs").read_text().split():
                     Path(f"/proc/{pid}/oom_score_adj").write_text("1000")

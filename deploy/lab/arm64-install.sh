@@ -20,7 +20,7 @@ cp /etc/resolv.conf "$DIR/etc/resolv.conf"
 # the host's CA bundle: where a proxy intercepts TLS, its CA is there and not in the userland's
 mkdir -p "$DIR/etc/fedpara-lab"
 cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$DIR/etc/fedpara-lab/host-ca.crt"
-mountpoint -q "$DIR/proc" || mount -t proc proc "$DIR/proc"
+mountpoint -q "$DIR/proc" || { mount -t proc proc "$DIR/proc"; trap 'umount "$DIR/proc"' EXIT; }
 # no /sys: with the host's, the cpuinfo library in onnxruntime 1.32 parses an x86 topology as an
 # arm64 one and crashes (SIGSEGV); without it torch and onnxruntime warn and use their defaults
 for profile in "${PROFILES[@]}"; do

@@ -256,14 +256,16 @@ def test_a_junk_frame_flood_writes_a_few_log_lines(mosquitto_broker, tmp_path, c
         with caplog.at_level(logging.INFO):
             for i in range(3000):
                 flood.publish(Topics(run_id).task_for("c0"), b"FPWC" + bytes(67), qos=0)
-            deadline = time.monotonic() + 20
-            while client.counters["malformed"] < 2000 and time.monotonic() < deadline:
-                time.sleep(0.2)
+            deadline, seen = time.monotonic() + 20, -1
+            while seen != client.counters["malformed"] and time.monotonic() < deadline:  # until it stops rising
+                seen = client.counters["malformed"]
+                time.sleep(0.5)
     finally:
         flood.loop_stop()
         flood.disconnect()
         client.stop()
-    assert client.counters["malformed"] >= 2000
+    # QoS 0: a loaded broker may drop part of the burst (its queue per client); hundreds still arrive
+    assert client.counters["malformed"] >= 500
     refusals = [r for r in caplog.records if "ignored message" in r.getMessage()]
     assert 1 <= len(refusals) <= 12, len(refusals)
 

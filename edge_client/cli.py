@@ -78,6 +78,9 @@ class ClientCommand:
         except KeyboardInterrupt:
             pass
         finally:
+            # stopping already (offline status, state written): a second SIGTERM (a supervisor that
+            # repeats it, the demo ending) must not interrupt that, nor the interpreter's exit
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             runner.stop()
         return 0
 

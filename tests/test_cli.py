@@ -62,3 +62,29 @@ def test_demo_progress_text_follows_the_run():
     assert bar.text == "acc - | round 1: training on 2 clients"
     progress(ClientStatusChanged("c1", False))
     assert bar.text == "acc - | c1 offline"
+
+
+def test_repeated_sigterm_stops_a_client_cleanly(amqtt_broker, tmp_path):
+    """A supervisor's SIGTERM, then another while the client is stopping: exit 0, no traceback,
+    no 'Exception ignored' from an interrupted stop or atexit callback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "fedpara.runtime.cli", "client", "--broker", amqtt_broker,
+                             "--client-id", "c0", "--run", "sigterm", "--data", "synthetic,n=8", "--insecure",
+                             "--energy", "off", "--state-dir", str(tmp_path / "s"), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "s").exists() and time.monotonic() < deadline:  # started: its state dir exists
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    for _ in range(5):
+        time.sleep(0.02)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "Exception ignored" not in out, out

@@ -273,7 +273,8 @@ class StepGuard:
     def limit(self, current: Mapping[str, Tensor]) -> float:
         if self.factor <= 0:
             return float("inf")
-        norm = delta_norms({k: torch.zeros_like(v) for k, v in current.items()}, [current])[0]
+        norm = sum(float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2
+                   for v in current.values() if v.is_floating_point()) ** 0.5
         if self.moves:
             ordered = sorted(self.moves)
             return max(self.factor * ordered[len(ordered) // 2], self.floor * norm)

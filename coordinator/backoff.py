@@ -58,10 +58,6 @@ class FailureTracker:
         return {c: {"failures": n, "streak": self.streak.get(c, 0), "sits_out_until": self.until.get(c),
                     "last_reason": self.last_reason.get(c, "")} for c, n in sorted(self.total.items())}
 
-    def state(self) -> dict:
-        return {"streak": dict(self.streak), "until": dict(self.until), "total": dict(self.total),
-                "last_reason": dict(self.last_reason)}
-
 
 class ResendLimiter:
     """At most ``max_per_task`` re-sends per (client, task), ``min_interval_s`` apart."""

@@ -157,11 +157,8 @@ class DPFedAvg:
     def add(self, tensors: Mapping[str, Tensor], num_examples: int | None = None) -> float:
         """Fold one client's factors in (every user weighs the same: ``num_examples`` is not used);
         returns its delta's norm before clipping."""
-        if self.local:
-            delta = {k: tensors[k].double() - r.double() for k, r in self.reference.items() if k in self.sum}
-            norm = sum(float(torch.linalg.vector_norm(d)) ** 2 for d in delta.values()) ** 0.5
-        else:
-            delta, norm = clip_delta(tensors, self.reference, self.clip)
+        # local DP: the device clipped and noised it; clipping the noise away here would undo it
+        delta, norm = clip_delta(tensors, self.reference, None if self.local else self.clip)
         for k, d in delta.items():
             self.sum[k].add_(d)
         self.count += 1

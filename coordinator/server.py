@@ -51,8 +51,8 @@ from .inbound import Inbound, RunFailed
 from .preflight import check_model_fits_data, trust
 from .registry import ClientRegistry
 from .aggregate import StepGuard, StreamingFedAvg
-from .privacy import BudgetExhausted, PrivacyLedger
 from .backoff import FailureTracker, ResendLimiter
+from .privacy import BudgetExhausted, PrivacyLedger
 from .strategy import FedAvg, FitResult
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class PendingRound:
     round: int
     task_id: str
     fields: dict                  # everything report.round_row needs but the evaluation
+    extra: dict                   # the line's other fields (screened, failures, privacy, wall_s, ...)
     results: list                 # FitResults without tensors (metrics only)
     future: Future | None         # -> (evaluation or None, eval_s, save_s); None: not submitted yet
     timing: dict
@@ -399,9 +400,12 @@ class Coordinator(Inbound):
         self._timing["aggregate_s"] = time.monotonic() - t_collected
         fields = dict(rnd=rnd, attempt=attempt, sampled=sampled, broadcast=set(sampled) == set(live), sent=sent,
                       mqtt_bytes_up=self._up_framed, dense_bytes=self.dense_bytes, lr=self._lr(rnd),
-                      duration_s=time.monotonic() - t0, screened=screened, failures=failures,
-                      backed_off=self.failing.backed_off(rnd + 1), aggregate_refused=refused, privacy=privacy,
-                      wall_s=self._wall_base + time.monotonic() - self._t_start)
+                      duration_s=time.monotonic() - t0)
+        # the line's fields beyond report.round_row's: added to it as they are
+        extra = {"screened": screened, "failures": failures, "backed_off": self.failing.backed_off(rnd + 1),
+                 **({"aggregate_refused": refused} if refused is not None else {}),  # the model was kept: why
+                 **privacy,  # epsilon, delta and the round's DP record (resume rebuilds the budget from it)
+                 "wall_s": round(self._wall_base + time.monotonic() - self._t_start, 3)}  # the aggregate's time
         socket = {}
         sock = self.session.socket_bytes()
         if sock is not None:  # what the coordinator's own TCP connection moved this round (kernel count)
@@ -411,7 +415,7 @@ class Coordinator(Inbound):
         light = [dataclasses.replace(r, state={}) for r in results]  # the tensors are folded in already
         evaluate_now = rnd == cfg.rounds or rnd % cfg.eval_every == 0
         # submitted once the next task is out (_submit_evals): evaluating would slow its sending
-        self._pending.append(PendingRound(rnd, task_id, fields, light, None, dict(self._timing), socket,
+        self._pending.append(PendingRound(rnd, task_id, fields, extra, light, None, dict(self._timing), socket,
                                           (self.state, evaluate_now)))
 
     def _submit_evals(self) -> None:
@@ -465,16 +469,9 @@ class Coordinator(Inbound):
         reports = self._reports.pop(p.task_id, {})
         self._accepted.pop(p.task_id, None)
         results = [dataclasses.replace(r, metrics={**r.metrics, **reports.get(r.client_id, {})}) for r in p.results]
-        fields = dict(p.fields)
-        screened, failures, backed_off = fields.pop("screened"), fields.pop("failures"), fields.pop("backed_off")
-        refused, privacy, wall = fields.pop("aggregate_refused"), fields.pop("privacy"), fields.pop("wall_s")
-        row = report.round_row(**fields, evaluation=ev or {"accuracy": None, "loss": None}, results=results,
+        row = report.round_row(**p.fields, evaluation=ev or {"accuracy": None, "loss": None}, results=results,
                                ignored=self.ignored, personalised=self.personalised)
-        row["screened"], row["failures"], row["backed_off"] = screened, failures, backed_off
-        if refused is not None:  # the model was kept: say why in the round's line
-            row["aggregate_refused"] = refused
-        row.update(privacy)  # epsilon, delta and the round's DP record (resume rebuilds the budget from it)
-        row["wall_s"] = round(wall, 3)  # when the round's aggregate was ready
+        row.update(p.extra)
         row["timing"] = {**p.timing, "eval_s": eval_s, "save_s": save_s}
         row.update(p.socket)
         try:  # the checkpoint is on disk already: a resume redoes a round without its line

@@ -55,6 +55,7 @@ class ClientCommand:
             if "--profile" not in " ".join(sys.argv):
                 raise ValueError("--profile is for the command line (fedpara client --profile NAME ...)")
             return run_client(get_profile(args.profile), strip_profile_args(sys.argv[1:]), threads=cfg.threads,
+                              echo=lambda s: print(s, file=sys.stderr, flush=True),
                               label=cfg.client_id, report=args.profile_report)
         import torch
 

@@ -246,10 +246,12 @@ def child_args(profile: DeviceProfile, argv: list[str]) -> list[str]:
 
 
 def run_client(profile: DeviceProfile, argv: list[str], *, threads: int, label: str,
-               report: str | None = None) -> int:
+               report: str | None = None, echo=None) -> int:
     """Run ``fedpara ARGV`` (a ``client`` command line, ``--profile`` removed here) as a child
     inside a fresh cgroup for ``profile``; returns the child's exit status (128 + signal when a
-    signal ended it)."""
+    signal ended it). ``echo`` (a CLI's print) is told the limits and the outcome; else they are
+    logged."""
+    echo = echo or log.info
     from fedpara.runtime.parent import child_env, exit_with_parent
 
     reason = unavailable_reason()
@@ -259,9 +261,9 @@ def run_client(profile: DeviceProfile, argv: list[str], *, threads: int, label: 
     quota = profile.cpu_quota(threads)
     cg = Cgroup(cgroup_name(profile.name, label, os.getpid()), quota, profile.client_memory_bytes)
     cmd = [sys.executable, "-m", "fedpara.runtime.cli", *child_args(profile, argv)]
-    print(f"profile {profile.name} ({profile.description}): CPU {quota:.2f} host cores "
-          f"({min(threads, profile.cores)} x {profile.core_speed}), memory {profile.client_memory_bytes / MB:.0f} MB "
-          f"(cgroup {cg.layout} {GROUP}/{cg.name})", file=sys.stderr, flush=True)
+    echo(f"profile {profile.name} ({profile.description}): CPU {quota:.2f} host cores "
+         f"({min(threads, profile.cores)} x {profile.core_speed}), memory {profile.client_memory_bytes / MB:.0f} MB "
+         f"(cgroup {cg.layout} {GROUP}/{cg.name})")
     t0 = time.monotonic()
     try:
         child = subprocess.Popen(cmd, env=child_env(), preexec_fn=lambda: cg.add(os.getpid()))
@@ -297,12 +299,11 @@ def run_client(profile: DeviceProfile, argv: list[str], *, threads: int, label: 
     result["over_limit"] = bool(peak_rss and peak_rss > profile.client_memory_bytes)
     killed = " KILLED by the kernel's OOM killer (over its memory)" if result["oom_kills"] else ""
     rss = f"{peak_rss / MB:.0f} MB" if peak_rss else "?"
-    print(f"profile {profile.name}: client exited with {code}{killed}; peak RSS {rss} of "
-          f"{profile.client_memory_bytes / MB:.0f} MB", file=sys.stderr, flush=True)
+    echo(f"profile {profile.name}: client exited with {code}{killed}; peak RSS {rss} of "
+         f"{profile.client_memory_bytes / MB:.0f} MB")
     if result["over_limit"] and not result["oom_kills"]:
-        print(f"profile {profile.name}: peak RSS over the device's memory: it would not fit on the board "
-              "(shared library pages cached by other processes here are not charged to the cgroup)",
-              file=sys.stderr, flush=True)
+        echo(f"profile {profile.name}: peak RSS over the device's memory: it would not fit on the board "
+             "(shared library pages cached by other processes here are not charged to the cgroup)")
     if report:
         Path(report).write_text(json.dumps(result, indent=1))
     return code

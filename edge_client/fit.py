@@ -101,24 +101,23 @@ def cgroup_memory(root: Path = CGROUP_ROOT, proc: Path = Path("/proc/self/cgroup
     return None
 
 
-def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+def _proc_kib(path: Path, key: str) -> int | None:
+    """Bytes of the ``key: N kB`` line of a /proc file, None when it cannot be read."""
     try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in path.read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    return _proc_kib(meminfo, "MemAvailable:")
 
 
 def own_rss(status: Path = Path("/proc/self/status")) -> int | None:
-    try:
-        for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_kib(status, "VmRSS:")
 
 
 def available_memory(root: Path = CGROUP_ROOT, proc: Path = Path("/proc/self/cgroup"),

@@ -18,24 +18,21 @@ from torch import Tensor
 
 def delta_norm(new: Mapping[str, Tensor], ref: Mapping[str, Tensor]) -> float:
     """L2 norm of ``new - ref`` over every floating-point tensor of ``ref`` (float64)."""
-    sq = 0.0
-    for k, r in ref.items():
-        if r.is_floating_point():
-            sq += float(torch.linalg.vector_norm(new[k].double() - r.double())) ** 2
-    return sq ** 0.5
+    return clip_delta(new, ref, None)[1]
 
 
 @torch.no_grad()
-def clip_delta(new: Mapping[str, Tensor], ref: Mapping[str, Tensor], clip: float) -> tuple[dict[str, Tensor], float]:
-    """(the delta ``new - ref`` scaled to L2 norm <= ``clip``, as float64 tensors; its norm before
-    clipping). Non-float tensors are left out (they carry no gradient)."""
-    if not clip > 0:
+def clip_delta(new: Mapping[str, Tensor], ref: Mapping[str, Tensor],
+               clip: float | None) -> tuple[dict[str, Tensor], float]:
+    """(the delta ``new - ref`` scaled to L2 norm <= ``clip`` (None: not scaled), as float64
+    tensors; its norm before clipping). Non-float tensors are left out (they carry no gradient)."""
+    if clip is not None and not clip > 0:
         raise ValueError(f"clip norm must be > 0, got {clip}")
     delta = {k: new[k].double() - r.double() for k, r in ref.items() if r.is_floating_point()}
     norm = sum(float(torch.linalg.vector_norm(d)) ** 2 for d in delta.values()) ** 0.5
     if norm != norm or norm == float("inf"):
         raise ValueError("the update is not finite")
-    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    scale = min(1.0, clip / norm) if norm > 0 and clip is not None else 1.0
     if scale < 1.0:
         for d in delta.values():
             d.mul_(scale)

@@ -5,7 +5,7 @@
 Two Mosquitto instances (tests/support.py ``start_bridged_brokers``): the clients on the site
 broker, the coordinator (signed) on the central one, ``fedpara/v1/#`` bridged both ways. Every
 PUBLISH is read from the brokers' ``log_type all`` logs, per peer and topic, and compared with
-the coordinator's own counts. Writes docs/bridge_results.{json,md}.
+the coordinator's own counts. Writes docs/results/bridge_results.{json,md}.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", default="cnn28")
-    p.add_argument("--out", default=str(ROOT / "docs"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(1)

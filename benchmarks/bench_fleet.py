@@ -4,7 +4,7 @@
 
 ``--procs`` ``fedpara client --pool`` processes hold the clients (each its own MQTT connection,
 Ed25519 key, heartbeat and synthetic 1x28x28 shard); the coordinator runs here, signed, samples
-``--per-round`` per round and trains a tiny FedPara mlp. Reported, in docs/fleet_results.{json,md}:
+``--per-round`` per round and trains a tiny FedPara mlp. Reported, in docs/results/fleet_results.{json,md}:
 time until all clients are online, status messages handled at start, per round the wall time,
 replies, the coordinator's CPU seconds per sampled client (process CPU time: every thread of the
 coordinator, paho's included), and the coordinator's and the broker's RSS (growth after warm-up).
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-round", type=int, default=50)
     p.add_argument("--rounds", type=int, default=50)
     p.add_argument("--heartbeat", type=float, default=10.0, help="clients' heartbeat_s")
-    p.add_argument("--out", default=str(ROOT / "docs"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(1)

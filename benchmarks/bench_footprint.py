@@ -257,7 +257,7 @@ def _render_baseline(r: dict) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(ROOT / "docs" / "footprint"), help="writes OUT.json and OUT.md")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "footprint"), help="writes OUT.json and OUT.md")
     ap.add_argument("--infer-venv", type=Path, default=None, help="venv with only the [infer] profile")
     ap.add_argument("--models", default=",".join(CLIENT_CASES))
     ap.add_argument("--baseline", type=Path, default=None, help="an earlier OUT.json to compare with")

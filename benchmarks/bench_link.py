@@ -9,7 +9,7 @@ the coordinator's ``duration_s`` in metrics.jsonl. Needs root, iproute2 and tc.
     sudo .venv/bin/python -m benchmarks.bench_link --model cnn28 --rate 2mbit
     sudo .venv/bin/python -m benchmarks.bench_link --model vgg16 --rate 20mbit
 
-Writes/merges docs/bandwidth_results.json (one entry per model/rate/clients setting) and rewrites
+Writes/merges docs/results/bandwidth_results.json (one entry per model/rate/clients setting) and rewrites
 the results table in docs/bandwidth.md between the bench_link markers.
 """
 from __future__ import annotations
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", default="fpbw", help="namespace/interface name prefix")
     p.add_argument("--subnet", default="10.213.0.0/24")
     p.add_argument("--force-cleanup", action="store_true", help="delete leftover namespaces of this prefix first")
-    p.add_argument("--json", type=Path, default=ROOT / "docs" / "bandwidth_results.json")
+    p.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "bandwidth_results.json")
     p.add_argument("--md", type=Path, default=ROOT / "docs" / "bandwidth.md")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, metrics)")
     args = p.parse_args(argv)

@@ -4,7 +4,7 @@
 
 One `fedpara client --pool N` process holds all N logical clients (each its own MQTT connection,
 id and Dirichlet(0.5) Fashion-MNIST shard; they train one at a time), the coordinator runs here.
-Writes docs/pool_results.json and docs/pool_results.md: time to connect N clients, per-round wall
+Writes docs/results/pool_results.json and docs/results/pool_results.md: time to connect N clients, per-round wall
 time, replies, bytes (only the K sampled clients download the factors), the pool's memory, and
 test accuracy.
 """
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="cnn28")
     p.add_argument("--ratio", type=float, default=0.1)
     p.add_argument("--broker", choices=["amqtt", "mosquitto"], default="mosquitto")
-    p.add_argument("--out", default=str(ROOT / "docs"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(1)

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--val", type=float, default=0.1)
     p.add_argument("--runs", default=str(ROOT / "runs" / "privacy"))
-    p.add_argument("--out", default=str(ROOT / "docs"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not results")
     args = p.parse_args(argv)
     args.only_cached = False

@@ -421,7 +421,7 @@ def write_report(res: dict, out: Path) -> None:
              f"Made by `{res['command']}` in {res['total_wall_s'] / 60:.1f} min on {res['machine']} "
              f"(shared with other work; nice 10, one thread per process). Raw numbers: "
              "[repro_results.json](repro_results.json); curves: [repro.png](repro.png). Reading and "
-             "caveats: [fidelity.md](fidelity.md).", ""]
+             "caveats: [fidelity.md](../fidelity.md).", ""]
     st = res["setting"]
     lines += [f"Common setting: {st['clients']} logical clients in one `fedpara client --pool` process, real "
               f"Mosquitto broker, every client every round, 1 local epoch, batch {st['batch_size']}, plain SGD, "
@@ -549,7 +549,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--val", type=float, default=0.1, help="fraction of the train split held out for validation")
     p.add_argument("--runs", default=str(ROOT / "runs" / "repro"))
-    p.add_argument("--out", default=str(ROOT / "docs"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the suite, not results")
     p.add_argument("--only-cached", action="store_true",
                    help="run nothing: rebuild the report from the run directories already under --runs")

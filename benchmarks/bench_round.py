@@ -15,7 +15,7 @@ factor states) and each client count, in one run and on one fresh Mosquitto each
   consecutive rounds' tasks; non-training time = that minus the clients' training (the pool's
   clients train one at a time, so their train_s add up).
 
-It prints and writes ``docs/round_results.{json,md}``: non-training time per round (median of
+It prints and writes ``docs/results/round_results.{json,md}``: non-training time per round (median of
 the rounds after the first), the floor, the ratio, and whether ours <= 1.2 x floor + 50 ms.
 ``--demo`` also runs ``fedpara demo`` with its defaults and reports, per round after the first,
 wall time over the slowest client's training (goal <= 1.10).
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--payloads", default=",".join(PAYLOADS), help=f"comma-separated, of {', '.join(PAYLOADS)}")
     p.add_argument("--rounds", type=int, default=4, help="measured rounds (one more runs first, unmeasured)")
     p.add_argument("--demo", action="store_true", help="also run fedpara demo and report wall / training")
-    p.add_argument("--out", default=str(ROOT / "docs"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = p.parse_args(argv)
     import torch
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_schemes.py [--rounds 8] [--limit 6000] [--partitions iid,dirichlet:0.5]
                                        [--ratio 0.1] [--fp16 [--fp16-partitions iid]] [--out docs]
 
-docs/schemes.md was made with (10.7 min on 2 cores):
+docs/results/schemes.md was made with (10.7 min on 2 cores):
 
     .venv/bin/python benchmarks/bench_schemes.py --rounds 8 --limit 6000 \
         --partitions iid,dirichlet:0.5 --fp16 --fp16-partitions iid --runs runs/schemes-final
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     p.add_argument("--fp16-partitions", help="partitions for the fp16 runs (default: all of --partitions)")
     p.add_argument("--targets", default="0.80,0.85", help="target test accuracies (fractions)")
     p.add_argument("--runs", help="directory for the run directories (default runs/schemes-<time>)")
-    p.add_argument("--out", default=str(ROOT / "docs"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     p.add_argument("--run-timeout", type=float, default=600.0, help="seconds per demo run")
     p.add_argument("--report-only", action="store_true", help="rebuild outputs from --runs without training")
     args = p.parse_args(argv)

@@ -3,7 +3,7 @@ and the bytes a signature adds, for a status, a cnn28 FedPara task and a VGG16 F
 
     python benchmarks/bench_signing.py [--repeats 50]
 
-Writes docs/signing_results.json and docs/signing_results.md.
+Writes docs/results/signing_results.json and docs/results/signing_results.md.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = {"repeats": args.repeats, "trailer_bytes": TRAILER_BYTES, "rows": rows}
-    (ROOT / "docs" / "signing_results.json").write_text(json.dumps(out, indent=2))
+    (ROOT / "docs" / "results" / "signing_results.json").write_text(json.dumps(out, indent=2))
     lines = ["# Signing cost (measured)", "", "`python benchmarks/bench_signing.py`: medians, one thread, this machine. "
              "Ed25519 signs the envelope's 32-byte digest, so its cost does not grow with the payload; the "
              "envelope's sha256 over the payload is paid with or without signing.", "",
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['message']} | {r['bytes']:,} | {r['signature_bytes']} B | {r['encode_ms']:.3f} ms | "
                      f"{r['encode_sign_ms']:.3f} ms | {r['decode_ms']:.3f} ms | {r['verify_decode_ms']:.3f} ms | "
                      f"{r['sign_ms']:+.3f} ms | {r['verify_ms']:+.3f} ms |")
-    (ROOT / "docs" / "signing_results.md").write_text("\n".join(lines) + "\n")
+    (ROOT / "docs" / "results" / "signing_results.md").write_text("\n".join(lines) + "\n")
     return 0
 
 

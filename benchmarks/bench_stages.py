@@ -5,7 +5,7 @@
 For each payload (the factor states of bench_round.py), median milliseconds (after one untimed
 run of each step) of: the coordinator encoding + signing the task and splitting it into 1 MB chunks; a client reassembling, verifying and
 decoding it (reassembly takes the envelope's digest, in the runtime as frames arrive; decoding
-then skips it); another client of the same pool taking the verified copy (edge_client/shared.py);
+then skips it); another client of the same pool taking the verified copy (edge_client/pool_verify.py);
 loading the factors into the model; the client encoding + signing and splitting its update; the
 coordinator reassembling, verifying and decoding it and taking the screen's distance. Beside them,
 the primitives the steps cannot avoid: one digest (sha256, blake3) and one copy of the payload.
@@ -38,7 +38,7 @@ def run(payload: str, repeat: int, digest: str) -> dict[str, float]:
 
     from bench_round import PAYLOADS
     from coordinator.aggregate import delta_norms
-    from edge_client.shared import SharedVerified
+    from edge_client.pool_verify import SharedVerified
     from fedpara import global_state, load_state
     from fedpara.models import ModelSpec
     from fedpara.runtime.signing import endpoints, load_public_key, new_key

@@ -4,7 +4,7 @@
 
 For each model (cnn28 at batch 32, vgg16 at batch 64) both variants are timed in interleaved
 rounds in the same process, and the median FedPara/dense ratio is printed and written to
-docs/step_results.json and docs/step_results.md. The paper measured 1.43x on a GPU (Table 7:
+docs/results/step_results.json and docs/results/step_results.md. The paper measured 1.43x on a GPU (Table 7:
 2.34 s vs 1.64 s per round); the target here is <= 1.2x on CPU.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--ratio", type=float, default=0.1)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

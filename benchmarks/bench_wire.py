@@ -1,7 +1,7 @@
 """Wire-format benchmark: codec throughput next to raw numpy, and bytes per
 round for vgg16 / cnn28, dense fp32 vs FedPara at ratios 0.1 / 0.3 / 0.5 under each codec.
 
-    .venv/bin/python benchmarks/bench_wire.py            # writes docs/wire_results.{md,json}
+    .venv/bin/python benchmarks/bench_wire.py            # writes docs/results/wire_results.{md,json}
                                                         # and the table block in docs/wire.md
 
 "Per round" is the paper's convention (Table 12: FedAvg 122 MB/round for VGG16 = 61 MB down +
@@ -161,7 +161,7 @@ def markdown(tp: list[dict], tp_model: str, rounds: list[dict], max_packet: int,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out-dir", type=Path, default=ROOT / "docs")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--reps", type=int, default=5, help="timing repetitions (median)")
     p.add_argument("--models", default="vgg16,cnn28")
     p.add_argument("--throughput-model", default="vgg16", help="its FedPara 0.1 state is timed")

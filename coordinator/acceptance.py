@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from fedpara.runtime.messages import Failure, ProtocolError, Update
+from fedpara.runtime.messages import Failure, ProtocolError, Update, parse_reply
 from fedpara.wire import Message, MessageKind
 
 from .aggregate import check_compatible
@@ -77,16 +77,16 @@ def judge_update(msg: Message, topic_client: str, state: RoundState) -> Verdict:
         return Verdict.refuse("duplicate", f"{topic_client} already replied")
     if msg.meta.get("task_id") != state.task_id:
         return Verdict.refuse("stale", f"{topic_client} answered task {msg.meta.get('task_id')!r:.40}")
-    if "failure" in msg.meta:
-        try:
-            return Verdict(False, "failed", update=None, failure=Failure.from_meta(msg.meta))
-        except ProtocolError as exc:
-            return Verdict.refuse("malformed", f"failure report from {topic_client}: {exc}")
     try:
-        update = Update.from_meta(msg.meta)
+        reply = parse_reply(msg.meta)
+        if isinstance(reply, Failure):
+            return Verdict(False, "failed", failure=reply)
+        if not isinstance(reply, Update):  # a follow-up report belongs to the ledger, never here
+            raise ProtocolError("a report is not an update")
         check_compatible(state.reference, msg.tensors)
     except (ProtocolError, ValueError) as exc:
-        return Verdict.refuse("malformed", f"update from {topic_client}: {exc}")
+        return Verdict.refuse("malformed", f"reply from {topic_client}: {exc}")
+    update = reply
     # an update weighs no more than the client announced when it joined, nor than the config cap
     cap = weight_cap(state, topic_client)
     if update.num_examples > cap:

@@ -13,7 +13,8 @@ from fedpara.runtime.flags import (
 from fedpara.runtime.rundir import RunDir
 
 from .config import CoordinatorConfig
-from .observe import Listeners, observers
+from .observation.attach import observers
+from .observation.timeline import Listeners
 
 
 class BrokerCommand:
@@ -79,7 +80,7 @@ class ReportCommand:
         p.add_argument("--out", metavar="FILE", help="where to write it (default RUN_DIR/report.html)")
 
     def run(self, args) -> int:
-        from .htmlreport import write_report
+        from .observation.htmlreport import write_report
 
         print(write_report(args.run_dir, args.out))
         return 0
@@ -90,7 +91,7 @@ COORDINATOR_COMMAND = CoordinatorCommand()
 REPORT_COMMAND = ReportCommand()
 
 
-class FleetCommand:
+class BrokerAclCommand:
     help = "write a Mosquitto password file and ACL for a fleet (each device publishes only its own topics)"
 
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
@@ -100,7 +101,7 @@ class FleetCommand:
         p.add_argument("--coordinator-user", default="coordinator", help="the coordinator's MQTT username")
 
     def run(self, args) -> int:
-        from .fleet import write_fleet
+        from .broker_acl import write_fleet
 
         users = write_fleet(args.out, args.clients, run=args.run, coordinator=args.coordinator_user)
         print(f"wrote {args.out}/passwd, acl and mosquitto.conf (include it in Mosquitto's config) for "
@@ -109,4 +110,4 @@ class FleetCommand:
         return 0
 
 
-FLEET_COMMAND = FleetCommand()
+BROKER_ACL_COMMAND = BrokerAclCommand()

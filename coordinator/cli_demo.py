@@ -31,7 +31,8 @@ from fedpara.runtime.signing import new_key
 
 from .config import CoordinatorConfig
 from .events import ClientStatusChanged, ReplyAccepted, RoundCompleted, TaskSent
-from .observe import Listeners, observers
+from .observation.attach import observers
+from .observation.timeline import Listeners
 
 # Where the demo departs from CoordinatorConfig's defaults, and why (stated once; flags show them).
 # batch size 32 is what the per-scheme default lrs were measured with (fedpara/lr.py; the lr is
@@ -254,7 +255,7 @@ def print_table(s: dict) -> None:
 
 def print_report(run_dir: RunDir) -> None:
     """Write the run's HTML report and say where it is (a failure to write it fails nothing)."""
-    from .htmlreport import write_report
+    from .observation.htmlreport import write_report
 
     try:
         print(f"report: {write_report(run_dir)}")

@@ -150,7 +150,7 @@ class CoordinatorConfig:
             check_number(name, getattr(self, name), min=0.0)
         parse_aggregator(self.aggregator)
         if self.dashboard:
-            from .observe import is_loopback, parse_listen
+            from .observation.listen import is_loopback, parse_listen
             host, _ = parse_listen("dashboard", self.dashboard)  # ValueError naming the field
             if not is_loopback(host) and not self.dashboard_public:
                 raise ValueError(f"dashboard: {host} is not a loopback address: anyone who can reach it would see "

@@ -1,57 +1,76 @@
 """The coordinator's inbound side: draining the inbox, opening and judging each message.
 
-A mixin of :class:`coordinator.server.Coordinator` (it uses the coordinator's session, registry,
-opener, attempt state and counters); kept apart so that the round loop reads as orchestration.
-Every refused message is counted under ``ignored`` by reason; nothing received raises out of
-:meth:`Inbound._pump` except an abort.
+A collaborator of the round loop (coordinator/server.py): it owns the per-sender reassemblers and
+reads the round loop's current :class:`~coordinator.attempt.RoundAttempt` and
+:class:`~coordinator.attempt.RoundTally` (``attempt`` / ``tally``, set by the loop), feeding them
+accepted updates, failures and the bytes received; follow-up reports go to the
+:class:`~coordinator.ledger.RoundLedger`. Every refused message is counted under ``ignored`` by
+reason; nothing received raises out of :meth:`Inbound.pump` except an abort.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import time
+from collections import Counter
+from collections.abc import Callable
 
-from fedpara.runtime.messages import ProtocolError, Report, Status
+from fedpara.runtime.lograte import Throttled
+from fedpara.runtime.messages import ProtocolError, Report, Status, parse_reply
 from fedpara.runtime.signing import AuthError
-from fedpara.wire import MessageKind, Reassembler, WireError, framed_bytes
+from fedpara.runtime.topics import Topics
+from fedpara.wire import Limits, MessageKind, Reassembler, WireError, framed_bytes
 
 from .acceptance import judge_update
-from .aggregate import delta_norms
+from .attempt import RoundAttempt, RoundTally
+from .errors import RunFailed
 from .events import ClientStatusChanged, ReplyAccepted
+from .ledger import RoundLedger
+from .presence import Presence
+from .registry import ClientRegistry
 from .strategy import FitResult
 
 log = logging.getLogger("coordinator.server")  # one logger name for the coordinator's messages
 
 MAX_SENDERS = 10_000  # distinct update topics the coordinator reassembles for at once
-STATUS_EVERY_S = 30.0  # the coordinator repeats its signed status (clients refuse old ones)
-
-
-class RunFailed(RuntimeError):
-    """The run cannot continue (no clients, too few replies after every attempt). ``resumable``
-    failures (the run directory could not be written) leave the clients waiting for a resume."""
-
-    def __init__(self, message: str, *, resumable: bool = False) -> None:
-        super().__init__(message)
-        self.resumable = resumable
 
 
 class Inbound:
     """Message handling for the coordinator (see the module docstring)."""
 
+    def __init__(self, cfg, topics: Topics, opener, registry: ClientRegistry, presence: Presence,
+                 ledger: RoundLedger, *, ignored: Counter, partial_cap: int, reask: Callable[[list[str]], None],
+                 emit: Callable[[object], None]) -> None:
+        self.cfg, self.topics, self.opener, self.registry = cfg, topics, opener, registry
+        self.presence, self.ledger, self.partial_cap = presence, ledger, partial_cap
+        self.reask, self.emit = reask, emit
+        self.limits = Limits()
+        self.ignored = ignored
+        self._refusals = Throttled(log)  # refused input: counted always, logged a few lines a minute
+        # one reassembler per sender topic: a peer cannot void another's chunks by reusing their
+        # message id, and each sender's partial messages are capped on their own
+        self._reassemblers: dict[str, Reassembler] = {}
+        self.session = None                       # set when the MQTT session starts
+        self.attempt: RoundAttempt | None = None  # the attempt collecting replies (None between rounds)
+        self.tally: RoundTally | None = None      # the round in progress
+        self._abort: str | None = None
+
+    def reassembler(self, topic: str) -> Reassembler | None:
+        """The reassembler of a sender topic (its counters: frames refused, messages evicted)."""
+        return self._reassemblers.get(topic)
+
     def abort(self, reason: str) -> None:
         """End the run as failed from another thread (e.g. the demo saw a client process die)."""
         self._abort = reason
 
-    def _pump(self, timeout: float, until=None) -> None:
+    def pump(self, timeout: float, until=None) -> None:
         """Handle incoming messages for up to ``timeout`` seconds, or until ``until()`` holds after
         a message (so the loop wakes on the last expected reply, not at the end of a window)."""
         end = time.monotonic() + timeout
         while True:
             if self._abort is not None:
                 raise RunFailed(self._abort)
-            if time.monotonic() - self._status_sent > STATUS_EVERY_S:  # signed heartbeat
-                self.session.publish(self.topics.coordinator, self._status_payload("online"), retain=True)
+            self.presence.heartbeat()  # our signed status, repeated
             if until is not None and until():
                 return
             try:
@@ -93,12 +112,8 @@ class Inbound:
 
     def _handle(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.coordinator:
-            # someone cleared or replaced our retained status (an old session's, replayed): put it back,
-            # so that clients learn the current session before any replayed finish (at most 1/s)
-            if self._status_last and payload != self._status_last and time.monotonic() - self._reasserted > 1:
-                self._reasserted = time.monotonic()
+            if self.presence.seen(payload):  # someone replaced our retained status: put back
                 self.ignored["status_reasserted"] += 1
-                self.session.publish(self.topics.coordinator, self._status_payload("online"), retain=True)
             return
         client = self.topics.client_of(topic)
         if client is None:
@@ -126,12 +141,13 @@ class Inbound:
                 return
         before = self.registry.get(client)
         info = self.registry.update(client, status)
-        self._emit(ClientStatusChanged(client, info.online))
+        self.emit(ClientStatusChanged(client, info.online))
         if info.online and before is not None and info.connection > before.connection:
-            self._reask([client])  # it reconnected: an update it sent meanwhile may be lost
+            self.reask([client])  # it reconnected: an update it sent meanwhile may be lost
 
     def _handle_update(self, client: str, topic: str, payload: bytes) -> None:
-        self._up_framed += framed_bytes([len(payload)], topic)
+        if self.tally is not None:
+            self.tally.mqtt_bytes_up += framed_bytes([len(payload)], topic)
         reassembler = self._reassemblers.get(topic)
         if reassembler is None:
             if len(self._reassemblers) >= MAX_SENDERS:
@@ -139,7 +155,7 @@ class Inbound:
                 return
             # signed runs: only frames whose header this client signed take a slot (docs/security.md)
             reassembler = self._reassemblers[topic] = Reassembler(
-                timeout_s=max(60.0, self.cfg.round_deadline_s), max_partial_bytes=self._partial_cap, max_messages=4,
+                timeout_s=max(60.0, self.cfg.round_deadline_s), max_partial_bytes=self.partial_cap, max_messages=4,
                 authenticate=self.opener.chunk_authenticator(client))
         data = reassembler.add(payload)
         if data is None:
@@ -151,14 +167,19 @@ class Inbound:
         except WireError as exc:  # signed runs: the signature held, so this really is the client's
             self._broken_update(client, str(exc))
             raise
-        if "report" in msg.meta:  # a follow-up: the client's local evaluation of a round it answered
-            self._handle_report(client, msg)
+        try:
+            reply = parse_reply(msg.meta)
+        except ProtocolError:
+            reply = None  # judged below: malformed, or a reply to another task
+        if isinstance(reply, Report):  # a follow-up: the client's local evaluation of a round it answered
+            self._handle_report(client, msg, reply)
             return
-        if self._attempt is None:  # between rounds: a late reply to a round already aggregated
+        a = self.attempt
+        if a is None:  # between rounds: a late reply to a round already aggregated
             self.ignored["stale"] += 1
             return
-        verdict = judge_update(msg, client, self._attempt)
-        if verdict.reason == "malformed" and msg.meta.get("task_id") == self._attempt.task_id:
+        verdict = judge_update(msg, client, a.view())
+        if verdict.reason == "malformed" and msg.meta.get("task_id") == a.task_id:
             self._broken_update(client, verdict.detail)
         if verdict.failure is not None:
             self._record_failure(client, f"{verdict.failure.error}: {verdict.failure.reason}")
@@ -168,45 +189,27 @@ class Inbound:
             self._refusals.log(logging.WARNING if verdict.reason == "malformed" else logging.INFO,
                                f"update:{verdict.reason}", "ignored update: %s", verdict.detail)
             return
-        tensors = {k: v.to(self.state[k].dtype) for k, v in msg.tensors.items()}
-        n = verdict.update.num_examples
-        norm = None
-        if self._stream is not None:  # streaming FedAvg: fold it in now, keep only the metrics
-            self._stream.add(tensors, n)
-            tensors = {}
-        else:  # the screen's distance (and finiteness), taken now rather than at the round's end
-            norm = delta_norms(self.state, [tensors])[0]
-        self._results[client] = FitResult(client, tensors, n, verdict.update.metrics, len(data), norm)
-        a = self._attempt
-        self._accepted.setdefault(a.task_id, set()).add(client)
-        self._attempt = dataclasses.replace(a, replied=a.replied | {client})
-        self._emit(ReplyAccepted(a.round, client, len(self._results), len(a.sampled)))
+        a.accept(FitResult(client, msg.tensors, verdict.update.num_examples, verdict.update.metrics, len(data)))
+        self.ledger.accepted(a.task_id, client)
+        self.emit(ReplyAccepted(a.round, client, len(a.results), len(a.sampled)))
 
-    def _handle_report(self, client: str, msg) -> None:
-        """Keep a follow-up report for the round's metrics line: only from a client whose update
-        for that task was accepted, once, and only while the line is not yet written."""
+    def _handle_report(self, client: str, msg, rep: Report) -> None:
+        """A follow-up report for the round's metrics line (the ledger decides whether it is wanted)."""
         if msg.kind != MessageKind.UPDATE or msg.run_id != self.cfg.run_id or msg.sender != client or msg.tensors:
             raise ProtocolError(f"report from {client} is not a tensor-free update for run {self.cfg.run_id}")
-        rep = Report.from_meta(msg.meta)
-        if client not in self._accepted.get(rep.task_id, ()):
-            self.ignored["stale"] += 1  # a task already written down, or a client that did not answer it
-            return
-        got = self._reports.setdefault(rep.task_id, {})
-        if client in got:
-            self.ignored["duplicate"] += 1
-            return
-        got[client] = rep.metrics
+        refused = self.ledger.report(client, rep)
+        if refused is not None:
+            self.ignored[refused] += 1
 
     def _broken_update(self, client: str, why: str) -> None:
         """A signed update from a sampled client that cannot be used counts as that client's
         failure for this attempt, so the round does not wait for it until the deadline. (Unsigned
         runs cannot tell the client from anyone else on its topic, so there it is only counted.)"""
-        a = self._attempt
+        a = self.attempt
         if self.opener.signed and a is not None and client in a.sampled and client not in a.replied:
             self._record_failure(client, f"malformed update: {why}")
 
     def _record_failure(self, client: str, reason: str) -> None:
         """The client answered this attempt, with a failure: recorded and quoted, not waited for."""
-        self._failures[client] = reason[:300]
-        self._attempt = dataclasses.replace(self._attempt, replied=self._attempt.replied | {client})
-        log.warning("round %d: %s cannot run the task: %s", self._attempt.round, client, self._failures[client])
+        self.attempt.fail(client, reason)
+        log.warning("round %d: %s cannot run the task: %s", self.attempt.round, client, self.attempt.failures[client])

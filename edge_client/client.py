@@ -17,22 +17,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from fedpara.dp import privatize
-from fedpara.runtime.messages import (
-    Control,
-    Failure,
-    ProtocolError,
-    Report,
-    Status,
-    Task,
-    Update,
-)
+from fedpara.runtime.messages import Control, ProtocolError, Status, Task
 from fedpara.runtime.lograte import Throttled
 from fedpara.runtime.mqtt import BrokerURL, MqttSession
 from fedpara.runtime.signing import AuthError, check_identity, endpoints, load_public_key
 from fedpara.runtime.topics import Topics
 from fedpara.wire import (
-    CodecPolicy,
     Limits,
     Message,
     MessageKind,
@@ -41,10 +31,11 @@ from fedpara.wire import (
     framed_bytes,
     parse_chunk,
 )
-from fedpara.wire.limits import digests_available
+from fedpara.wire.digest import digests_available
 
 from .config import ClientConfig
-from .shared import SharedVerified
+from .runner import TaskItem, TaskRunner
+from .pool_verify import SharedVerified
 from .trainer import Trainer
 from .watch import CoordinatorWatch
 
@@ -67,15 +58,7 @@ def trust(cfg: ClientConfig):
 NO_COORDINATOR_WARNING_S = 60.0  # warn once when nothing of our run's coordinator was seen by then
 
 
-# --- work items for the training thread ----------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Train:
-    round: int
-    task: Task
-    msg: Message
-    transfer: dict
-
-
+# --- work items for the training thread (a task: runner.TaskItem) ---------------------------
 @dataclasses.dataclass(frozen=True)
 class _Finish:
     control: Control
@@ -91,9 +74,6 @@ class EdgeClient:
                  shared: SharedVerified | None = None) -> None:
         self.cfg, self.broker = cfg, broker
         self.shared = shared  # a pool's clients check a broadcast task's bytes once for all
-        # global factors written every `save_every` rounds (-1: every round, as for one device)
-        self.save_every = 1 if cfg.save_every < 0 else cfg.save_every
-        self._since_save = 0
         self.topics = Topics(cfg.run_id)
         self.trainer = Trainer(cfg.client_id, cfg.data, device=cfg.device, threads=cfg.threads,
                                state_dir=cfg.state_dir, eval_local=cfg.eval_local, lock=train_lock)
@@ -115,7 +95,6 @@ class EdgeClient:
         # newer and from that session (a replayed finish of an earlier run stops nobody)
         self.watch = CoordinatorWatch(Path(self.trainer.state.root) / "coordinator.json", cfg.run_id)
         self._refusals = Throttled(log)  # junk frames are counted; only a few lines a minute are logged
-        self.rounds_done: list[int] = []
         self.finished = threading.Event()
         self.coordinator_seen = threading.Event()  # its status or a task for our run arrived
         self._quiet_timer: threading.Timer | None = None
@@ -123,12 +102,7 @@ class EdgeClient:
         self._seen: set[str] = set()
         self._work: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
-        self._socket_prev: tuple[int, int] | None = None
-        # what a round learns only after its update has gone (its upload's bytes, time, energy,
-        # socket counts) travels with the next update
-        self._carry: dict[str, dict] = {}
         self._incoming: dict[bytes, tuple[float, int]] = {}
-        self._last_update: tuple[str, str, list[bytes]] | None = None  # (task id, topic, frames)
         self.energy = None
         if cfg.energy != "off":
             from .energy import EnergyConfig, phase_meter
@@ -136,23 +110,13 @@ class EdgeClient:
                                                               "device": self.trainer.device.type}))
             log.info("%s: energy meter: %s", cfg.client_id, self.energy.reason)
         self.session: MqttSession | None = None
-
-    # convenience views of the trainer (tests, pool)
-    @property
-    def model(self):
-        return self.trainer.model
+        self.runner = TaskRunner(cfg, self.trainer, self.seal, self.topics, self.digests, lambda: self.session,
+                                 self.energy)
 
     @property
-    def device(self):
-        return self.trainer.device
-
-    @property
-    def train_data(self):
-        return self.trainer.train_data
-
-    @property
-    def test_data(self):
-        return self.trainer.test_data
+    def rounds_done(self) -> list[int]:
+        """The rounds whose update this client delivered (acknowledged by the broker)."""
+        return self.runner.rounds_done
 
     # --- presence --------------------------------------------------------------------------
     def _status(self, state: str, *, will: bool = False) -> bytes:
@@ -336,14 +300,13 @@ class EdgeClient:
             msg = self.opener.open(data, self.limits, sender="coordinator", digest_checked=checked, alias=owned)
         if msg.kind != MessageKind.TASK or msg.run_id != self.cfg.run_id:
             raise ValueError(f"expected a task for run {self.cfg.run_id}, got {msg.kind} for {msg.run_id!r}")
-        selected = msg.meta.get("selected")
-        if not isinstance(selected, list) or self.cfg.client_id not in selected:
+        task = Task.from_meta(msg.meta)
+        if self.cfg.client_id not in task.selected:
             self.counters["not_selected"] += 1
             return
-        task = Task.from_meta(msg.meta)
         if task.task_id in self._seen:  # QoS 1 redelivery, or the coordinator asking again
             self.counters["duplicate"] += 1
-            last = self._last_update
+            last = self.runner.last_update
             if last is not None and last[0] == task.task_id:  # our update was lost on the way: again
                 self.counters["update_resent"] += 1
                 for frame in last[2]:
@@ -353,18 +316,18 @@ class EdgeClient:
         self.coordinator_seen.set()
         self.watch.saw(msg.meta.get("seq", 0), None)
         transfer["decode_s"] = time.perf_counter() - t0
-        self._work.put(_Train(msg.round, task, msg, transfer))
+        self._work.put(TaskItem(msg.round, task, msg, transfer))
 
     # --- training thread -------------------------------------------------------------------
     def _next_work(self):
         """The next item; a newer task supersedes any older one still queued."""
         item = self._work.get()
-        while isinstance(item, _Train):
+        while isinstance(item, TaskItem):
             try:
                 nxt = self._work.get_nowait()
             except queue.Empty:
                 break
-            if not isinstance(nxt, _Train):
+            if not isinstance(nxt, TaskItem):
                 self._work.put(nxt)
                 break
             self.counters["superseded"] += 1
@@ -382,101 +345,15 @@ class EdgeClient:
                     return
                 continue  # --stay: serve the next run (or a resumed one) with the same state
             try:
-                self._run_task(item)
+                self.runner.run(item)
             except (ValueError, KeyError, TypeError, WireError, ProtocolError, RuntimeError) as exc:
                 self.counters["bad_task"] += 1
                 log.warning("%s: could not run round %s: %s", self.cfg.client_id, item.round, exc)
-                self._send_failure(item, exc)
+                self.runner.send_failure(item, exc)
             except Exception as exc:
                 self.counters["error"] += 1
                 log.exception("%s: training failed in round %s", self.cfg.client_id, item.round)
-                self._send_failure(item, exc)
-
-    def _send_failure(self, item: _Train, exc: BaseException) -> None:
-        """Tell the coordinator at once that this task cannot run here, and why."""
-        meta = Failure(item.task.task_id, str(exc) or type(exc).__name__, type(exc).__name__).to_meta()
-        msg = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, item.round, self.cfg.client_id, meta=meta))
-        topic = self.topics.update(self.cfg.client_id)
-        frames, _ = msg.split(item.task.max_packet, topic)
-        try:
-            self.session.publish_until_acked(topic, frames, timeout=30)
-        except (RuntimeError, ValueError) as pub_exc:
-            log.warning("%s: could not report the failure: %s", self.cfg.client_id, pub_exc)
-
-    def _phase(self, name: str, **kw):
-        if self.energy is None:
-            import contextlib
-            return contextlib.nullcontext()
-        return self.energy.phase(name, **kw)
-
-    def _run_task(self, item: _Train) -> None:
-        me, task, rnd, transfer = self.cfg.client_id, item.task, item.round, item.transfer
-
-        def phase(name: str):
-            return self._phase(name, bytes_received=transfer["task_mqtt_bytes"]) if name == "download" \
-                else self._phase(name)
-
-        self.trainer.load(task, item.msg.tensors, phase)  # our own model: done while another client trains
-        out = self.trainer.fit(task, rnd, None, phase)  # holds a pool's shared CPU lock while it trains
-        tensors = out.tensors
-        if task.dp is not None:  # a DP run: only the clipped (local mode: and noised) delta leaves the device
-            tensors = privatize(out.tensors, {k: v.float() for k, v in item.msg.tensors.items()}, task.dp.clip,
-                                task.dp.noise if task.dp.mode == "local" else 0.0)
-        metrics = {**out.metrics, **transfer}
-        for key in ("prev_upload", "prev_socket_bytes"):
-            if key in self._carry:
-                metrics[key] = self._carry[key]
-        if self.energy is not None:
-            metrics["energy"] = self.energy.pop_report()
-            if "prev_upload_energy" in self._carry:
-                metrics["energy"]["prev_upload"] = self._carry["prev_upload_energy"]
-        update = Update(task.task_id, out.num_examples, metrics)
-        # the digest the task asks for (BLAKE3 where both ends have it), else SHA-256
-        digest = task.digest if task.digest in self.digests else "sha256"
-        enc = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, tensors, update.to_meta()),
-                             CodecPolicy.parse(task.uplink), digest=digest)
-        topic = self.topics.update(me)
-        frames, stats = enc.split(task.max_packet, topic)
-        t_up = time.monotonic()
-        with self._phase("upload", bytes_sent=stats.framed_bytes):
-            ok = self.session.publish_until_acked(topic, frames, timeout=task.deadline_s)
-        self._last_update = (task.task_id, topic, frames)  # sent again if the coordinator asks again
-        self._carry["prev_upload"] = {"round": rnd, "payload_bytes": stats.payload_bytes,
-                                      "mqtt_bytes": stats.framed_bytes, "upload_s": time.monotonic() - t_up,
-                                      "acked": ok}
-        if self.energy is not None:
-            self._carry["prev_upload_energy"] = {"round": rnd, **self.energy.pop_report().get("upload", {})}
-        self._socket_report(rnd)
-        if ok:
-            self.rounds_done.append(rnd)
-        log.info("%s: round %d done (loss %.4f, %d bytes up%s)", me, rnd, out.metrics["loss"],
-                 stats.framed_bytes, "" if ok else ", publish incomplete")
-        self._since_save += 1
-        every = self.save_every
-        self.trainer.save_state(include_global=every > 0 and self._since_save >= every)
-        if not self.trainer.global_pending:
-            self._since_save = 0
-        if out.metrics.get("report_follows"):  # evaluated after the update went: it did not wait for this
-            with self.trainer.lock:
-                ev = self.trainer.evaluate_local()
-            report = Report(task.task_id, {"local_accuracy": ev["accuracy"], "local_loss": ev["loss"]})
-            msg = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, meta=report.to_meta()))
-            frames, _ = msg.split(task.max_packet, topic)
-            if not self.session.publish_until_acked(topic, frames, timeout=30):
-                log.warning("%s: round %d local evaluation not reported", me, rnd)
-
-    def _socket_report(self, rnd: int) -> None:
-        """Kernel-counted bytes of our MQTT connection since the previous round (both directions,
-        every MQTT packet), logged and sent with the next update: an update can't count itself."""
-        now = self.session.socket_bytes()
-        if now is None:
-            return
-        prev = self._socket_prev or (0, 0)
-        self._socket_prev = now
-        delta = {"round": rnd, "sent": now[0] - prev[0], "received": now[1] - prev[1]}
-        self._carry["prev_socket_bytes"] = delta
-        log.info("%s: round %d socket bytes sent %d received %d", self.cfg.client_id, rnd,
-                 delta["sent"], delta["received"])
+                self.runner.send_failure(item, exc)
 
     def _on_finish(self) -> None:
         self.save_pending()  # before the process may exit (exit_on_finish)

@@ -14,7 +14,7 @@ from fedpara.runtime.mqtt import BrokerURL
 
 from .client import EdgeClient
 from .config import ClientConfig
-from .shared import SharedVerified
+from .pool_verify import SharedVerified
 
 log = logging.getLogger(__name__)
 

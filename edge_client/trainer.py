@@ -29,7 +29,7 @@ from .fit import check_fit
 log = logging.getLogger(__name__)
 
 # local evaluation batch: cnn28's first activation at batch 1000 is 100 MB, at 256 about 26 MB
-# (docs/footprint.md); the accuracy is the same
+# (docs/results/footprint.md); the accuracy is the same
 EVAL_BATCH = 256
 
 
@@ -78,7 +78,7 @@ class Trainer:
             self._test_data = load_client_test(self.data_spec)
         return self._test_data
 
-    def _ensure_model(self, spec: ModelSpec, seed: int) -> None:
+    def ensure_model(self, spec: ModelSpec, seed: int) -> None:
         if self.model is not None and spec == self.spec:
             return
         model = spec.build(seed)  # the coordinator's seed: every client starts from the same factors
@@ -104,7 +104,7 @@ class Trainer:
             # any more (save_every chose not to write them); the local half was written already
             self._unsaved = None
             with phase("download"):
-                self._ensure_model(task.spec, task.init_seed)
+                self.ensure_model(task.spec, task.init_seed)
                 load_state(self.model, {k: v.to(self.device) for k, v in tensors.items()})
             self._loaded = task.task_id
 

@@ -26,7 +26,7 @@ from . import kernels
 from .layers import FactorisedLayer
 
 # (model, scheme) -> lr, chosen on a validation split by benchmarks/bench_repro.py (docs/fidelity.md).
-# The sweeps are short (docs/repro.md: 10 clients x 300-500 examples, 6-10 rounds, seed 0, 1,000-3,000
+# The sweeps are short (docs/results/repro.md: 10 clients x 300-500 examples, 6-10 rounds, seed 0, 1,000-3,000
 # validation examples), so these are "best of 2-3 candidates", not tuned optima: mlp2 dense and
 # FedPara chose the largest lr they were offered.
 DEFAULT_LR: dict[tuple[str, str], float] = {

@@ -94,3 +94,19 @@ def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 1000,
         total += len(y)
     model.train(was_training)
     return {"accuracy": correct / max(total, 1), "loss": loss / max(total, 1), "num_examples": total}
+
+
+def check_model_fits_data(model: nn.Module, spec, data, data_spec: str) -> None:
+    """ValueError in one line when the model cannot take the data's samples (e.g. vgg16, a
+    3x32x32 model, on 1x28x28 Fashion-MNIST), before any client is asked to train it."""
+    x, _ = data[0]
+    try:
+        with torch.no_grad():
+            out = model.eval()(x.unsqueeze(0))
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise ValueError(f"model {spec.model} does not fit the data {data_spec} (samples of shape "
+                         f"{tuple(x.shape)}): {str(exc).splitlines()[0][:200]}") from None
+    finally:
+        model.train()
+    if out.shape[-1] != spec.num_classes:
+        raise ValueError(f"model {spec.model} outputs {out.shape[-1]} classes, num_classes is {spec.num_classes}")

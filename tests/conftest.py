@@ -63,3 +63,30 @@ def fashion_mnist_available() -> bool:
 
 needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(),
                                   reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+# --- markers (registered in pyproject.toml) -------------------------------------------------------
+# ``broker``: the test runs an MQTT broker (a fixture above, its own Mosquitto, or CLI processes that
+# start one). Tagged here, at collection, from the fixtures a test asks for and the helpers its body
+# calls, so that a new test cannot forget it: ``pytest -m "not broker"`` runs the rest in seconds.
+# ``browser`` and ``slow`` are written on the tests themselves.
+_BROKER_FIXTURES = {"amqtt_broker", "mosquitto_broker", "any_broker"}
+_BROKER_CALLS = ("start_mosquitto(", "start_bridged_brokers(", "EmbeddedBroker(", '"demo"', '"broker"', "netns.")
+
+
+def _starts_a_broker(item) -> bool:
+    import inspect
+
+    if any(name in _BROKER_FIXTURES or name.endswith(("_broker", "_brokers")) for name in item.fixturenames):
+        return True
+    try:
+        source = inspect.getsource(item.function)
+    except (OSError, TypeError):
+        return False
+    return any(call in source for call in _BROKER_CALLS)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _starts_a_broker(item):
+            item.add_marker(pytest.mark.broker)

@@ -21,7 +21,21 @@ from fedpara.wire import Message, Reassembler, WireError, decode
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 __all__ = ["MOSQUITTO", "TRAIN", "Sniffer", "coord_cfg", "free_port", "mosquitto_conf", "publish_bytes_by_peer",
-           "rss_mb", "run_federated", "start_bridged_brokers", "start_clients", "start_mosquitto", "wait_for_port"]
+           "rss_mb", "run_federated", "start_bridged_brokers", "start_clients", "start_mosquitto", "wait_for_port",
+           "wait_until"]
+
+
+def wait_until(condition, timeout: float = 10.0, *, interval: float = 0.01, what: str = "the condition"):
+    """Poll ``condition()`` until it returns something true (returned) or ``timeout`` seconds pass
+    (AssertionError naming ``what``). Tests wait for what they need, never for a fixed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
 
 
 def mosquitto_conf(work: Path, port: int, extra: str = "", *, host: str | None = "127.0.0.1",

@@ -20,14 +20,16 @@ from types import SimpleNamespace
 import pytest
 from conftest import needs_fmnist
 from prometheus_client.parser import text_string_to_metric_families
-from support import coord_cfg, start_clients, start_mosquitto
+from support import coord_cfg, start_clients, start_mosquitto, wait_until
 
-from coordinator.dashboard import Dashboard, DashboardState
+from coordinator.observation.dashboard import Dashboard, DashboardState
 from coordinator.events import ClientStatusChanged, ReplyAccepted, RoundCompleted, TaskSent
-from coordinator.observe import ClientTimeline, Listeners, observers, parse_listen
-from coordinator.prom import RunMetrics
+from coordinator.observation.attach import observers
+from coordinator.observation.listen import parse_listen
+from coordinator.observation.timeline import ClientTimeline, Listeners
+from coordinator.observation.prom import RunMetrics
 from coordinator.registry import ClientRegistry
-from coordinator.tblog import TensorBoardLogger
+from coordinator.observation.tblog import TensorBoardLogger
 from fedpara.runtime.messages import Status
 from fedpara.runtime.rundir import RunDir
 from test_report_html import make_row
@@ -235,7 +237,7 @@ def test_beyond_loopback_only_with_the_flag_and_a_token(caplog):
     with pytest.raises(ValueError, match="needs a token"):
         Dashboard(DashboardState(run_info={}, rounds_total=1), RunMetrics(), host="0.0.0.0", port=0)
     token = "t" * 24
-    with caplog.at_level(logging.WARNING, logger="coordinator.dashboard"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.observation.dashboard"):
         dash = Dashboard(DashboardState(run_info={}, rounds_total=1), RunMetrics(), host="0.0.0.0", port=0,
                          token=token).start()
     assert "every request needs the token" in caplog.text
@@ -262,7 +264,7 @@ def test_beyond_loopback_only_with_the_flag_and_a_token(caplog):
     finally:
         dash.stop()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="coordinator.dashboard"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.observation.dashboard"):
         Dashboard(DashboardState(run_info={}, rounds_total=1), RunMetrics(), port=0).stop()
     assert caplog.text == ""
 
@@ -333,17 +335,8 @@ def _browser(tmp_path):
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
-def _wait(fn, what, timeout=60.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @needs_fmnist
+@pytest.mark.browser
 def test_dashboard_in_a_real_browser_during_a_real_run(tmp_path):
     """The page loads before any client is online, shows the three clients once they are, and its
     round counter advances round by round while the run goes on."""
@@ -372,15 +365,15 @@ def test_dashboard_in_a_real_browser_during_a_real_run(tmp_path):
             def page(script):
                 return driver.execute_script(script)
 
-            _wait(lambda: page("return document.getElementById('status').textContent") == "waiting for clients",
-                  "the page to load")
+            wait_until(lambda: page("return document.getElementById('status').textContent") == "waiting for clients",
+                       60.0, what="the page to load", interval=0.1)
             assert page("return document.getElementById('round').textContent") == "0"
             assert page("return document.getElementById('rounds-total').textContent") == "3"
 
             clients = start_clients(url, cfg, tmp_path, 3)
             rows_js = ("return [...document.querySelectorAll('#clients tbody tr')]"
                        ".map(r => r.dataset.client).join(',')")
-            _wait(lambda: page(rows_js) == "c0,c1,c2", "the three clients on the page")
+            wait_until(lambda: page(rows_js) == "c0,c1,c2", 60.0, what="the three clients on the page", interval=0.1)
 
             seen = [0]
             def counter_done():
@@ -388,15 +381,15 @@ def test_dashboard_in_a_real_browser_during_a_real_run(tmp_path):
                 if value != seen[-1]:
                     seen.append(value)
                 return value == cfg.rounds
-            _wait(counter_done, "the round counter to reach 3", every=0.05)
+            wait_until(counter_done, 60.0, what="the round counter to reach 3", interval=0.05)
             assert seen == sorted(seen) and len(seen) >= 3, seen  # 0, then at least one round before the last
             runner.join(60)
             assert summary["status"] == "completed"
             obs.finish(summary)
-            _wait(lambda: page("return document.getElementById('status').textContent") == "run completed",
-                  "the page to say the run completed", timeout=10)
-            plots = _wait(lambda: page("return document.querySelectorAll('#plots .js-plotly-plot').length") == 7,
-                          "the seven plots", timeout=10)
+            wait_until(lambda: page("return document.getElementById('status').textContent") == "run completed",
+                       10, interval=0.1, what="the page to say the run completed")
+            plots = wait_until(lambda: page("return document.querySelectorAll('#plots .js-plotly-plot').length") == 7,
+                               10, interval=0.1, what="the seven plots")
             assert plots
             assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     finally:

@@ -7,21 +7,22 @@ task to a client that did not announce it can check one.
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 from conftest import needs_fmnist
-from support import Sniffer, coord_cfg, start_clients
+from support import Sniffer, coord_cfg, start_clients, wait_until
 
-import fedpara.wire.limits as limits
+import fedpara.wire.digest as digest_module
 from coordinator.server import Coordinator
 from fedpara.models import ModelSpec
 from fedpara.runtime.messages import Status, Task, TrainParams
 from fedpara.runtime.mqtt import parse_broker_url
 from fedpara.runtime.signing import AuthError, Signer, Verifier, load_private_key, load_public_key, new_key
+from fedpara.wire.digest import EnvelopeHasher
 from fedpara.wire import Message, Reassembler, WireError, decode, encode
-from fedpara.wire.limits import ENVELOPE_FLAGS, FLAG_BLAKE3, digests_available
+from fedpara.wire.limits import ENVELOPE_FLAGS, FLAG_BLAKE3
+from fedpara.wire.digest import digests_available
 
 TENSORS = {"w": torch.randn(600, 500), "b": torch.randn(7)}
 
@@ -45,10 +46,9 @@ def test_round_trip_and_tampering(digest):
 
 @pytest.mark.parametrize("digest", ["sha256", "blake3"])
 def test_a_big_message_hashed_while_written_has_the_same_bytes(monkeypatch, digest):
-    import fedpara.wire.envelope as env
 
     serial = encode(_msg(), digest=digest).data
-    monkeypatch.setattr(env._Hasher, "THREADED_HASH_BYTES", 1)  # the second thread's path
+    monkeypatch.setattr(EnvelopeHasher, "THREADED_HASH_BYTES", 1)  # the second thread's path
     assert encode(_msg(), digest=digest).data == serial
 
 
@@ -111,7 +111,7 @@ def test_signature_binds_the_digest_algorithm(tmp_path):
 
 def test_without_the_blake3_package_blake3_is_refused_clearly(monkeypatch):
     enc = encode(_msg(), digest="blake3")
-    monkeypatch.setattr(limits, "_blake3", lambda: None)
+    monkeypatch.setattr(digest_module, "_blake3", lambda: None)
     assert digests_available() == ("sha256",)
     with pytest.raises(WireError, match="pip install blake3"):
         encode(_msg(), digest="blake3")
@@ -158,13 +158,14 @@ def test_a_run_uses_blake3_only_with_peers_that_announced_it(mosquitto_broker, t
 
     def version(client):  # legacy: c2 is of a version without BLAKE3 (announces and answers SHA-256)
         if legacy and client.cfg.client_id == "c2":
-            client.digests = ("sha256",)
+            client.digests = client.runner.digests = ("sha256",)
 
     clients = []
     try:
         clients = start_clients(mosquitto_broker, cfg, tmp_path, 3, before_start=version)
         summary = Coordinator(cfg, parse_broker_url(mosquitto_broker)).run()
-        time.sleep(0.3)
+        # every update the broker carried has reached the sniffer too
+        wait_until(lambda: {"task", "c0", "c1", "c2"} <= set(_digests_seen(sniffer)), what="the sniffed envelopes")
     finally:
         for c in clients:
             c.stop()

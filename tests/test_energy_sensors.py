@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import time
 import types
 from pathlib import Path
 
 import pytest
+from support import wait_until
 
 from edge_client.energy import (
     EnergyError,
@@ -109,7 +109,7 @@ def test_jetson_iio_uses_vdd_in(tmp_path: Path) -> None:
     assert m.source == "jetson-ina3221:VDD_IN"
     assert m._read_watts() == pytest.approx(5.0)
     m.start()
-    time.sleep(0.05)
+    wait_until(lambda: m.reads >= 3, what="three reads of the meter")
     r = m.stop()
     assert r.measured and r.detail["samples"] >= 3 and r.detail["sample_errors"] == 0
     assert r.joules == pytest.approx(5.0 * r.seconds, rel=1e-6)
@@ -160,7 +160,7 @@ def test_jetson_sensor_vanishing_mid_phase_never_crashes(tmp_path: Path) -> None
     m = JetsonMeter([tmp_path / "hwmon"], FAST)
     m.start()
     (dev / "curr1_input").unlink()
-    time.sleep(0.03)
+    wait_until(lambda: m.reads >= 3, what="three reads of the meter")
     r = m.stop()
     assert r.detail["sample_errors"] >= 1
     assert r.joules == pytest.approx(5.0 * r.seconds, rel=1e-6)  # constant-power from the start sample
@@ -235,7 +235,7 @@ def test_rpi_pmic_meter_through_fake_vcgencmd(pmic_path: Path) -> None:
     assert m.source == "rpi5-pmic" and len(m.rail_names) == 12
     assert m._read_watts() == pytest.approx(PMIC_WATTS)
     m.start()
-    time.sleep(0.05)
+    wait_until(lambda: m.reads >= 3, what="three reads of the meter")
     r = m.stop()
     assert r.measured and r.detail["samples"] >= 3 and r.detail["sample_errors"] == 0
     assert r.joules == pytest.approx(PMIC_WATTS * r.seconds, rel=1e-6)
@@ -318,7 +318,7 @@ def test_nvml_power_poll_when_no_counter(monkeypatch: pytest.MonkeyPatch) -> Non
     m = nvml_meter(0, FAST)
     assert isinstance(m, NvmlPowerMeter) and m.source == "nvml:power-poll"
     m.start()
-    time.sleep(0.03)
+    wait_until(lambda: m.reads >= 3, what="three reads of the meter")
     r = m.stop()
     assert r.joules == pytest.approx(75.0 * r.seconds, rel=1e-6)
     m.close()
@@ -343,7 +343,7 @@ def test_external_command_power(tmp_path: Path) -> None:
     m = external_meter(command=f"{script} --watts", interval_s=FAST)
     assert m.source == "external-cmd"
     m.start()
-    time.sleep(0.05)
+    wait_until(lambda: m.reads >= 3, what="three reads of the meter")
     r = m.stop()
     assert r.joules == pytest.approx(12.5 * r.seconds, rel=1e-6)
 

@@ -46,8 +46,8 @@ def test_fedper_head_survives_a_client_restart(tmp_path):
     saved = {k: torch.randn_like(v) for k, v in fedpara.local_state(spec.build()).items()}
     save_checkpoint(tmp_path / "pi" / "local.safetensors", saved, spec, round=3)
     client = EdgeClient(cfg, parse_broker_url("mqtt://127.0.0.1:1"))  # never connects
-    client.trainer._ensure_model(spec, seed=0)
-    got = fedpara.local_state(client.model)
+    client.trainer.ensure_model(spec, seed=0)
+    got = fedpara.local_state(client.trainer.model)
     assert set(got) == {"fc2.weight", "fc2.bias"}
     assert all(torch.equal(v, saved[k]) for k, v in got.items())
 

@@ -9,15 +9,14 @@ import secrets
 import subprocess
 import sys
 import threading
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import needs_fmnist
-from support import MOSQUITTO, start_mosquitto
+from support import MOSQUITTO, start_mosquitto, wait_until
 
 from coordinator.config import CoordinatorConfig
-from coordinator.fleet import password_hash, write_fleet
+from coordinator.broker_acl import password_hash, write_fleet
 from coordinator.server import Coordinator
 from edge_client.client import EdgeClient
 from edge_client.config import ClientConfig
@@ -41,7 +40,7 @@ class Peer:
         self.got: list[tuple[str, bytes]] = []
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-{secrets.token_hex(3)}")
         self.c.username_pw_set(user, password)
-        ready, self.rc = threading.Event(), None
+        ready, self.rc, acked = threading.Event(), None, []
 
         def on_connect(cl, u, f, rc, p):
             self.rc = rc
@@ -49,11 +48,12 @@ class Peer:
                 cl.subscribe(t, 1)
             ready.set()
         self.c.on_connect = on_connect
+        self.c.on_subscribe = lambda cl, u, mid, codes, p: acked.append(mid)
         self.c.on_message = lambda cl, u, m: self.got.append((m.topic, bytes(m.payload)))
         self.c.connect(b.host, b.port)
         self.c.loop_start()
         assert ready.wait(10) and not self.rc.is_failure, self.rc
-        time.sleep(0.3)
+        wait_until(lambda: len(acked) >= len(subscribe), what=f"{user}'s subscriptions")
 
     def pub(self, topic: str, payload: bytes = b"x") -> None:
         self.c.publish(topic, payload, qos=1).wait_for_publish(5)
@@ -87,7 +87,8 @@ def test_the_acl_keeps_devices_in_their_lanes(fleet_broker):
         c0.pub(t.update("c0"), b"c0's update")
         coord.pub(t.task_for("c0"), b"c0's task")
         coord.pub(t.task, b"fan-out task")
-        time.sleep(1.0)
+        # the last publishes have arrived; the refused ones, published before them, never will
+        wait_until(lambda: len(coord.got) >= 2 and len(c0.got) >= 2, what="the allowed messages")
         assert sorted(p for _, p in coord.got) == [b"c0's update", b"own update"]
         assert c1.got == []  # neither c0's update nor c0's task nor c0's status
         assert sorted(p for _, p in c0.got) == [b"c0's task", b"fan-out task"]

@@ -459,7 +459,7 @@ def test_a_stranger_flooding_fresh_chunk_ids_evicts_no_genuine_message(mosquitto
     assert summary["status"] == "completed" and [r["replied"] for r in rows] == [3, 3], rows
     # the flood really ran (the thresholds leave room for a loaded machine, where it runs slower)
     assert sent[0] > 300
-    assert coordinator._reassemblers[topics.update("c0")].unauthenticated > 20
+    assert coordinator.inbound.reassembler(topics.update("c0")).unauthenticated > 20
     for c in clients:
         assert c.rounds_done == [1, 2] and c.reassembler.unauthenticated > 20, c.counters
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_fmnist
-from support import MOSQUITTO, coord_cfg, start_clients
+from support import MOSQUITTO, coord_cfg, start_clients, wait_until
 
 from coordinator.events import ClientStatusChanged, TaskSent
 from coordinator.server import Coordinator
@@ -63,12 +63,8 @@ def profiled_client(tmp_path: Path, url: str, run_id: str, profile: str, *, env:
 
 
 def wait_online(coordinator_events: list, client: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(isinstance(e, ClientStatusChanged) and e.client_id == client and e.online for e in coordinator_events):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{client} never came online")
+    wait_until(lambda: any(isinstance(e, ClientStatusChanged) and e.client_id == client and e.online
+                           for e in coordinator_events), timeout, interval=0.2, what=f"{client} online")
 
 
 def stop(procs) -> None:

@@ -15,7 +15,7 @@ from fedpara.lr import DEFAULT_LR, SCHEME_LR, default_lr, lr_table, movement
 from fedpara.models import SCHEMES, ModelSpec
 
 torch.set_num_threads(1)
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "repro_results.json"
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "repro_results.json"
 
 
 def test_every_scheme_has_a_default_and_the_table_is_in_the_help():
@@ -46,7 +46,7 @@ def test_schemes_without_their_own_measurement_borrow_the_nearest():
         assert (model, scheme) not in DEFAULT_LR and default_lr(model, scheme) == 0.1
 
 
-@pytest.mark.skipif(not RESULTS.exists(), reason="no docs/repro_results.json")
+@pytest.mark.skipif(not RESULTS.exists(), reason="no docs/results/repro_results.json")
 def test_defaults_are_the_lrs_the_validation_sweep_chose():
     """Measured, not guessed: every table entry is what bench_repro.py chose on the validation split."""
     results = json.loads(RESULTS.read_text())

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from conftest import needs_fmnist
-from support import MOSQUITTO, free_port, start_mosquitto
+from support import MOSQUITTO, free_port, start_mosquitto, wait_until
 
 from coordinator.config import CoordinatorConfig
 from coordinator.server import Coordinator
@@ -89,9 +89,11 @@ def test_a_client_on_the_wrong_run_warns(monkeypatch, caplog, amqtt_broker, tmp_
                                 state_dir=str(tmp_path / "s"), energy="off", insecure=True), parse_broker_url(amqtt_broker))
     with caplog.at_level(logging.WARNING, logger="edge_client.client"):
         c.start()
-        time.sleep(1.5)
-        c.stop()
-    assert any("no coordinator has announced run" in r.getMessage() for r in caplog.records)
+        try:
+            wait_until(lambda: any("no coordinator has announced run" in r.getMessage() for r in caplog.records),
+                       what="the client's warning")
+        finally:
+            c.stop()
 
 
 @needs_fmnist

@@ -105,10 +105,8 @@ def test_streaming_and_buffered_fedavg_train_the_same_model(mosquitto_broker, tm
         clients = start_clients(mosquitto_broker, cfg, tmp_path / name, 3)
         try:
             coord = Coordinator(cfg, parse_broker_url(mosquitto_broker))
-            assert coord.streaming is (screen == 0.0)
+            assert coord.strategy.streams is (screen == 0.0)
             summary = coord.run()
-            # streaming keeps no update's tensors: each was folded into the sum as it arrived
-            assert all(not r.state for r in coord._results.values()) is (screen == 0.0)
         finally:
             for c in clients:
                 c.stop()
@@ -143,3 +141,20 @@ def test_updates_lost_while_the_coordinator_reconnects_are_asked_for_again(mosqu
     # the updates sent while we were away went to nobody; the clients sent them again when asked
     assert sum(c.counters["update_resent"] for c in clients) >= 1
     assert rows[1]["bytes_down"] > 1.2 * rows[2]["bytes_down"]  # the task went again (+1/3 per copy)
+
+
+def test_the_streaming_accumulator_keeps_no_update_and_the_buffered_one_keeps_each():
+    from coordinator.strategy import BufferedAccumulator, FitResult, Strategy, StreamingAccumulator
+    states = _states(3)
+    ref = states[0]
+    streaming = Strategy(screen_factor=0).accumulator(ref)
+    buffered = Strategy(screen_factor=1e9).accumulator(ref)
+    assert isinstance(streaming, StreamingAccumulator) and isinstance(buffered, BufferedAccumulator)
+    for i, st in enumerate(states):
+        for acc in (streaming, buffered):
+            kept = acc.add(FitResult(f"c{i}", st, i + 1))
+            assert not kept.state  # the round keeps metrics only
+    assert not hasattr(streaming, "results") and len(buffered.results) == 3
+    a, b = streaming.result().state, buffered.result().state
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)

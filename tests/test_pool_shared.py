@@ -7,7 +7,7 @@ import torch
 
 from edge_client.config import ClientConfig
 from edge_client.pool import ClientPool, pool_configs
-from edge_client.shared import SharedVerified
+from edge_client.pool_verify import SharedVerified
 from fedpara.runtime.mqtt import parse_broker_url
 from fedpara.runtime.signing import AuthError, endpoints, load_public_key, new_key
 from fedpara.wire import Limits, Message, MessageKind, WireError

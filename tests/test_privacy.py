@@ -176,10 +176,10 @@ def test_the_client_clips_and_in_local_mode_noises_its_update():
 
 
 def test_epsilon_reaches_prometheus_the_dashboard_and_the_report():
-    from coordinator.dashboard import DashboardState
+    from coordinator.observation.dashboard import DashboardState
     from coordinator.events import RoundCompleted
-    from coordinator.htmlreport import headline_items
-    from coordinator.prom import RunMetrics
+    from coordinator.observation.htmlreport import headline_items
+    from coordinator.observation.prom import RunMetrics
 
     row = {"round": 1, "accuracy": 0.5, "loss": 1.0, "replied": 3, "sampled": 3, "epsilon": 2.5, "delta": 1e-5,
            "dp": {"mode": "central", "noise_multiplier": 1.1}}

@@ -9,8 +9,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from coordinator import runview
-from coordinator.htmlreport import write_report
+from coordinator.observation import plots
+from coordinator.observation.htmlreport import write_report
 from fedpara.runtime.rundir import RunDir
 
 SECRET = "/very/secret/keys/coordinator.key"
@@ -96,40 +96,40 @@ class Page(HTMLParser):
 
 # --- series ---------------------------------------------------------------------------------------
 def test_bytes_split_payload_and_framing_and_dense_reference():
-    b = runview.bytes_series([make_row(1), make_row(2)])
+    b = plots.bytes_series([make_row(1), make_row(2)])
     assert b["down_payload"] == [1.0, 1.0] and b["down_framing"] == pytest.approx([0.0003, 0.0003])
     assert b["up_payload"] == [0.9, 0.9] and b["up_framing"] == pytest.approx([0.0005, 0.0005])
-    acc = runview.accuracy_series([make_row(1), make_row(2)])
+    acc = plots.accuracy_series([make_row(1), make_row(2)])
     assert acc["mb"] == pytest.approx([1.9008, 3.8016]) and acc["dense_mb"] == pytest.approx([20.0, 40.0])
 
 
 def test_energy_by_client_counts_uploads_from_the_next_reply_and_labels_the_source():
-    e = runview.energy_by_client([make_row(1), make_row(2), make_row(3)])
+    e = plots.energy_by_client([make_row(1), make_row(2), make_row(3)])
     assert set(e) == {"c0", "c1"}
     assert e["c0"]["download"] == 3.0 and e["c0"]["train"] == 30.0 and e["c0"]["upload"] == 4.0  # rounds 1, 2
     assert e["c0"]["measured"] is True and e["c1"]["measured"] is False
     assert e["c0"]["sources"] == ["rapl:package-0"]
-    assert runview.energy_by_phase([make_row(1), make_row(2)]) == {"download": 4.0, "train": 40.0, "upload": 4.0}
+    assert plots.energy_by_phase([make_row(1), make_row(2)]) == {"download": 4.0, "train": 40.0, "upload": 4.0}
 
 
 def test_round_time_uses_timing_when_recorded_and_says_when_not():
-    parts, recorded = runview.round_time_parts(make_row(1))
+    parts, recorded = plots.round_time_parts(make_row(1))
     assert recorded
     # training is the slowest client (c1: 1.5 s), inside the 2 s wait
-    assert parts[runview.TRAINING] == 1.5 and parts["waiting"] == pytest.approx(0.5)
+    assert parts[plots.TRAINING] == 1.5 and parts["waiting"] == pytest.approx(0.5)
     assert parts["transfer (task out)"] == 0.2 and parts["aggregation"] == 0.1 and parts["evaluation"] == 0.3
     assert sum(parts.values()) == pytest.approx(3.0)  # the rest of duration_s is "other"
-    parts, recorded = runview.round_time_parts(make_row(1, timing=False))
-    assert not recorded and parts == {runview.TRAINING: 1.5, runview.UNRECORDED: 1.5}
-    series = runview.round_time_series([make_row(1), make_row(2, timing=False)])
+    parts, recorded = plots.round_time_parts(make_row(1, timing=False))
+    assert not recorded and parts == {plots.TRAINING: 1.5, plots.UNRECORDED: 1.5}
+    series = plots.round_time_series([make_row(1), make_row(2, timing=False)])
     assert series["recorded"] == 1 and list(series["parts"])[0] == "transfer (task out)"
-    assert "not recorded" in runview.notes([make_row(1, timing=False)])["round_time"]
+    assert "not recorded" in plots.notes([make_row(1, timing=False)])["round_time"]
 
 
 def test_ignored_counts_are_split_per_round_and_survive_a_restart():
     rows = [make_row(1, ignored={"stale": 2}), make_row(2, ignored={"stale": 5, "malformed": 1}),
             make_row(3, ignored={"stale": 1})]  # a resumed coordinator counts from 0 again
-    s = runview.ignored_series(rows, final={"stale": 4, "duplicate": 2})
+    s = plots.ignored_series(rows, final={"stale": 4, "duplicate": 2})
     assert s["reasons"] == ["duplicate", "malformed", "stale"]
     assert s["per_round"]["stale"] == [2, 3, 1] and s["per_round"]["malformed"] == [0, 1, 0]
     assert s["totals"] == {"duplicate": 2, "malformed": 1, "stale": 9}  # 6 + 1 in rows, 3 more at the end
@@ -138,9 +138,9 @@ def test_ignored_counts_are_split_per_round_and_survive_a_restart():
 def test_series_survive_missing_and_odd_fields():
     odd = {"round": 1, "accuracy": None, "client_metrics": {"x": "not a dict", "y": {"energy": {"train": {
         "joules": float("nan")}}}}, "ignored": "nope", "timing": {"wait_s": "soon"}}
-    figs = runview.figures([odd])
-    assert set(figs) == set(runview.FIGURES)
-    assert runview.headline([odd])["accuracy"] is None
+    figs = plots.figures([odd])
+    assert set(figs) == set(plots.FIGURES)
+    assert plots.headline([odd])["accuracy"] is None
 
 
 # --- the HTML file --------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def test_report_of_a_run_in_progress_with_a_torn_last_line(tmp_path):
     assert not [s for s in page.scripts if s["src"]]  # everything inline: opens offline
     assert "http://" not in "".join(s["src"] or "" for s in page.scripts)
     assert "Plotly" in page.scripts[0]["body"] and len(page.scripts[0]["body"]) > 1_000_000  # plotly.js itself
-    for name in runview.FIGURES:
+    for name in plots.FIGURES:
         assert name in page.ids and f"plot-{name}" in page.ids, name
         assert any(f'"plot-{name}"' in s["body"] and "newPlot" in s["body"] for s in page.scripts), name
     words = " ".join(page.text)
@@ -175,7 +175,7 @@ def test_report_of_a_finished_older_run_without_timing_or_timeline(tmp_path):
     words = " ".join(page.text)
     assert "completed" in words and "12.5 s" in words
     assert "no per-phase timing" in words and "no clients.jsonl" in words
-    assert all(f"plot-{name}" in page.ids for name in runview.FIGURES)
+    assert all(f"plot-{name}" in page.ids for name in plots.FIGURES)
 
 
 def test_report_refuses_what_is_not_a_run(tmp_path):

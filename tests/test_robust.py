@@ -13,7 +13,7 @@ from coordinator import aggregate as agg
 from coordinator.acceptance import RoundState, judge_update
 from coordinator.config import CoordinatorConfig
 from coordinator.registry import ClientRegistry
-from coordinator.strategy import FedAvg, FitResult, parse_aggregator
+from coordinator.strategy import FitResult, Strategy, parse_aggregator
 from fedpara.runtime.messages import Failure, Status, sanitize_metrics
 from fedpara.runtime.rundir import RunDir
 from fedpara.wire import Message, MessageKind
@@ -39,10 +39,10 @@ def dist(state) -> float:
 def test_robust_aggregators_stay_near_the_honest_updates(name):
     states = [honest(i) for i in range(4)] + [attacker()]
     weights = [10, 10, 10, 10, 10**9]
-    s = FedAvg(aggregator=name, screen_factor=0)
+    s = Strategy(aggregator=name, screen_factor=0)
     out = s.aggregate(REF, [FitResult(f"c{i}", st, w) for i, (st, w) in enumerate(zip(states, weights))])
     assert dist(out) < 0.5, (name, dist(out))
-    plain = FedAvg(screen_factor=0).aggregate(REF, [FitResult(f"c{i}", st, w) for i, (st, w) in enumerate(zip(states, weights))])
+    plain = Strategy(screen_factor=0).aggregate(REF, [FitResult(f"c{i}", st, w) for i, (st, w) in enumerate(zip(states, weights))])
     assert dist(plain) > 1e3  # what they protect against
 
 
@@ -71,14 +71,14 @@ def test_screen_uses_the_norms_taken_on_arrival():
     # the strategy takes them from the results (the coordinator fills delta_norm per update)
     results = [FitResult(f"c{i}", st, 100, delta_norm=n) for i, (st, n) in enumerate(zip(states, norms))]
     lying = [FitResult(r.client_id, r.state, 100, delta_norm=1.0) for r in results]
-    assert FedAvg().screen(REF, results)[1] == ["c4"]
-    assert FedAvg().screen(REF, lying)[1] == []  # it trusts them: they are computed by the coordinator
+    assert Strategy().screen(REF, results)[1] == ["c4"]
+    assert Strategy().screen(REF, lying)[1] == []  # it trusts them: they are computed by the coordinator
 
 
 def test_fedavg_with_the_default_screen_survives_1e30_factors():
     results = [FitResult(f"c{i}", honest(i), 100) for i in range(3)]
     results.append(FitResult("evil", {k: torch.full_like(v, 1e30) for k, v in REF.items()}, 10**6))
-    s = FedAvg()
+    s = Strategy()
     kept, screened = s.screen(REF, results)
     assert screened == ["evil"]
     assert dist(s.aggregate(REF, kept)) < 0.1
@@ -105,7 +105,7 @@ def test_metrics_are_bounded_and_strict_json(tmp_path):
     clean = sanitize_metrics(raw)
     assert clean == {"steps": 12, "energy": {"total_j": 5.0, "source": "estimate", "prev_upload": "wrong type",
                                              "deep": {}}, "prev_upload": {"round": 1, "acked": True}}
-    from coordinator.report import (
+    from coordinator.observation.records import (
         energy_fields,  # a wrongly typed field inside is harmless there
     )
     assert energy_fields([FitResult("a", REF, 1, clean)]) == {"energy_j": 5.0, "energy_measured": False}

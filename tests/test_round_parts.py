@@ -11,8 +11,8 @@ import torch
 
 from coordinator.acceptance import RoundState, judge_update
 from coordinator.registry import ClientRegistry
-from coordinator.report import round_row, summarize
-from coordinator.strategy import FedAvg, FitResult
+from coordinator.observation.records import round_row, summarize
+from coordinator.strategy import FitResult, Strategy
 from fedpara.models import ModelSpec
 from fedpara.runtime.messages import (
     Control,
@@ -34,32 +34,32 @@ def _result(cid, value, n, **metrics):
 
 
 def test_fedavg_weights_by_examples_in_float64():
-    out = FedAvg().aggregate(REF, [_result("a", 1.0, 1), _result("b", 4.0, 2)])
+    out = Strategy().aggregate(REF, [_result("a", 1.0, 1), _result("b", 4.0, 2)])
     assert torch.allclose(out["w"], torch.full((2, 3), 3.0)) and out["w"].dtype == torch.float32
 
 
 def test_fedavg_is_order_independent():
     rs = [_result(c, v, n) for c, v, n in (("a", 0.1, 3), ("b", 0.7, 5), ("c", 1e-3, 11))]
-    a, b = FedAvg().aggregate(REF, rs), FedAvg().aggregate(REF, rs[::-1])
+    a, b = Strategy().aggregate(REF, rs), Strategy().aggregate(REF, rs[::-1])
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_fedavg_refuses_mismatched_or_empty():
     bad = FitResult("x", {"w": torch.zeros(3, 2), "b": torch.zeros(2)}, 1)
     with pytest.raises(ValueError, match="shape mismatch"):
-        FedAvg().aggregate(REF, [_result("a", 1, 1), bad])
+        Strategy().aggregate(REF, [_result("a", 1, 1), bad])
     with pytest.raises(ValueError, match="no results"):
-        FedAvg().aggregate(REF, [])
+        Strategy().aggregate(REF, [])
 
 
 def test_sampling_is_seeded_sorted_and_bounded():
     live = [f"c{i}" for i in range(10)]
-    s = FedAvg(clients_per_round=4, seed=3)
+    s = Strategy(clients_per_round=4, seed=3)
     first = s.sample(live, rnd=2, attempt=1)
     assert first == sorted(first) and len(first) == 4 and set(first) <= set(live)
     assert s.sample(live[::-1], rnd=2, attempt=1) == first  # order of the live list does not matter
     assert s.sample(live, rnd=2, attempt=2) != first or s.sample(live, rnd=3, attempt=1) != first
-    assert FedAvg(0).sample(live, 1, 1) == live and FedAvg(50).sample(live, 1, 1) == live
+    assert Strategy(0).sample(live, 1, 1) == live and Strategy(50).sample(live, 1, 1) == live
 
 
 # --- acceptance -------------------------------------------------------------------------------

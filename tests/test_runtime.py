@@ -241,9 +241,9 @@ def test_pfedpara_never_publishes_local_factors(amqtt_broker, tmp_path):
 
     from export import OnnxModel
     onnx = OnnxModel(tmp_path / "state-c0" / "model.onnx")
-    x = clients[0].test_data.tensors[0][:64]
-    clients[0].model.eval()
-    np.testing.assert_allclose(onnx.predict(x.numpy()), clients[0].model(x).detach().numpy(), atol=1e-4)
+    x = clients[0].trainer.test_data.tensors[0][:64]
+    clients[0].trainer.model.eval()
+    np.testing.assert_allclose(onnx.predict(x.numpy()), clients[0].trainer.model(x).detach().numpy(), atol=1e-4)
     assert onnx.metadata["scheme"] == "pfedpara" and (tmp_path / "state-c1" / "model.int8.onnx").exists()
 
 
@@ -321,13 +321,13 @@ def test_pfedpara_local_factors_survive_a_client_restart(tmp_path):
     saved = {k: torch.randn_like(v) for k, v in fedpara.local_state(spec.build()).items()}
     save_checkpoint(tmp_path / "pi" / "local.safetensors", saved, spec, round=7)
     client = EdgeClient(cfg, parse_broker_url("mqtt://127.0.0.1:1"))  # never connects
-    client.trainer._ensure_model(spec, seed=0)
-    for k, v in fedpara.local_state(client.model).items():
+    client.trainer.ensure_model(spec, seed=0)
+    for k, v in fedpara.local_state(client.trainer.model).items():
         assert torch.equal(v, saved[k]), k
     # a local state saved for another model is ignored, with a warning, not a crash
     other = EdgeClient(cfg, parse_broker_url("mqtt://127.0.0.1:1"))
-    other.trainer._ensure_model(ModelSpec(model="mlp", scheme="pfedpara", ratio=0.2), seed=0)
-    assert other.model is not None
+    other.trainer.ensure_model(ModelSpec(model="mlp", scheme="pfedpara", ratio=0.2), seed=0)
+    assert other.trainer.model is not None
 
 
 def test_char_lstm_on_shakespeare_roles(amqtt_broker, tmp_path):
@@ -352,4 +352,4 @@ def test_char_lstm_on_shakespeare_roles(amqtt_broker, tmp_path):
     assert summary["status"] == "completed"
     row = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert row["replied"] == 2 and 0 <= row["accuracy"] <= 1
-    assert any(k.startswith("lstm.weight_ih_l0.") for k in clients[0].model.state_dict())
+    assert any(k.startswith("lstm.weight_ih_l0.") for k in clients[0].trainer.model.state_dict())

@@ -4,7 +4,8 @@ written every round whatever the setting; nothing trained is lost when the clien
 import pytest
 import torch
 
-from edge_client.client import EdgeClient, _Train
+from edge_client.client import EdgeClient
+from edge_client.runner import TaskItem
 from edge_client.config import ClientConfig
 from edge_client.pool import pool_configs
 from fedpara import global_state
@@ -18,7 +19,7 @@ torch.set_num_threads(1)
 DATA = "synthetic,n=64,shape=1x28x28,classes=10,clients=2"
 
 
-class Session:  # what _run_task and stop need of an MQTT session: uploads that succeed
+class Session:  # what TaskRunner.run and stop need of an MQTT session: uploads that succeed
     connects = 1
     def publish_until_acked(self, topic, frames, timeout=0):
         return True
@@ -45,7 +46,7 @@ def client(tmp_path, scheme="fedpara", **kw):
 def run_round(c, spec, rnd):
     task = Task(f"t-{rnd}-1", ("c",), spec, TrainParams(batch_size=32, lr=0.01, seed=rnd))
     msg = Message(MessageKind.TASK, "r", rnd, "coordinator", global_state(spec.build(0)), task.to_meta())
-    c._run_task(_Train(rnd, task, msg, {"task_payload_bytes": 0, "task_mqtt_bytes": 0, "download_s": 0.0}))
+    c.runner.run(TaskItem(rnd, task, msg, {"task_payload_bytes": 0, "task_mqtt_bytes": 0, "download_s": 0.0}))
 
 
 def saved_round(path):
@@ -54,7 +55,7 @@ def saved_round(path):
 
 def test_every_round_by_default_for_one_device(tmp_path):
     c, spec = client(tmp_path)
-    assert c.save_every == 1
+    assert c.runner.save_every == 1
     for rnd in (1, 2):
         run_round(c, spec, rnd)
         assert saved_round(c.trainer.state.global_path) == rnd

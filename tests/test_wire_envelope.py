@@ -10,6 +10,7 @@ import torch
 import zstandard
 from wire_support import rebuild, sample_messages, split_envelope
 
+from fedpara.wire.digest import EnvelopeHasher
 from fedpara.wire import Limits, Message, MessageKind, WireError, decode, encode
 from fedpara.wire.envelope import PREFIX_BYTES
 
@@ -189,7 +190,7 @@ def test_threaded_hash_of_big_messages_gives_the_same_bytes(monkeypatch):
     msg = Message("update", "run", 2, "c1", tensors, {"n": 1})
     policy = "fp32;t1=fp16+zstd:3;t4=int8"  # uncompressed and zstd sections, in both orders
     serial = env.encode(msg, policy).data
-    monkeypatch.setattr(env._Hasher, "THREADED_HASH_BYTES", 1)  # every message takes the threaded path
+    monkeypatch.setattr(EnvelopeHasher, "THREADED_HASH_BYTES", 1)  # every message takes the threaded path
     threaded = env.encode(msg, policy, reserve=68)
     assert bytes(threaded.data[:len(serial)]) == bytes(serial) and threaded.data[len(serial):] == bytes(68)
     assert env.decode(serial).meta == {"n": 1}

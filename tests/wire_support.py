@@ -8,7 +8,8 @@ import torch
 
 from fedpara.wire import Message, encode
 from fedpara.wire.envelope import PREFIX_BYTES
-from fedpara.wire.limits import FLAG_BLAKE3, new_hash
+from fedpara.wire.limits import FLAG_BLAKE3
+from fedpara.wire.digest import new_hash
 
 _PREFIX = struct.Struct("<4sBBBBIQ32s")
 

@@ -9,7 +9,7 @@ device class's figures, and the outcome: trained, refused by the fit check (with
 killed by the kernel. Root (cgroups), Mosquitto and the data (Fashion-MNIST; Shakespeare through
 ``fedpara fetch shakespeare``) are needed.
 
-    deploy/lab/measure.py [--profiles a,b] [--models cnn28,mlp,char_lstm] [--out docs/lab_results.json]
+    deploy/lab/measure.py [--profiles a,b] [--models cnn28,mlp,char_lstm] [--out docs/results/lab_results.json]
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from edge_client.devprofile import load_profiles, unavailable_reason  # noqa: E402
 from fedpara.data import parse_data_spec  # noqa: E402
 
-DATA = {  # one client's share, as in docs/footprint.md (char_lstm: fewer lines, for the slow profiles)
+DATA = {  # one client's share, as in docs/results/footprint.md (char_lstm: fewer lines, for the slow profiles)
     "cnn28": ("fashion-mnist,partition=iid,clients=10,index=0", "fashion-mnist,limit=1000"),
     "mlp": ("fashion-mnist,partition=iid,clients=10,index=0", "fashion-mnist,limit=1000"),
     "char_lstm": ("shakespeare,clients=10,index=0,limit=500", "shakespeare,limit=500"),
@@ -99,7 +99,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profiles", default=",".join(load_profiles()))
     ap.add_argument("--models", default="cnn28,mlp,char_lstm")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "lab_results.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "lab_results.json")
     ap.add_argument("--timeout", type=float, default=1200.0, help="round deadline, seconds")
     ap.add_argument("--fedpara", default=str(Path(sys.executable).parent / "fedpara"))
     ap.add_argument("--no-fit-check", action="store_true",

@@ -61,6 +61,12 @@ class PollingMeter(EnergyMeter):
 
     # -- sampling -----------------------------------------------------------------------------
 
+    @property
+    def reads(self) -> int:
+        """Reads in this phase so far, failed ones included: how far a running meter has got."""
+        with self._lock:
+            return self._n + self._errors
+
     def _reset(self) -> None:
         self._t_start = 0.0
         self._first: tuple[float, float] | None = None

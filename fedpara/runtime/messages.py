@@ -18,7 +18,7 @@ from typing import Any
 
 from fedpara.models import ModelSpec
 from fedpara.validate import check_choice, check_int, check_number, check_str
-from fedpara.wire.limits import DIGESTS
+from fedpara.wire.digest import DIGESTS
 
 
 class ProtocolError(ValueError):
@@ -236,6 +236,21 @@ class Failure:
         f = _meta("failure.failure", m.get("failure"))
         return cls(task_id=_field("failure", m, "task_id", _check_task_id),
                    reason=str(f.get("reason", ""))[:500], error=str(f.get("error", ""))[:64])
+
+
+Reply = Update | Report | Failure
+
+
+def parse_reply(meta: Any) -> Reply:
+    """A client's reply on its update topic, typed: an :class:`Update` (tensors follow), a
+    follow-up :class:`Report`, or a :class:`Failure`. The one place that tells them apart (by the
+    ``report`` / ``failure`` key); raises :class:`ProtocolError` naming the field otherwise."""
+    m = _meta("reply", meta)
+    if "report" in m:
+        return Report.from_meta(m)
+    if "failure" in m:
+        return Failure.from_meta(m)
+    return Update.from_meta(m)
 
 
 # --- status ---------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ class RunDir:
                                     f"({CHECKPOINTS}/round-NNNN.safetensors)")
         return max(rounds)[1]
 
-    # clients online over time (coordinator.observe.ClientTimeline writes, reports read)
+    # clients online over time (coordinator.observation.ClientTimeline writes, reports read)
     def start_client_timeline(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.client_timeline_path.write_text("")

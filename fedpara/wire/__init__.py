@@ -15,18 +15,12 @@ Format specification: docs/wire.md.
 """
 
 from .accounting import TensorStats, WireStats, framed_bytes, mqtt_publish_bytes
-from .chunking import (
-    CHUNK_HEADER_BYTES,
-    Chunk,
-    Reassembler,
-    max_chunk_payload,
-    parse_chunk,
-    split,
-)
+from .chunking import CHUNK_HEADER_BYTES, Chunk, max_chunk_payload, parse_chunk, split
 from .codecs import INT8_MIN_ROW
 from .envelope import PREFIX_BYTES, Encoded, Message, decode, encode
 from .limits import WIRE_MAJOR, WIRE_MINOR, Limits, MessageKind, WireError
 from .policy import CodecPolicy, CodecSpec, WireConfig
+from .reassembly import Reassembler
 
 __all__ = [
     "CHUNK_HEADER_BYTES", "Chunk", "CodecPolicy", "CodecSpec", "Encoded", "INT8_MIN_ROW", "Limits",

@@ -43,7 +43,6 @@ from .accounting import TensorStats, WireStats
 from .codecs import decode_tensor, encode_tensor, expected_parts, finite, is_float
 from .limits import (
     ENVELOPE_DIGEST,
-    ENVELOPE_FLAGS,
     ENVELOPE_MAGIC,
     ENVELOPE_PREFIX,
     FLAG_BLAKE3,
@@ -52,10 +51,8 @@ from .limits import (
     Limits,
     MessageKind,
     WireError,
-    digest_flags,
-    envelope_hash,
-    new_hash,
 )
+from .digest import EnvelopeHasher, digest_flags, envelope_hash
 from .policy import CodecPolicy, CodecSpec, WireConfig
 
 _PREFIX = ENVELOPE_PREFIX
@@ -193,7 +190,7 @@ def encode(
     data[PREFIX_BYTES:pos] = header
     signed = _PREFIX.pack(ENVELOPE_MAGIC, WIRE_MAJOR, WIRE_MINOR, kind.code, flags, len(header),
                           body_len, b"")[:_SIGNED]
-    hasher = _Hasher(data, signed, size)  # a big message is hashed while it is being written
+    hasher = EnvelopeHasher(data, signed, size)  # a big message is hashed while it is being written
     try:
         for body, entries in bodies:
             if entries is not None:
@@ -209,52 +206,6 @@ def encode(
     stats = WireStats(raw_bytes=raw_bytes, tensor_bytes=tensor_bytes, payload_bytes=size,
                       header_bytes=PREFIX_BYTES + len(header), tensors=per_tensor)
     return Encoded(data, stats)
-
-
-class _Hasher:
-    """The envelope's digest over ``[PREFIX_BYTES, size)`` of ``data`` (after ``signed``, whose
-    flags byte names the algorithm). For a
-    message of at least THREADED_HASH_BYTES a second thread hashes each region as soon as it is
-    written (hashlib and numpy's copies both release the GIL), so hashing 61 MB overlaps copying
-    it instead of following it; smaller messages are hashed at the end, in this thread."""
-
-    THREADED_HASH_BYTES = 16 << 20
-
-    def __init__(self, data: bytearray, signed: bytes, size: int) -> None:
-        import queue
-        import threading
-
-        self.data, self.size, self.done = data, size, PREFIX_BYTES
-        self.h = new_hash(signed[ENVELOPE_FLAGS], signed)
-        self.threaded = size >= self.THREADED_HASH_BYTES
-        if self.threaded:
-            self._q: queue.SimpleQueue = queue.SimpleQueue()
-            self._thread = threading.Thread(target=self._run, name="envelope-digest", daemon=True)
-            self._thread.start()
-
-    def written(self, end: int) -> None:
-        self._q.put(end)
-
-    def _run(self) -> None:
-        with memoryview(self.data) as view:
-            while (end := self._q.get()) is not None:
-                if end > self.done:
-                    self.h.update(view[self.done:end])
-                    self.done = end
-
-    def digest(self) -> bytes:
-        if self.threaded:
-            self._q.put(self.size)  # the header, zstd sections and anything not reported yet
-            self.close()
-        else:
-            with memoryview(self.data) as view:
-                self.h.update(view[PREFIX_BYTES:self.size])
-        return self.h.digest()
-
-    def close(self) -> None:
-        if self.threaded and self._thread.is_alive():
-            self._q.put(None)
-            self._thread.join()
 
 
 # --------------------------------------------------------------------------------------------

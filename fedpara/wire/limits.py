@@ -8,8 +8,6 @@ anything is allocated or decompressed (docs/wire.md).
 from __future__ import annotations
 
 import enum
-import functools
-import hashlib
 import struct
 from dataclasses import dataclass, field, fields
 
@@ -31,59 +29,12 @@ _ENVELOPE_LENGTHS = struct.Struct("<IQ")  # H and B, at byte 8
 #: decoder refuses a message that sets one). Peers agree on BLAKE3 before using it (docs/wire.md,
 #: Digests): a decoder without the ``blake3`` package refuses such messages with a clear error.
 FLAG_BLAKE3 = 0x01
-DIGESTS = ("sha256", "blake3")
-
-
-@functools.cache
-def _blake3():
-    try:
-        from blake3 import blake3
-    except ImportError:
-        return None
-    return blake3
-
-
-def digests_available() -> tuple[str, ...]:
-    """The envelope digests this installation can make and check: SHA-256 always, BLAKE3 where
-    the ``blake3`` package is installed (a client announces these in its status)."""
-    return DIGESTS if _blake3() is not None else ("sha256",)
-
-
-def digest_flags(digest: str) -> int:
-    """The envelope flags for ``digest``; WireError for one this installation cannot make."""
-    if digest not in DIGESTS:
-        raise WireError(f"unknown envelope digest {digest!r} (known: {', '.join(DIGESTS)})")
-    if digest == "blake3" and _blake3() is None:
-        raise WireError("the blake3 digest needs the blake3 package (pip install blake3)")
-    return FLAG_BLAKE3 if digest == "blake3" else 0
-
-
-def new_hash(flags: int, data=b""):
-    """A hash object of the digest ``flags`` select, fed ``data``. WireError for reserved bits,
-    or for BLAKE3 without the blake3 package."""
-    if flags & ~FLAG_BLAKE3:
-        raise WireError(f"unknown envelope flags 0x{flags:02x}")
-    if flags & FLAG_BLAKE3:
-        blake3 = _blake3()
-        if blake3 is None:
-            raise WireError("message digested with BLAKE3; this installation cannot check it "
-                            "(pip install blake3)")
-        return blake3(data)
-    return hashlib.sha256(data)
 
 
 def envelope_length(prefix) -> int:
     """52 + H + B: the envelope's length as its first 52 bytes declare it."""
     hlen, blen = _ENVELOPE_LENGTHS.unpack_from(prefix, 8)
     return ENVELOPE_PREFIX.size + hlen + blen
-
-
-def envelope_hash(buf: memoryview, end: int):
-    """The envelope digest's hash object (the algorithm its flags byte names) over ``buf[:20]``
-    and ``buf[52:end]``. WireError for flags no decoder here accepts."""
-    h = new_hash(buf[ENVELOPE_FLAGS], buf[:ENVELOPE_DIGEST.start])
-    h.update(buf[ENVELOPE_PREFIX.size:end])
-    return h
 
 
 class WireError(ValueError):

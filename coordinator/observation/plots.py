@@ -1,6 +1,6 @@
 """What a run looks like: the series and the plotly figures that ``fedpara report`` and the live
-dashboard share, computed from metrics.jsonl rows (:func:`coordinator.report.round_row`) and the
-clients timeline (``clients.jsonl``, :class:`coordinator.observe.ClientTimeline`).
+dashboard share, computed from metrics.jsonl rows (:func:`coordinator.observation.records.round_row`) and the
+clients timeline (``clients.jsonl``, :class:`coordinator.observation.timeline.ClientTimeline`).
 
 The series functions are plain Python (tested without plotly); :func:`figures` turns them into
 ``plotly.graph_objects.Figure`` objects. Missing fields (older runs, runs still in progress) give
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .report import finite
+from .records import finite_or_none
 
 MB = 1e6
 PHASES = ("download", "train", "upload")
@@ -33,11 +33,11 @@ TITLES = {
 
 
 def _num(row: Mapping, key: str) -> float | None:
-    return finite(row.get(key))
+    return finite_or_none(row.get(key))
 
 
 def _int(row: Mapping, key: str) -> int:
-    v = finite(row.get(key))
+    v = finite_or_none(row.get(key))
     return int(v) if v is not None else 0
 
 
@@ -91,7 +91,7 @@ def energy_by_client(rows: Sequence[Mapping]) -> dict[str, dict]:
                                ("upload", energy.get("upload")), ("upload", energy.get("prev_upload"))):
                 if not isinstance(rec, Mapping):
                     continue
-                joules = finite(rec.get("joules"))
+                joules = finite_or_none(rec.get("joules"))
                 if joules is None:
                     continue
                 entry[phase] += joules
@@ -114,7 +114,7 @@ def slowest_training(row: Mapping) -> float | None:
     metrics = row.get("client_metrics")
     if not isinstance(metrics, Mapping):
         return None
-    times = [finite(m.get("train_s")) for m in metrics.values() if isinstance(m, Mapping)]
+    times = [finite_or_none(m.get("train_s")) for m in metrics.values() if isinstance(m, Mapping)]
     times = [t for t in times if t is not None]
     return max(times) if times else None
 
@@ -130,9 +130,9 @@ def round_time_parts(row: Mapping) -> tuple[dict[str, float], bool]:
     timing = row.get("timing")
     parts: dict[str, float] = {}
     if isinstance(timing, Mapping) and timing:
-        wait = finite(timing.get("wait_s"))
+        wait = finite_or_none(timing.get("wait_s"))
         for key, label in TIMING:
-            v = finite(timing.get(key))
+            v = finite_or_none(timing.get(key))
             if v is None:
                 continue
             if key == "wait_s" and train is not None:
@@ -142,7 +142,7 @@ def round_time_parts(row: Mapping) -> tuple[dict[str, float], bool]:
         if wait is None and train is not None:
             parts[TRAINING] = train
         for key, v in timing.items():  # fields this module does not know yet
-            if key not in dict(TIMING) and (v := finite(v)) is not None:
+            if key not in dict(TIMING) and (v := finite_or_none(v)) is not None:
                 parts[key.removesuffix("_s")] = max(0.0, v)
         rest = duration - sum(parts.values())
         if rest > 1e-3:
@@ -176,7 +176,7 @@ def ignored_series(rows: Sequence[Mapping], final: Mapping | None = None) -> dic
     per_round: list[dict[str, int]] = []
     for r in rows:
         cum = r.get("ignored") if isinstance(r.get("ignored"), Mapping) else {}
-        cum = {str(k): int(v) for k, v in cum.items() if finite(v) is not None}
+        cum = {str(k): int(v) for k, v in cum.items() if finite_or_none(v) is not None}
         inc = {}
         for k, v in cum.items():
             # a resumed coordinator starts counting again: the count restarts, never goes negative
@@ -192,7 +192,7 @@ def ignored_series(rows: Sequence[Mapping], final: Mapping | None = None) -> dic
     if isinstance(final, Mapping):  # counted after the last round (e.g. while finishing)
         for k, v in final.items():
             k = str(k)
-            if finite(v) is not None and int(v) > prev.get(k, 0):
+            if finite_or_none(v) is not None and int(v) > prev.get(k, 0):
                 totals[k] = totals.get(k, 0) + int(v) - prev.get(k, 0)
                 if k not in reasons:
                     reasons.append(k)
@@ -205,10 +205,10 @@ def ignored_series(rows: Sequence[Mapping], final: Mapping | None = None) -> dic
 def clients_series(rows: Sequence[Mapping], timeline: Sequence[Mapping]) -> dict:
     """Clients online over time (seconds since the first timeline record, step values) and per
     round: sampled and replied (from the rows)."""
-    pts = [(finite(r.get("t")), finite(r.get("online"))) for r in timeline]
+    pts = [(finite_or_none(r.get("t")), finite_or_none(r.get("online"))) for r in timeline]
     pts = [(t, n) for t, n in pts if t is not None and n is not None]
     t0 = pts[0][0] if pts else 0.0
-    rounds = [(finite(r.get("t")), r["round"]) for r in timeline if r.get("completed")]
+    rounds = [(finite_or_none(r.get("t")), r["round"]) for r in timeline if r.get("completed")]
     return {"t": [t - t0 for t, _ in pts], "online": [int(n) for _, n in pts],
             "round_marks": [(t - t0, rnd) for t, rnd in rounds if t is not None],
             "round": [r["round"] for r in rows], "sampled": [_int(r, "sampled") for r in rows],

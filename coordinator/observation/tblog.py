@@ -11,9 +11,9 @@ import logging
 import re
 from collections.abc import Callable
 
-from . import runview
-from .events import RoundCompleted
-from .report import finite
+from . import plots
+from ..events import RoundCompleted
+from .records import finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +44,19 @@ class TensorBoardLogger:
 
     def _log(self, step: int, row: dict) -> None:
         w = self.writer
-        moved = sum(finite(row.get(k)) or 0.0 for k in ("mqtt_bytes_down", "mqtt_bytes_up")) / runview.MB
+        moved = sum(finite_or_none(row.get(k)) or 0.0 for k in ("mqtt_bytes_down", "mqtt_bytes_up")) / plots.MB
         self.mb += moved
-        self.dense_mb += sum(finite(row.get(k)) or 0.0 for k in ("dense_bytes_down", "dense_bytes_up")) / runview.MB
-        scalars = {"accuracy": finite(row.get("accuracy")), "loss": finite(row.get("loss")),
-                   "train_loss": finite(row.get("train_loss")), "mb/round": moved, "mb/cumulative": self.mb,
-                   "mb/dense_cumulative": self.dense_mb, "clients/replied": finite(row.get("replied")),
-                   "clients/sampled": finite(row.get("sampled")), "seconds/round": finite(row.get("duration_s")),
-                   "energy_j/round": finite(row.get("energy_j"))}
-        for part, secs in runview.round_time_parts(row)[0].items():
+        self.dense_mb += sum(finite_or_none(row.get(k)) or 0.0 for k in ("dense_bytes_down", "dense_bytes_up")) / plots.MB
+        scalars = {"accuracy": finite_or_none(row.get("accuracy")), "loss": finite_or_none(row.get("loss")),
+                   "train_loss": finite_or_none(row.get("train_loss")), "mb/round": moved, "mb/cumulative": self.mb,
+                   "mb/dense_cumulative": self.dense_mb, "clients/replied": finite_or_none(row.get("replied")),
+                   "clients/sampled": finite_or_none(row.get("sampled")), "seconds/round": finite_or_none(row.get("duration_s")),
+                   "energy_j/round": finite_or_none(row.get("energy_j"))}
+        for part, secs in plots.round_time_parts(row)[0].items():
             scalars["seconds/" + re.sub(r"[^A-Za-z0-9]+", "_", part).strip("_")] = secs
         if isinstance(row.get("ignored"), dict):
             for reason, n in row["ignored"].items():
-                scalars[f"ignored/{reason}"] = finite(n)
+                scalars[f"ignored/{reason}"] = finite_or_none(n)
         for tag, value in scalars.items():
             if value is not None:
                 w.add_scalar(tag, value, step)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from .strategy import FitResult
+from ..strategy import FitResult
 
 TOTALS = ("bytes_down", "bytes_up", "mqtt_bytes_down", "mqtt_bytes_up", "dense_bytes_down", "dense_bytes_up")
 
 
-def finite(v) -> float | None:
+def finite_or_none(v) -> float | None:
     """``v`` as a float when it is a finite real number (not a bool), else None."""
     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
         return float(v)
@@ -23,7 +23,7 @@ def finite(v) -> float | None:
 
 def weighted(results: Sequence[FitResult], key: str) -> float | None:
     """Example-weighted mean of a numeric client metric (clients without it are left out)."""
-    vals = [(finite(r.metrics.get(key)), r.num_examples) for r in results]
+    vals = [(finite_or_none(r.metrics.get(key)), r.num_examples) for r in results]
     vals = [(v, n) for v, n in vals if v is not None]
     if not vals:
         return None
@@ -39,7 +39,7 @@ def energy_fields(results: Sequence[FitResult]) -> dict:
     total = 0.0
     for e in energy:
         prev = e.get("prev_upload")
-        total += (finite(e.get("total_j")) or 0.0) + (finite(prev.get("joules") if isinstance(prev, Mapping)
+        total += (finite_or_none(e.get("total_j")) or 0.0) + (finite_or_none(prev.get("joules") if isinstance(prev, Mapping)
                                                              else None) or 0.0)
     return {"energy_j": total, "energy_measured": all(e.get("measured") is True for e in energy)}
 

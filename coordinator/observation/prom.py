@@ -18,9 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import runview
-from .events import ClientStatusChanged, ReplyAccepted, RoundCompleted, TaskSent
-from .report import finite
+from . import plots
+from ..events import ClientStatusChanged, ReplyAccepted, RoundCompleted, TaskSent
+from .records import finite_or_none
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class RunMetrics:
             self.bytes.labels(direction, layer)
         for direction in ("down", "up"):
             self.dense.labels(direction)
-        for phase in runview.PHASES:
+        for phase in plots.PHASES:
             self.energy.labels(phase)
         self._measured_all: bool | None = None
 
@@ -118,7 +118,7 @@ class RunMetrics:
             except Exception:  # noqa: BLE001 - e.g. the dict changed size while copied
                 live = {}
             for k, v in live.items():
-                if (v := finite(v)) is not None:
+                if (v := finite_or_none(v)) is not None:
                     counts[str(k)] = max(counts.get(str(k), 0), int(v))
         return counts
 
@@ -148,33 +148,33 @@ class RunMetrics:
         """Add one metrics.jsonl row (a completed round)."""
         self.round.set(row["round"])
         for gauge, key in ((self.accuracy, "accuracy"), (self.loss, "loss"), (self.epsilon, "epsilon")):
-            if (v := finite(row.get(key))) is not None:
+            if (v := finite_or_none(row.get(key))) is not None:
                 gauge.set(v)
         for direction, layer, key in BYTE_FIELDS:
-            if (v := finite(row.get(key))) is not None and v > 0:
+            if (v := finite_or_none(row.get(key))) is not None and v > 0:
                 self.bytes.labels(direction, layer).inc(v)
         for direction in ("down", "up"):
-            if (v := finite(row.get(f"dense_bytes_{direction}"))) is not None and v > 0:
+            if (v := finite_or_none(row.get(f"dense_bytes_{direction}"))) is not None and v > 0:
                 self.dense.labels(direction).inc(v)
-        per_client = runview.energy_by_client([row])
-        for phase, joules in runview.energy_by_phase([row]).items():
+        per_client = plots.energy_by_client([row])
+        for phase, joules in plots.energy_by_phase([row]).items():
             if joules > 0:
                 self.energy.labels(phase).inc(joules)
         if per_client:
             measured = all(e["measured"] for e in per_client.values())
             self._measured_all = measured if self._measured_all is None else (self._measured_all and measured)
             self.energy_measured.set(1 if self._measured_all else 0)
-        if (v := finite(row.get("duration_s"))) is not None:
+        if (v := finite_or_none(row.get("duration_s"))) is not None:
             self.duration.observe(v)
         timing = row.get("timing")
         if isinstance(timing, Mapping):
             for key, phase in PHASE_SECONDS.items():
-                if (v := finite(timing.get(key))) is not None and v >= 0:
+                if (v := finite_or_none(timing.get(key))) is not None and v >= 0:
                     self.phase_seconds.labels(phase).inc(v)
-            if (v := runview.slowest_training(row)) is not None:
+            if (v := plots.slowest_training(row)) is not None:
                 self.phase_seconds.labels("train").inc(v)
         if isinstance(row.get("ignored"), Mapping):
             for k, v in row["ignored"].items():
-                if (v := finite(v)) is not None:
+                if (v := finite_or_none(v)) is not None:
                     self._last_ignored[str(k)] = max(self._last_ignored.get(str(k), 0), int(v))
-        self.replies.set(finite(row.get("replied")) or 0)
+        self.replies.set(finite_or_none(row.get("replied")) or 0)

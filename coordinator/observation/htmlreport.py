@@ -6,7 +6,7 @@ run and on one still in progress (no summary.json yet, perhaps a torn last line 
 :class:`~fedpara.runtime.rundir.RunDir` drops it).
 
 Shown: the run's settings (never key paths or credentials), its headline numbers, the plots of
-:data:`.runview.FIGURES`, and a table per round.
+:data:`.plots.FIGURES`, and a table per round.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fedpara.runtime.rundir import RunDir
 
-from . import runview
+from . import plots
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _kv_table(items: Sequence[tuple[str, str]]) -> str:
 
 
 def headline_items(rows: Sequence[Mapping], summary: Mapping, config: Mapping) -> list[tuple[str, str]]:
-    h = runview.headline(rows, summary)
+    h = plots.headline(rows, summary)
     total = config.get("rounds")
     items = [
         ("run", str(summary.get("run_id") or config.get("run_id") or "-")),
@@ -83,11 +83,11 @@ def _round_table(rows: Sequence[Mapping]) -> str:
     head = ("round", "accuracy", "loss", "replied / sampled", "MB down", "MB up", "seconds", "energy J")
     body = []
     for r in rows:
-        cells = (str(r["round"]), _fmt(runview.finite(r.get("accuracy")), ".4f"),
-                 _fmt(runview.finite(r.get("loss")), ".4f"), f"{r.get('replied', '-')} / {r.get('sampled', '-')}",
-                 _fmt((r.get("mqtt_bytes_down") or 0) / runview.MB, ".3f"),
-                 _fmt((r.get("mqtt_bytes_up") or 0) / runview.MB, ".3f"),
-                 _fmt(runview.finite(r.get("duration_s")), ".2f"), _fmt(runview.finite(r.get("energy_j")), ".1f"))
+        cells = (str(r["round"]), _fmt(plots.finite_or_none(r.get("accuracy")), ".4f"),
+                 _fmt(plots.finite_or_none(r.get("loss")), ".4f"), f"{r.get('replied', '-')} / {r.get('sampled', '-')}",
+                 _fmt((r.get("mqtt_bytes_down") or 0) / plots.MB, ".3f"),
+                 _fmt((r.get("mqtt_bytes_up") or 0) / plots.MB, ".3f"),
+                 _fmt(plots.finite_or_none(r.get("duration_s")), ".2f"), _fmt(plots.finite_or_none(r.get("energy_j")), ".1f"))
         body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     heads = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     return f"<table><thead><tr>{heads}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -101,14 +101,14 @@ def render(rows: Sequence[Mapping], *, summary: Mapping | None = None, config: M
     from plotly.offline import get_plotlyjs
 
     summary, config = dict(summary or {}), dict(config or {})
-    figs = runview.figures(rows, timeline, summary)
-    notes = runview.notes(rows, timeline)
+    figs = plots.figures(rows, timeline, summary)
+    notes = plots.notes(rows, timeline)
     sections = []
-    for key in runview.FIGURES:
+    for key in plots.FIGURES:
         div = pio.to_html(figs[key], include_plotlyjs=False, full_html=False, div_id=f"plot-{key}",
                           config=PLOT_CONFIG)
         note = f'<p class="note">{html.escape(notes[key])}</p>' if key in notes else ""
-        sections.append(f'<section class="plot" id="{key}"><h3>{html.escape(runview.TITLES[key])}</h3>{div}{note}'
+        sections.append(f'<section class="plot" id="{key}"><h3>{html.escape(plots.TITLES[key])}</h3>{div}{note}'
                         '</section>')
     settings = [(k, str(config[k])) for k in SHOWN_CONFIG if k in config]
     if "insecure" in config:

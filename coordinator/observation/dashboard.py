@@ -34,9 +34,10 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from . import runview
-from .events import ClientStatusChanged, ReplyAccepted, RoundCompleted, TaskSent
-from .observe import ClientTimeline, Listeners, is_loopback
+from . import plots
+from ..events import ClientStatusChanged, ReplyAccepted, RoundCompleted, TaskSent
+from .listen import is_loopback
+from .timeline import ClientTimeline, Listeners
 from .prom import CONTENT_TYPE as PROM_CONTENT_TYPE
 from .prom import RunMetrics
 
@@ -155,7 +156,7 @@ class DashboardState:
             key = self._figure_key_locked()
         clients, live, known = self._clients(set(sampled) if current else set(), set(replied) if current else set(),
                                              online)
-        h = runview.headline(rows)
+        h = plots.headline(rows)
         last = rows[-1] if rows else {}
         return {
             **self.run_info, "rounds_total": self.rounds_total, "status": status,
@@ -191,9 +192,9 @@ class DashboardState:
             if self._fig_json and self._fig_version == version:
                 return version, self._fig_json
             rows, timeline = list(self.rows), list(self.timeline.records)
-        figs = runview.figures(rows, timeline)
-        notes = runview.notes(rows, timeline)
-        body = to_json_plotly({"version": version, "titles": runview.TITLES, "notes": notes,
+        figs = plots.figures(rows, timeline)
+        notes = plots.notes(rows, timeline)
+        body = to_json_plotly({"version": version, "titles": plots.TITLES, "notes": notes,
                                "figures": {k: f.to_plotly_json() for k, f in figs.items()}}).encode()
         with self._lock:
             if self._fig_version == version:
@@ -207,7 +208,7 @@ class _Server(ThreadingHTTPServer):
 
 
 def _static(name: str) -> bytes:
-    return resources.files("coordinator").joinpath("dashboard_static", name).read_bytes()
+    return resources.files("coordinator.observation").joinpath("dashboard_static", name).read_bytes()
 
 
 def _plotly_js() -> bytes:
@@ -217,7 +218,7 @@ def _plotly_js() -> bytes:
 
 
 class Dashboard:
-    """Serves a :class:`DashboardState` and a :class:`~coordinator.prom.RunMetrics` over HTTP.
+    """Serves a :class:`DashboardState` and a :class:`~coordinator.observation.prom.RunMetrics` over HTTP.
 
     ``listener`` is the ``on_event`` to add to the coordinator's listeners."""
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import needs_fmnist
 
 import fedpara
-from export.datafiles import write_idx
 from export.infer import load_inputs
+from fedpara.data.idx import write_idx
 from fedpara.models import ModelSpec
 from fedpara.runtime.checkpoint import save_checkpoint
 from fedpara.runtime.cli import main
@@ -29,8 +29,8 @@ NETWORK_ERRORS = ("NewConnectionError", "Temporary failure in name resolution", 
 
 
 def test_inference_modules_do_not_import_torch():
-    code = ("import sys, export, export.cli, export.infer, export.runtime, export.datafiles; "
-            "bad = sorted(m for m in ('torch', 'fedpara', 'onnx') if m in sys.modules); "
+    code = ("import sys, export, export.cli, export.infer, export.onnx_model, fedpara.data.fashion_mnist; "
+            "bad = sorted(m for m in ('torch', 'onnx', 'fedpara.models', 'fedpara.data.loaders') if m in sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, env=ENV, cwd=ROOT, timeout=60)
 
@@ -65,7 +65,7 @@ def _fake_fmnist(root: Path) -> Path:
 
 def _data_spec(tmp_path: Path) -> str:
     try:
-        from export.datafiles import find_fashion_mnist
+        from fedpara.data.fashion_mnist import find_fashion_mnist
         find_fashion_mnist()
         return "fashion-mnist,limit=500"
     except FileNotFoundError:

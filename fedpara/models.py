@@ -147,11 +147,16 @@ INPUT_SHAPES = {"vgg16": (3, 32, 32), "cnn28": (1, 28, 28), "mlp": (1, 28, 28), 
                 "char_lstm": (80,)}
 
 
+MAX_SAMPLE = 1 << 20  # values in one sample (3x512x512 fits)
+
+
 def _shape_kwargs(name: str, input_shape: tuple[int, ...]) -> dict:
     """Constructor arguments that fit ``name`` to samples of ``input_shape``."""
     shape = tuple(input_shape)
     if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
         raise ValueError(f"input_shape must be positive ints, got {input_shape!r}")
+    if len(shape) > 4 or math.prod(shape) > MAX_SAMPLE:  # a spec in a task must not build a giant model
+        raise ValueError(f"input_shape {shape}: at most 4 dims and {MAX_SAMPLE} values per sample")
     if name in ("vgg16", "cnn28"):
         if len(shape) != 3:
             raise ValueError(f"input_shape: {name} takes images (C, H, W), got {shape}")

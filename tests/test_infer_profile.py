@@ -2,7 +2,8 @@
 
 The venv test installs the project with ``pip install -c constraints.txt -e ".[infer]"`` (pip's
 cache or PyPI) into a new virtual environment, runs ``fedpara-infer`` there on a model exported
-here, and checks that torch cannot be imported in that environment.
+here, and ``fedpara infer`` (the full CLI) too, and checks that torch cannot be imported in that
+environment.
 """
 import os
 import re
@@ -103,6 +104,12 @@ def test_infer_profile_venv_runs_without_torch(tmp_path):
     assert re.search(r"# accuracy \d+\.\d+% on \d+ samples", run.stdout), run.stdout
     assert re.search(r"# batch 1: p50 \d+\.\d+ ms, p95 \d+\.\d+ ms", run.stdout), run.stdout
     assert "samples/s" in run.stdout
+
+    # the full CLI's `fedpara infer` runs there too (only the infer command is loaded)
+    full = subprocess.run([str(env_dir / "bin" / "fedpara"), "infer", str(model), "--data", data, "--runs", "20"],
+                          capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120)
+    assert full.returncode == 0, full.stderr
+    assert re.search(r"# accuracy \d+\.\d+% on \d+ samples", full.stdout), full.stdout
 
     # a data spec the numpy reader cannot serve says what to do instead of a traceback
     bad = subprocess.run([str(env_dir / "bin" / "fedpara-infer"), str(model), "--data", "cifar10"],

@@ -95,6 +95,7 @@ def test_mlp_input_features_follow_the_sample_size():
     ("char_lstm", (1, 28, 28), "input_shape: char_lstm takes 1-D windows"),
     ("mlp", (0, 28), "input_shape must be positive ints"),
     ("mlp", "1x28x28", "input_shape must be a list of ints"),
+    ("vgg16", (3, 4096, 4096), "at most 4 dims and 1048576 values per sample"),
 ])
 def test_a_shape_a_model_cannot_take_names_the_field(model, shape, match):
     with pytest.raises(ValueError, match=match):

@@ -170,6 +170,15 @@ def _shape_kwargs(name: str, input_shape: tuple[int, ...]) -> dict:
     return {}
 
 
+def check_input_shape(name: str, input_shape) -> tuple[int, ...]:
+    """``input_shape`` as a tuple when model ``name`` can take samples of it, else ValueError."""
+    check_choice("model", name, tuple(MODELS))
+    if isinstance(input_shape, (str, bytes)) or not hasattr(input_shape, "__iter__"):
+        raise ValueError(f"input_shape must be a list of ints, got {input_shape!r}")
+    _shape_kwargs(name, tuple(input_shape))
+    return tuple(input_shape)
+
+
 def build(name: str, num_classes: int = 10, input_shape: tuple[int, ...] | None = None, **kw) -> nn.Module:
     """A dense reference model by name (see the module docstring), for samples of ``input_shape``
     (default: the model's own, :data:`INPUT_SHAPES`)."""
@@ -224,10 +233,7 @@ class ModelSpec:
         check_choice("form", self.form, kernels.FORMS)
         check_bool("tanh", self.tanh)
         if self.input_shape is not None:
-            if isinstance(self.input_shape, (str, bytes)) or not hasattr(self.input_shape, "__iter__"):
-                raise ValueError(f"input_shape must be a list of ints, got {self.input_shape!r}")
-            shape = tuple(self.input_shape)
-            _shape_kwargs(self.model, shape)  # ValueError naming input_shape
+            shape = check_input_shape(self.model, self.input_shape)
             # the model's own shape is stored as None: its specs (tasks, checkpoints) read as before
             object.__setattr__(self, "input_shape", None if shape == INPUT_SHAPES[self.model] else shape)
 

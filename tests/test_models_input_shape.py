@@ -114,3 +114,11 @@ def test_data_specs_name_their_sample_shape():
     assert parse_data_spec("cifar100,label=coarse").input_shape == (3, 32, 32)
     assert parse_data_spec("synthetic,shape=2x9x9").input_shape == (2, 9, 9)
     assert parse_data_spec("shakespeare").input_shape == (80,)
+
+
+def test_check_input_shape_is_the_specs_own_check():
+    assert models.check_input_shape("vgg16", [1, 28, 28]) == (1, 28, 28)
+    with pytest.raises(ValueError, match="model: must be one of"):
+        models.check_input_shape("resnet", (3, 32, 32))
+    with pytest.raises(ValueError, match="input_shape: char_lstm takes 1-D windows"):
+        models.check_input_shape("char_lstm", (1, 28, 28))

@@ -116,3 +116,28 @@ sys.exit(code)
     # a data set only the torch loaders read: a clear error, exit 2, no traceback
     bad = _run(code, str(model), "--data", "cifar10", "--runs", "5")
     assert bad.returncode == 2 and "needs torch" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_lazy_packages_load_torch_only_when_a_torch_name_is_used():
+    code = '''
+import sys
+import fedpara, fedpara.data
+assert "torch" not in sys.modules and fedpara.__version__
+from fedpara.data import parse_data_spec, read_idx, find_fashion_mnist, seeded_subset
+assert "torch" not in sys.modules
+import fedpara.models  # imports fedpara.conversion: the package's ``convert`` stays the function
+assert "torch" in sys.modules
+assert callable(fedpara.convert) and fedpara.convert.__module__ == "fedpara.conversion"
+assert fedpara.models.build and fedpara.kernels.SCHEMES and "convert" in dir(fedpara)
+from fedpara import compose, count_params, FedParaLinear
+from fedpara.data import load_client_data, partition
+assert partition.__name__ == "fedpara.data.partition" and callable(partition.partition)
+try:
+    fedpara.nope
+except AttributeError as exc:
+    assert "nope" in str(exc)
+else:
+    raise AssertionError("fedpara.nope")
+'''
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr

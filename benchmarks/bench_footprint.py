@@ -80,7 +80,7 @@ def child_client(model: str, data: str) -> dict:
 def child_infer(onnx_path: str, data: str) -> dict:
     t0 = time.perf_counter()
     from export.infer import INFER_COMMAND, main  # noqa: F401
-    from export.runtime import OnnxModel  # noqa: F401  (imports onnxruntime)
+    from export.onnx_model import OnnxModel  # noqa: F401  (imports onnxruntime)
     t_import = time.perf_counter() - t0
     t1 = time.perf_counter()
     import contextlib

@@ -8,9 +8,10 @@
 :func:`export_model` does all of it with parity checks (what ``fedpara export`` and an edge client
 after its final round call). See docs/export.md.
 
-The names are imported lazily: the inference side (:mod:`export.runtime`, :mod:`export.infer`,
-:mod:`export.datafiles`) needs only numpy and onnxruntime, and importing this package must not
-pull in torch on a device that has only the ``infer`` install profile.
+The names are imported lazily: the inference side (:mod:`export.onnx_model`, :mod:`export.infer`,
+and the numpy-only readers of :mod:`fedpara.data` it uses) needs only numpy and onnxruntime, and
+importing this package must not pull in torch on a device that has only the ``infer`` install
+profile.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ _NAMES = {
     "ExportReport": "pipeline", "Parity": "pipeline", "check_parity": "pipeline",
     "export_model": "pipeline", "int8_path": "pipeline",
     "quantize_int8": "quantize",
-    "OnnxModel": "runtime", "ProviderUnavailable": "runtime", "measure": "runtime",
+    "OnnxModel": "onnx_model", "ProviderUnavailable": "onnx_model", "measure": "onnx_model",
     "latest_checkpoint": "source", "load_source": "source",
 }
 

@@ -16,11 +16,11 @@ import json
 import logging
 from pathlib import Path
 
-from .infer import INFER_COMMAND, InferCommand, _pct  # noqa: F401  (the ``infer`` entry point)
+from fedpara.runtime.rundir import RunDir
+
+from .infer import INFER_COMMAND, InferCommand, _pct, dataset_for  # noqa: F401  (the ``infer`` entry point)
 
 log = logging.getLogger(__name__)
-
-RUN_CONFIG = "config.json"  # a run directory's coordinator config; "test_data" is its data spec
 
 
 def _mb(n: int | None) -> str:
@@ -29,7 +29,7 @@ def _mb(n: int | None) -> str:
 
 def recorded_data(source: Path) -> str | None:
     """The data spec a run directory was evaluated on (``config.json`` "test_data"), if any."""
-    path = source / RUN_CONFIG
+    path = RunDir(source).config_path
     if not source.is_dir() or not path.is_file():
         return None
     try:
@@ -44,7 +44,6 @@ def recorded_data(source: Path) -> str | None:
 
 def _load_data(text: str, scheme: str | None = None, split: str = "auto"):
     """(x, y) from a data spec; the client's own test split for pFedPara (or ``split=local``)."""
-    from .infer import dataset_for
     return dataset_for(text, scheme, split).tensors
 
 

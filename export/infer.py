@@ -3,13 +3,13 @@
     fedpara-infer model.onnx --data fashion-mnist,limit=1000 [--threads N] [--provider cpu|cuda|tensorrt]
     fedpara-infer model.onnx --data inputs.npy          # unlabelled: one prediction per line
 
-This module imports only the standard library, numpy and onnxruntime (the ``infer`` install
-profile). ``fedpara infer`` runs the same command inside the full CLI; ``fedpara-infer`` is the
-console script for devices without torch, where the ``fedpara`` command itself cannot start (its
-package imports torch). Data read without torch: ``.npy`` inputs and Fashion-MNIST's test split
-(keys ``path``, ``limit``, ``seed``); any other data spec goes through ``fedpara.data``, which needs
-the ``client`` profile. Images are kept as uint8 and normalised one batch at a time. Exit status:
-0 ok, 2 usage / input errors.
+This module imports only the standard library, numpy, onnxruntime and the numpy-only parts of
+``fedpara.data`` (the spec parser, the row selection, the IDX / Fashion-MNIST reader): the ``infer``
+install profile, no torch. ``fedpara infer`` (the full CLI) and ``fedpara-infer`` (its own console
+script) run the same command. Data read without torch: ``.npy`` inputs and every Fashion-MNIST spec
+and split (the same rows as ``fedpara.data``'s loaders give); other data sets go through
+``fedpara.data``'s loaders, which need the ``client`` profile. Images are kept as uint8 and
+normalised one batch at a time. Exit status: 0 ok, 2 usage / input errors.
 """
 from __future__ import annotations
 
@@ -22,9 +22,12 @@ from typing import Callable
 
 import numpy as np
 
+from fedpara.data import fashion_mnist
+from fedpara.data.rows import select, which_for
+from fedpara.data.spec import parse_data_spec
+
 log = logging.getLogger(__name__)
 
-LEAN_KEYS = {"path", "limit", "seed"}
 BATCH = 64  # samples per onnxruntime call over the data: cnn28 at 256 peaks ~20 MB higher
 
 
@@ -32,57 +35,20 @@ def _pct(a: float | None) -> str:
     return "-" if a is None else f"{100 * a:.2f}%"
 
 
-def _lean_spec(text: str) -> dict | None:
-    """``{"path", "limit", "seed"}`` of a Fashion-MNIST spec numpy can serve, else None."""
-    name, *items = [part.strip() for part in text.strip().split(",")]
-    if name != "fashion-mnist":
-        return None
-    out: dict = {"path": None, "limit": None, "seed": 0}
-    for item in items:
-        key, sep, value = (s.strip() for s in item.partition("="))
-        if not sep or key not in LEAN_KEYS:
-            return None  # the full parser gives the error or handles the key
-        if key == "path":
-            out[key] = value
-            continue
-        try:
-            out[key] = int(value)
-        except ValueError:
-            raise ValueError(f"{key} must be an integer, got {value!r}") from None
-    if out["limit"] is not None and out["limit"] < 1:
-        raise ValueError(f"limit must be >= 1, got {out['limit']}")
-    if out["seed"] < 0:
-        raise ValueError(f"seed must be >= 0, got {out['seed']}")
-    return out
-
-
 def load_inputs(text: str, scheme: str | None = None,
                 split: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
-    """``(x, labels or None)`` for ``--data``: an .npy file, or a labelled data spec.
-
-    Fashion-MNIST's test split is read with numpy alone (same samples as ``fedpara.data``'s
-    ``load_test_data``); other specs and splits need ``fedpara.data`` and therefore torch.
-    """
+    """``(x, labels or None)`` for ``--data``: an .npy file, or a labelled data spec."""
     x, labels, transform = load_raw_inputs(text, scheme, split)
     return (x if transform is None else transform(x)), labels
 
 
-# personalised schemes (fedpara.models.PERSONALISED, repeated here: this module must not import torch)
-PERSONALISED = ("pfedpara", "fedper")
-
-
 def dataset_for(text: str, scheme: str | None = None, split: str = "auto"):
-    """The torch dataset a data spec names: the client's training data (``split=train``), its own
-    test split (``local``, or ``auto`` for pFedPara and FedPer with clients), else the held-out
-    test split."""
-    from fedpara.data import load_client_data, load_client_test, load_test_data, parse_data_spec
+    """The torch dataset a data spec and ``--split`` name (see :func:`fedpara.data.rows.which_for`):
+    the client's training data, its own test rows, or the held-out evaluation split. Needs torch."""
+    from fedpara.data.loaders import load_rows
 
     spec = parse_data_spec(text)
-    if split == "train":
-        return load_client_data(spec)[0]
-    if split == "local" or (split == "auto" and scheme in PERSONALISED and spec.clients > 1):
-        return load_client_test(spec)
-    return load_test_data(spec)
+    return load_rows(spec, which_for(split, scheme, spec))
 
 
 def load_raw_inputs(text: str, scheme: str | None = None,
@@ -93,22 +59,17 @@ def load_raw_inputs(text: str, scheme: str | None = None,
     """
     if text.endswith(".npy"):
         return np.load(text, allow_pickle=False), None, None
-    lean = _lean_spec(text) if split in ("auto", "test") else None
-    if lean is not None:
-        from . import datafiles
-        directory = datafiles.find_fashion_mnist(lean["path"])
-        idx = None
-        if lean["limit"] is not None:
-            n = len(datafiles.read_labels_in(directory, "test"))
-            idx = datafiles.seeded_subset(np.arange(n), lean["limit"], lean["seed"], datafiles.TEST_TAG)
-        x, y = datafiles.read_split_uint8(directory, "test", idx)
-        return x, y, datafiles.normalise
+    spec = parse_data_spec(text)
+    which = which_for(split, scheme, spec)
+    if spec.name == "fashion-mnist":  # numpy alone: the same rows as fedpara.data's loaders
+        file_split, idx = select(spec, which, lambda s: fashion_mnist.read_labels(s, spec.path))
+        x, y = fashion_mnist.read_split_uint8(file_split, spec.path, idx)
+        return x, y, fashion_mnist.normalise
     try:
-        import fedpara.data  # noqa: F401  (needs torch)
+        import torch  # noqa: F401
     except ImportError as exc:
-        raise ValueError(f"--data {text} (split {split}) needs fedpara.data, which needs torch "
-                         f"({exc}); without torch use an .npy file of inputs or Fashion-MNIST's "
-                         "test split (fashion-mnist[,path=DIR][,limit=N][,seed=S])") from None
+        raise ValueError(f"--data {text}: {spec.name} needs torch (fedpara.data's loaders read it; {exc}); "
+                         "without torch use an .npy file of inputs or a Fashion-MNIST spec") from None
     ds = dataset_for(text, scheme, split)
     if hasattr(ds, "images") and hasattr(ds, "lut"):  # fedpara.data's uint8 NormalisedImages
         lut = ds.lut
@@ -135,7 +96,7 @@ class InferCommand:
         p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     def run(self, args) -> int:
-        from .runtime import OnnxModel, accuracy, measure
+        from .onnx_model import OnnxModel, accuracy, measure
         om = OnnxModel(args.model, provider=args.provider, threads=args.threads)
         meta = om.metadata
         x, labels, transform = load_raw_inputs(args.data, meta.get("scheme"), args.split)

@@ -35,7 +35,7 @@ from fedpara import FactorisedLayer, FactorisedLSTM, compose, models
 from fedpara.models import ModelSpec
 from fedpara.runtime.checkpoint import state_digest
 
-from .runtime import PREFIX  # metadata key prefix, defined on the torch-free side
+from .onnx_model import PREFIX  # metadata key prefix, defined on the torch-free side
 
 log = logging.getLogger(__name__)
 _EXPORT_LOCK = threading.Lock()
@@ -127,7 +127,7 @@ def export_onnx(model: nn.Module, spec: ModelSpec, out: str | os.PathLike, *,
     # a composed copy on the CPU: the caller's model keeps its device and train/eval mode
     plain = compose(model) if is_factorised(model) else copy.deepcopy(model)
     plain = plain.cpu().float().eval()
-    example = models.example_input(spec.model, 2, spec.num_classes)
+    example = models.example_input(spec.model, 2, spec.num_classes, spec.input_shape)
     proto = _trace(plain, example, opset)
     for key, value in meta.items():
         entry = proto.metadata_props.add()

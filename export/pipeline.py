@@ -25,7 +25,7 @@ from fedpara.models import ModelSpec
 
 from .onnx_export import export_onnx
 from .quantize import quantize_int8
-from .runtime import OnnxModel, accuracy, measure
+from .onnx_model import OnnxModel, accuracy, measure
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def export_model(model: nn.Module, spec: ModelSpec, out: str | os.PathLike, *, i
     fp32 = OnnxModel(path, threads=threads)
     with torch.random.fork_rng():  # seeded inputs, without disturbing the caller's RNG
         torch.manual_seed(0)
-        rand = models.example_input(spec.model, 64, spec.num_classes)
+        rand = models.example_input(spec.model, 64, spec.num_classes, spec.input_shape)
     parities = [check_parity(model, fp32, rand[:1], atol=atol), check_parity(model, fp32, rand, atol=atol)]
     worst = max(parities, key=lambda p: p.max_abs)
     report = ExportReport(path, path.stat().st_size, Parity(65, worst.max_abs,

@@ -2,26 +2,43 @@
 
 Hyeon-Woo, Ye-Bin, Oh, ICLR 2022 (arXiv 2108.06098). See docs/method.md and the README for what is the
 paper's and what is ours.
+
+Names are imported lazily (PEP 562): ``import fedpara`` loads nothing, ``fedpara.convert`` or
+``fedpara.models`` loads torch. So the numpy-only parts of the method (``fedpara.data.idx``,
+``fedpara.data.fashion_mnist``, ``fedpara.data.spec``, ``fedpara.schemes``) import on a device
+without PyTorch (the ``infer`` install profile).
 """
-from . import models
-from .convert import compose, convert, keep_dense
-from .layers import (
-                     FactorisedLayer,
-                     FedParaConv2d,
-                     FedParaLinear,
-                     LowRankConv2d,
-                     LowRankLinear,
-                     PFedParaConv2d,
-                     PFedParaLinear,
-)
-from .lstm import FactorisedLSTM, FactorisedMatrix
-from .rank import rank_for_ratio
-from .state import count_params, global_state, load_state, local_state
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "FedParaLinear", "FedParaConv2d", "LowRankLinear", "LowRankConv2d", "PFedParaLinear",
-    "PFedParaConv2d", "FactorisedLayer", "FactorisedLSTM", "FactorisedMatrix", "rank_for_ratio",
-    "convert", "compose", "keep_dense", "global_state", "local_state", "load_state", "count_params", "models",
-]
+# public name -> the submodule that defines it
+_NAMES = {
+    "FedParaLinear": "layers", "FedParaConv2d": "layers", "LowRankLinear": "layers",
+    "LowRankConv2d": "layers", "PFedParaLinear": "layers", "PFedParaConv2d": "layers",
+    "FactorisedLayer": "layers", "FactorisedLSTM": "lstm", "FactorisedMatrix": "lstm",
+    "rank_for_ratio": "rank", "convert": "conversion", "compose": "conversion", "keep_dense": "conversion",
+    "global_state": "state", "local_state": "state", "load_state": "state", "count_params": "state",
+}
+# submodules reachable as attributes (``fedpara.models.build``) without an import statement
+_SUBMODULES = ("conversion", "data", "dp", "kernels", "layers", "lr", "lstm", "models", "rank", "schemes",
+               "state", "training", "validate")
+
+__all__ = sorted(_NAMES) + ["models"]
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_NAMES) | set(_SUBMODULES))

@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from datahelp import needs_debian_fmnist
 
 from fedpara.data import fashion_mnist
 from fedpara.data.idx import encode_idx, parse_idx, read_idx, write_idx
@@ -112,8 +113,7 @@ def test_bad_labels_file_is_value_error(tmp_path):
         fashion_mnist.load_fashion_mnist("train", root)
 
 
-real = pytest.mark.skipif(not fashion_mnist._has_files(fashion_mnist.DEBIAN_DIR),
-                          reason="dataset-fashion-mnist not installed")
+real = needs_debian_fmnist
 
 
 @real

@@ -8,16 +8,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from export import datafiles
 from fedpara.data import (
     fashion_mnist,
     load_client_data,
     load_client_test,
     load_test_data,
 )
-from fedpara.data.idx import encode_idx, parse_idx, read_idx, write_idx
-from fedpara.data.lazy import NormalisedImages
+from fedpara.data.idx import IdxFile, encode_idx, parse_idx, read_idx, write_idx
 from fedpara.data.loaders import client_indices
+from fedpara.data.normalised_images import NormalisedImages
+from fedpara.data.partition import TEST_TAG, seeded_subset
 from fedpara.data.spec import parse_data_spec
 
 torch.set_num_threads(1)
@@ -25,15 +25,15 @@ torch.set_num_threads(1)
 
 def _eager(directory, split, indices=None):
     """The previous reader: whole gzip in memory, decompressed, indexed, converted to float32."""
-    stem = datafiles.SPLITS[split]
+    stem = fashion_mnist.SPLITS[split]
     images = parse_idx(gzip.decompress((directory / f"{stem}-images-idx3-ubyte.gz").read_bytes()))
     labels = parse_idx(gzip.decompress((directory / f"{stem}-labels-idx1-ubyte.gz").read_bytes()))
     if indices is not None:
         images, labels = images[indices], labels[indices]
     x = images.astype(np.float32)
     x /= 255.0
-    x -= datafiles.MEAN
-    x /= datafiles.STD
+    x -= fashion_mnist.MEAN
+    x /= fashion_mnist.STD
     return torch.from_numpy(x[:, None].copy()), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -50,7 +50,7 @@ def _fake(directory, n_train=3000, n_test=500):
 def fm_dir(tmp_path_factory):
     """Fashion-MNIST itself when installed, else written files of the same layout."""
     try:
-        return datafiles.find_fashion_mnist()
+        return fashion_mnist.find_fashion_mnist()
     except FileNotFoundError:
         return _fake(tmp_path_factory.mktemp("fm"))
 
@@ -59,9 +59,9 @@ def test_lookup_table_equals_float_arithmetic_for_every_pixel_value():
     v = np.arange(256, dtype=np.uint8)
     x = v.astype(np.float32)
     x /= 255.0
-    x -= datafiles.MEAN
-    x /= datafiles.STD
-    assert datafiles.PIXEL_LUT.dtype == np.float32 and datafiles.PIXEL_LUT.tobytes() == x.tobytes()
+    x -= fashion_mnist.MEAN
+    x /= fashion_mnist.STD
+    assert fashion_mnist.PIXEL_LUT.dtype == np.float32 and fashion_mnist.PIXEL_LUT.tobytes() == x.tobytes()
 
 
 @pytest.mark.parametrize("spec", ["clients=10,index=0", "partition=dirichlet:0.5,clients=10,index=3,seed=0",
@@ -72,7 +72,7 @@ def test_lean_loaders_return_the_eager_tensors(fm_dir, spec):
     ds, info = load_client_data(spec)
     assert isinstance(ds, NormalisedImages) and isinstance(ds, TensorDataset)
     s = parse_data_spec(spec)
-    idx = datafiles.seeded_subset(client_indices(spec), s.limit, s.seed, s.index)
+    idx = seeded_subset(client_indices(spec), s.limit, s.seed, s.index)
     ex, ey = _eager(fm_dir, "train", idx)
     x, y = ds.tensors
     assert x.dtype == torch.float32 and x.shape == ex.shape and torch.equal(x, ex) and torch.equal(y, ey)
@@ -93,12 +93,12 @@ def test_lean_loaders_return_the_eager_tensors(fm_dir, spec):
 @pytest.mark.parametrize("limit", [None, 300])
 def test_lean_test_split_and_infer_reader_match_eager(fm_dir, limit):
     spec = f"fashion-mnist,path={fm_dir}" + (f",limit={limit},seed=4" if limit else "")
-    n = len(datafiles.read_labels_in(fm_dir, "test"))
-    idx = None if limit is None else datafiles.seeded_subset(np.arange(n), limit, 4, datafiles.TEST_TAG)
+    n = len(fashion_mnist.read_labels("test", fm_dir))
+    idx = None if limit is None else seeded_subset(np.arange(n), limit, 4, TEST_TAG)
     ex, ey = _eager(fm_dir, "test", idx)
     x, y = load_test_data(spec).tensors
     assert torch.equal(x, ex) and torch.equal(y, ey)
-    nx, ny = datafiles.read_split(fm_dir, "test", idx)
+    nx, ny = fashion_mnist.read_split("test", fm_dir, idx)
     assert nx.dtype == np.float32 and np.array_equal(nx, ex.numpy()) and np.array_equal(ny, ey.numpy())
     tx, _ = fashion_mnist.load_fashion_mnist("test", fm_dir, idx)
     assert torch.equal(tx, ex)
@@ -108,7 +108,7 @@ def test_lean_test_split_and_infer_reader_match_eager(fm_dir, limit):
 def test_streamed_rows_any_order_and_small_chunks(tmp_path, monkeypatch, compress):
     arr = np.arange(50 * 3 * 2, dtype=np.int32).reshape(50, 3, 2) - 7
     path = write_idx(tmp_path / ("a.gz" if compress else "a"), arr)
-    monkeypatch.setattr(datafiles.IdxFile, "CHUNK", 40)  # several rows per chunk, many chunks
+    monkeypatch.setattr(IdxFile, "CHUNK", 40)  # several rows per chunk, many chunks
     np.testing.assert_array_equal(read_idx(path), arr)
     idx = np.array([49, 0, 7, 7, 13, 12, -1])
     out = read_idx(path, idx)

@@ -1,12 +1,11 @@
 """load_client_data / load_test_data / load_client_test over synthetic, written and real data."""
 
 import numpy as np
-import pytest
 import torch
+from datahelp import needs_debian_fmnist
 from torch.utils.data import TensorDataset
 
 from fedpara.data import (
-    fashion_mnist,
     load_client_data,
     load_client_test,
     load_test_data,
@@ -91,8 +90,7 @@ def test_cifar10_spec(tmp_path):
     assert len(ds) == 10 and info["num_classes"] == 10 and ds.tensors[0].shape[1:] == (3, 32, 32)
 
 
-@pytest.mark.skipif(not fashion_mnist._has_files(fashion_mnist.DEBIAN_DIR),
-                    reason="dataset-fashion-mnist not installed")
+@needs_debian_fmnist
 def test_real_fashion_mnist_clients(monkeypatch):
     monkeypatch.delenv("FEDPARA_DATA", raising=False)
     spec = "fashion-mnist,partition=dirichlet:0.5,clients=10,index=3,seed=0"

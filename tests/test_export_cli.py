@@ -76,8 +76,8 @@ def test_infer_wrong_input_shape(exported, tmp_path, capsys):
 
 @pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
 def test_missing_provider_is_a_clear_message(exported, provider, monkeypatch, capsys):
-    import export.runtime
-    monkeypatch.setattr(export.runtime.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    import export.onnx_model
+    monkeypatch.setattr(export.onnx_model.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     _, out, _ = exported
     assert main(["infer", str(out), "--data", DATA, "--provider", provider]) == 2
     err = capsys.readouterr().err

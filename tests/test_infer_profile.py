@@ -2,7 +2,8 @@
 
 The venv test installs the project with ``pip install -c constraints.txt -e ".[infer]"`` (pip's
 cache or PyPI) into a new virtual environment, runs ``fedpara-infer`` there on a model exported
-here, and checks that torch cannot be imported in that environment.
+here, and ``fedpara infer`` (the full CLI) too, and checks that torch cannot be imported in that
+environment.
 """
 import os
 import re
@@ -16,8 +17,8 @@ import pytest
 from conftest import needs_fmnist
 
 import fedpara
-from export.datafiles import write_idx
 from export.infer import load_inputs
+from fedpara.data.idx import write_idx
 from fedpara.models import ModelSpec
 from fedpara.runtime.checkpoint import save_checkpoint
 from fedpara.runtime.cli import main
@@ -29,8 +30,8 @@ NETWORK_ERRORS = ("NewConnectionError", "Temporary failure in name resolution", 
 
 
 def test_inference_modules_do_not_import_torch():
-    code = ("import sys, export, export.cli, export.infer, export.runtime, export.datafiles; "
-            "bad = sorted(m for m in ('torch', 'fedpara', 'onnx') if m in sys.modules); "
+    code = ("import sys, export, export.cli, export.infer, export.onnx_model, fedpara.data.fashion_mnist; "
+            "bad = sorted(m for m in ('torch', 'onnx', 'fedpara.models', 'fedpara.data.loaders') if m in sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, env=ENV, cwd=ROOT, timeout=60)
 
@@ -65,7 +66,7 @@ def _fake_fmnist(root: Path) -> Path:
 
 def _data_spec(tmp_path: Path) -> str:
     try:
-        from export.datafiles import find_fashion_mnist
+        from fedpara.data.fashion_mnist import find_fashion_mnist
         find_fashion_mnist()
         return "fashion-mnist,limit=500"
     except FileNotFoundError:
@@ -103,6 +104,12 @@ def test_infer_profile_venv_runs_without_torch(tmp_path):
     assert re.search(r"# accuracy \d+\.\d+% on \d+ samples", run.stdout), run.stdout
     assert re.search(r"# batch 1: p50 \d+\.\d+ ms, p95 \d+\.\d+ ms", run.stdout), run.stdout
     assert "samples/s" in run.stdout
+
+    # the full CLI's `fedpara infer` runs there too (only the infer command is loaded)
+    full = subprocess.run([str(env_dir / "bin" / "fedpara"), "infer", str(model), "--data", data, "--runs", "20"],
+                          capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120)
+    assert full.returncode == 0, full.stderr
+    assert re.search(r"# accuracy \d+\.\d+% on \d+ samples", full.stdout), full.stdout
 
     # a data spec the numpy reader cannot serve says what to do instead of a traceback
     bad = subprocess.run([str(env_dir / "bin" / "fedpara-infer"), str(model), "--data", "cifar10"],

@@ -6,35 +6,48 @@ Typical use on a device::
     from fedpara.data import parse_data_spec, load_client_data
     train, info = load_client_data(parse_data_spec("fashion-mnist,partition=dirichlet:0.5,"
                                                    "clients=10,index=3,seed=0"))
+
+Names are imported lazily (PEP 562): the spec parser (:mod:`.spec`), the partitions
+(:mod:`.partition`), the row selection (:mod:`.rows`), the IDX reader (:mod:`.idx`) and the
+Fashion-MNIST files (:mod:`.fashion_mnist`) need numpy only; the loaders, CIFAR, Shakespeare and
+synthetic data build torch tensors. ``fedpara.data.partition`` is the module (its function is
+``fedpara.data.partition.partition``): a lazy package cannot give a submodule's name to a function.
 """
+from __future__ import annotations
 
-from .cifar import load_cifar, read_cifar_bin
-from .fashion_mnist import find_fashion_mnist, load_fashion_mnist
-from .idx import parse_idx, read_idx, write_idx
-from .loaders import (
-                      client_indices,
-                      load_client_data,
-                      load_client_test,
-                      load_test_data,
-                      validation_indices,
-)
-from .partition import (
-                        dirichlet,
-                        iid,
-                        local_test_indices,
-                        parse_scheme,
-                        partition,
-                        shards,
-                        validation_split,
-)
-from .shakespeare import VOCAB, VOCAB_SIZE, load_shakespeare, parse_play
-from .spec import DataSpec, format_data_spec, parse_data_spec
-from .synthetic import make_synthetic
+import importlib
 
-__all__ = [
-    "DataSpec", "VOCAB", "VOCAB_SIZE", "client_indices", "dirichlet", "find_fashion_mnist",
-    "format_data_spec", "iid", "load_cifar", "load_client_data", "load_client_test",
-    "load_fashion_mnist", "load_shakespeare", "load_test_data", "local_test_indices",
-    "make_synthetic", "parse_data_spec", "parse_idx", "parse_play", "parse_scheme", "partition",
-    "read_cifar_bin", "read_idx", "shards", "validation_indices", "validation_split", "write_idx",
-]
+_NAMES = {
+    "load_cifar": "cifar", "read_cifar_bin": "cifar",
+    "find_fashion_mnist": "fashion_mnist", "load_fashion_mnist": "fashion_mnist",
+    "parse_idx": "idx", "read_idx": "idx", "write_idx": "idx",
+    "client_indices": "loaders", "load_client_data": "loaders", "load_client_test": "loaders",
+    "load_rows": "loaders", "load_test_data": "loaders", "validation_indices": "loaders",
+    "dirichlet": "partition", "iid": "partition", "local_test_indices": "partition",
+    "parse_scheme": "partition", "seeded_subset": "partition",
+    "shards": "partition", "validation_split": "partition",
+    "VOCAB": "shakespeare", "VOCAB_SIZE": "shakespeare", "load_shakespeare": "shakespeare",
+    "parse_play": "shakespeare",
+    "DataSpec": "spec", "format_data_spec": "spec", "parse_data_spec": "spec",
+    "make_synthetic": "synthetic",
+}
+_SUBMODULES = ("cifar", "fashion_mnist", "fetch", "idx", "loaders", "normalised_images", "partition", "rows",
+               "shakespeare", "spec", "synthetic")
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        module = importlib.import_module(f".{_NAMES[name]}", __name__)
+        value = getattr(module, name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_NAMES) | set(_SUBMODULES))

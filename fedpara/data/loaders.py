@@ -7,8 +7,9 @@
   (pFedPara), same class distribution as its train shard (natural roles for Shakespeare).
 
 A client computes its shard from the train *labels* alone (see :mod:`.partition`) and reads
-only its own rows. Fashion-MNIST datasets keep those rows as uint8 and normalise each batch when
-it is read (:class:`~fedpara.data.lazy.NormalisedImages`, a ``TensorDataset`` whose ``.tensors``
+only its own rows; which rows a spec names is decided in :mod:`.rows` (numpy only, shared with
+``fedpara-infer``). Fashion-MNIST datasets keep those rows as uint8 and normalise each batch when
+it is read (:class:`~fedpara.data.normalised_images.NormalisedImages`, a ``TensorDataset`` whose ``.tensors``
 materialises float32 on demand); the other image sources hold float32 tensors. ``limit`` caps
 every returned dataset with a seeded subset. ``val=FRAC`` holds a seeded fraction of the train
 split out of every client's shard (:func:`~fedpara.data.partition.validation_split`; Shakespeare:
@@ -25,12 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from export.datafiles import TEST_TAG as _TEST_TAG
-from export.datafiles import seeded_subset as _cap
-
-from . import cifar, fashion_mnist, shakespeare
-from .lazy import NormalisedImages
-from .partition import local_test_indices, partition, validation_split
+from . import cifar, fashion_mnist, rows, shakespeare
+from .normalised_images import NormalisedImages
 from .spec import DataSpec, as_spec
 from .synthetic import make_synthetic
 
@@ -49,7 +46,6 @@ class ImageSource:
     labels: Labels
     load: Loader
     num_classes: Callable[[DataSpec], int]
-    input_shape: Callable[[DataSpec], tuple[int, ...]]
     dataset: Lean | None = None  # same samples as ``load``, held leaner (uint8, normalised on read)
 
 
@@ -72,20 +68,17 @@ SOURCES: dict[str, ImageSource] = {
         labels=lambda s, split: fashion_mnist.read_labels(split, s.path),
         load=lambda s, split, idx: fashion_mnist.load_fashion_mnist(split, s.path, idx),
         num_classes=lambda s: fashion_mnist.NUM_CLASSES,
-        input_shape=lambda s: fashion_mnist.INPUT_SHAPE,
         dataset=lambda s, split, idx: fashion_mnist.fashion_mnist_dataset(split, s.path, idx),
     ),
     "cifar10": ImageSource(
         labels=lambda s, split: cifar.read_cifar_labels(s.name, split, s.path, s.label),
         load=lambda s, split, idx: cifar.load_cifar(s.name, split, s.path, idx, s.label),
         num_classes=_cifar_classes,
-        input_shape=lambda s: cifar.INPUT_SHAPE,
     ),
     "synthetic": ImageSource(
         labels=lambda s, split: _synthetic_load(s, split, None)[1].numpy(),
         load=_synthetic_load,
         num_classes=lambda s: s.classes,
-        input_shape=lambda s: tuple(s.shape),
     ),
 }
 SOURCES["cifar100"] = SOURCES["cifar10"]
@@ -105,18 +98,15 @@ def _labels_of(ds: TensorDataset) -> torch.Tensor:
     return ds.labels if isinstance(ds, NormalisedImages) else ds.tensors[1]
 
 
-def _shard(spec: DataSpec, labels: np.ndarray) -> np.ndarray:
-    """Client ``spec.index``'s rows of the train split: partitioned over what ``val`` leaves."""
-    if spec.val is None:
-        return partition(labels, spec.partition, spec.clients, spec.index, spec.seed)
-    fit, _ = validation_split(len(labels), spec.val, spec.seed)
-    return fit[partition(labels[fit], spec.partition, spec.clients, spec.index, spec.seed)]
+def _labels(spec: DataSpec) -> rows.Labels:
+    source = _source(spec)
+    return lambda split: source.labels(spec, split)
 
 
 def client_indices(spec: DataSpec | str) -> np.ndarray:
     """Client ``spec.index``'s train indices (before ``limit``), from the train labels alone."""
     spec = as_spec(spec)
-    return _shard(spec, _source(spec).labels(spec, "train"))
+    return rows.shard(spec, _source(spec).labels(spec, "train"))
 
 
 def validation_indices(spec: DataSpec | str) -> np.ndarray:
@@ -124,8 +114,7 @@ def validation_indices(spec: DataSpec | str) -> np.ndarray:
     spec = as_spec(spec)
     if spec.val is None:
         raise ValueError("validation_indices needs a data spec with val=FRAC")
-    n = len(_source(spec).labels(spec, "train"))
-    return validation_split(n, spec.val, spec.seed)[1]
+    return rows.held_out(spec, len(_source(spec).labels(spec, "train")))
 
 
 def _client_info(spec: DataSpec, num_samples: int, num_classes: int, input_shape: tuple, **extra) -> dict:
@@ -140,11 +129,11 @@ def load_client_data(spec: DataSpec | str) -> tuple[TensorDataset, dict]:
     if spec.name == "shakespeare":
         return _shakespeare_client(spec)
     source = _source(spec)
-    idx = _cap(client_indices(spec), spec.limit, spec.seed, spec.index)
-    ds = _dataset(source, spec, "train", idx)
+    split, idx = rows.select(spec, "train", _labels(spec))
+    ds = _dataset(source, spec, split, idx)
     y = _labels_of(ds)
     num_classes = source.num_classes(spec)
-    info = _client_info(spec, len(y), num_classes, tuple(source.input_shape(spec)),
+    info = _client_info(spec, len(y), num_classes, spec.input_shape,
                         class_counts=np.bincount(y.numpy(), minlength=num_classes).tolist())
     log.info("client %d/%d: %d %s samples (%s)", spec.index, spec.clients, len(y), spec.name,
              spec.partition)
@@ -160,15 +149,8 @@ def load_test_data(spec: DataSpec | str) -> TensorDataset:
         x, y, _ = shakespeare.load_shakespeare(split, spec.path, limit=spec.limit, seed=spec.seed,
                                                val_fraction=spec.val or 0.0)
         return TensorDataset(x, y)
-    source = _source(spec)
-    if split == "val":
-        idx = _cap(validation_indices(spec), spec.limit, spec.seed, _TEST_TAG)
-        return _dataset(source, spec, "train", idx)
-    idx = None
-    if spec.limit is not None:
-        n = len(source.labels(spec, "test"))
-        idx = _cap(np.arange(n), spec.limit, spec.seed, _TEST_TAG)
-    return _dataset(source, spec, "test", idx)
+    split, idx = rows.select(spec, "eval", _labels(spec))
+    return _dataset(_source(spec), spec, split, idx)
 
 
 def load_client_test(spec: DataSpec | str) -> TensorDataset:
@@ -179,16 +161,8 @@ def load_client_test(spec: DataSpec | str) -> TensorDataset:
         x, y, _ = shakespeare.load_shakespeare("test", spec.path, roles=roles,
                                                limit=spec.limit, seed=spec.seed)
         return TensorDataset(x, y)
-    source = _source(spec)
-    train_labels = source.labels(spec, "train")
-    test_labels = source.labels(spec, "test")
-    shard = _shard(spec, train_labels)
-    size = spec.test_size or max(len(test_labels) // spec.clients, 1)
-    if spec.limit is not None:
-        size = min(size, spec.limit)
-    idx = local_test_indices(train_labels[shard], test_labels, seed=spec.seed,
-                             index=spec.index, size=size)
-    return _dataset(source, spec, "test", idx)
+    split, idx = rows.select(spec, "local", _labels(spec))
+    return _dataset(_source(spec), spec, split, idx)
 
 
 def _shakespeare_roles(spec: DataSpec) -> list[str]:
@@ -205,3 +179,11 @@ def _shakespeare_client(spec: DataSpec) -> tuple[TensorDataset, dict]:
     log.info("client %d/%d: %d shakespeare windows from %d roles", spec.index, spec.clients,
              len(y), len(used))
     return TensorDataset(x, y), info
+
+
+def load_rows(spec: DataSpec | str, which: str) -> TensorDataset:
+    """The dataset of a selection (``train`` | ``eval`` | ``local``, see :mod:`.rows`)."""
+    loaders = {"train": lambda s: load_client_data(s)[0], "eval": load_test_data, "local": load_client_test}
+    if which not in loaders:
+        raise ValueError(f"which must be one of {', '.join(rows.WHICH)}, got {which!r}")
+    return loaders[which](as_spec(spec))

@@ -237,3 +237,14 @@ def _apportion(share: np.ndarray, total: int) -> np.ndarray:
     if rest > 0:
         counts[np.argsort(-(raw - counts), kind="stable")[:rest]] += 1
     return counts
+
+
+TEST_TAG = 1 << 20  # RNG stream for capping the server test split (client streams use their index)
+
+
+def seeded_subset(indices: np.ndarray, limit: int | None, seed: int, tag: int) -> np.ndarray:
+    """A seeded, sorted subset of at most ``limit`` indices (what a data spec's ``limit`` means)."""
+    if limit is None or len(indices) <= limit:
+        return indices
+    rng = np.random.default_rng([seed, tag])
+    return np.sort(rng.choice(indices, size=limit, replace=False))

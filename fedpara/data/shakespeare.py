@@ -31,9 +31,12 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +178,8 @@ def load_shakespeare(split: str, path: str | os.PathLike | None = None,
     samples, so ``limit`` (a seeded random subset, kept in order) bounds memory: the full test
     split of the sdist is about 0.9 M windows, 0.6 GB as int64.
     """
+    import torch  # the parser and the vocabulary above need numpy only
+
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if not 0.0 <= val_fraction < 1.0:

@@ -125,6 +125,19 @@ class DataSpec:
             return 20 if self.label == "coarse" else 100
         return 10
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one sample (what a model built for these data takes)."""
+        if self.name == "synthetic":
+            return tuple(self.shape)
+        if self.name == "shakespeare":
+            from .shakespeare import SEQ_LEN
+            return (SEQ_LEN,)  # windows of character ids
+        if self.name == "fashion-mnist":
+            from .fashion_mnist import INPUT_SHAPE
+            return INPUT_SHAPE
+        return (3, 32, 32)  # cifar10, cifar100 (cifar.INPUT_SHAPE; that module needs torch)
+
     def replace(self, **changes) -> "DataSpec":
         """A copy with fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

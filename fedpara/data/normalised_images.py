@@ -1,4 +1,4 @@
-"""A dataset that stores uint8 images and normalises them only when a sample or batch is read.
+"""A torch dataset that stores uint8 images and normalises them only when a sample or batch is read.
 
 :class:`NormalisedImages` holds a client's pixels as uint8 (4x smaller than float32) and maps
 each sample (or each batch, through ``__getitems__``, which ``DataLoader`` uses) to float32 with a

@@ -5,8 +5,8 @@ onnxruntime build does not have (``cuda`` / ``tensorrt`` need the ``onnxruntime-
 NVIDIA's libraries) raises :class:`ProviderUnavailable`, a ``ValueError`` whose message says what
 is available and what to install -- never a silent fall-back to the CPU.
 
-Needs only numpy and onnxruntime (no torch, no ``fedpara`` package): this is what runs on a device
-with the ``infer`` install profile.
+Needs only numpy and onnxruntime (no torch): this is what runs on a device with the ``infer``
+install profile. (Named for what it holds; ``fedpara.runtime`` is the federated runtime.)
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpara.data.spec import parse_data_spec
 from fedpara.lr import default_lr, lr_table
 from fedpara.models import ModelSpec
 from fedpara.runtime.options import (
@@ -179,8 +180,18 @@ class CoordinatorConfig:
 
     @property
     def spec(self) -> ModelSpec:
-        return ModelSpec(model=self.model, num_classes=self.num_classes, scheme=self.scheme,
+        """The run's model, shaped for the samples of its data (e.g. vgg16 on Fashion-MNIST's 1x28x28)."""
+        spec = ModelSpec(model=self.model, num_classes=self.num_classes, scheme=self.scheme,
                          ratio=self.ratio, form=self.form, tanh=self.tanh)
+        try:
+            shape = parse_data_spec(self.test_data).input_shape
+        except ValueError as exc:
+            raise ValueError(f"test_data: {exc}") from None
+        try:
+            return dataclasses.replace(spec, input_shape=shape)
+        except ValueError as exc:
+            raise ValueError(f"model: {self.model} cannot take the samples of test_data {self.test_data!r} "
+                             f"({exc})") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -88,8 +88,17 @@ def test_clients_that_cannot_train_fail_the_round_at_once(mosquitto_broker, tmp_
 def test_a_model_that_does_not_fit_the_test_data_is_one_line(tmp_path):
     import pytest
 
-    with pytest.raises(ValueError, match=r"model vgg16 does not fit the data fashion-mnist.*\(1, 28, 28\)"):
-        Coordinator(_cfg(tmp_path, model="vgg16"), parse_broker_url("mqtt://127.0.0.1:1"))
+    with pytest.raises(ValueError, match=r"model: char_lstm cannot take the samples of test_data 'fashion-mnist.*\(1, 28, 28\)"):
+        Coordinator(_cfg(tmp_path, model="char_lstm"), parse_broker_url("mqtt://127.0.0.1:1"))
+
+
+def test_vgg16_takes_the_shape_of_fashion_mnist(tmp_path):
+    """vgg16 (3x32x32 in the paper) is built for the run's 1x28x28 samples: the coordinator checks it
+    on a test sample, and clients get the shape through the task's model spec."""
+    coord = Coordinator(_cfg(tmp_path, model="vgg16"), parse_broker_url("mqtt://127.0.0.1:1"))
+    assert coord.spec.input_shape == (1, 28, 28)
+    from fedpara.models import ModelSpec
+    assert ModelSpec.from_dict(coord.spec.to_dict()) == coord.spec  # it travels in tasks and checkpoints
 
 
 def test_robust_aggregators_stay_near_a_clean_run_under_a_noise_insider(mosquitto_broker, tmp_path):

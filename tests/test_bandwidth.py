@@ -246,6 +246,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 @needs_fmnist
 def test_metrics_bytes_agree_with_mosquitto_sys(tmp_path):

@@ -401,6 +401,7 @@ def test_dashboard_in_a_real_browser_during_a_real_run(tmp_path):
         proc.wait(10)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_demo_serves_the_dashboard_and_writes_the_report(tmp_path):
     out = tmp_path / "demo"

@@ -73,6 +73,7 @@ def _data_spec(tmp_path: Path) -> str:
         return f"fashion-mnist,path={_fake_fmnist(tmp_path / 'fmnist')}"
 
 
+@pytest.mark.slow
 def test_infer_profile_venv_runs_without_torch(tmp_path):
     spec = ModelSpec(model="cnn28", scheme="fedpara", ratio=0.1)
     ckpt = save_checkpoint(tmp_path / "c.safetensors", fedpara.global_state(spec.build()), spec, round=1)

@@ -122,6 +122,7 @@ def test_robust_aggregators_stay_near_a_clean_run_under_a_noise_insider(mosquitt
     assert summary["final_accuracy"] < 0.3  # what the robust ones protect against
 
 
+@pytest.mark.slow
 def test_nan_factors_and_oversized_metrics_change_nothing(mosquitto_broker, tmp_path):
     def nan(out: FitOutput) -> FitOutput:
         return FitOutput({k: torch.full_like(v, float("nan")) for k, v in out.tensors.items()}, 150, out.metrics)

@@ -102,6 +102,7 @@ def test_a_task_too_big_for_the_memory_is_refused_with_the_reason(mosquitto_brok
     assert report["memory_limit_bytes"] == 450 << 20 and report["peak_rss_bytes"] < 450 << 20
 
 
+@pytest.mark.slow
 def test_a_client_killed_by_the_kernel_mid_round_is_gone_then_rejoins_with_its_state(mosquitto_broker, tmp_path):
     # pFedPara: the local half lives only on the device, in its state directory
     cfg = coord_cfg(tmp_path, model="cnn28", scheme="pfedpara", rounds=3, round_deadline_s=120.0,

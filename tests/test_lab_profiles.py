@@ -133,6 +133,7 @@ def test_the_fit_check_leaves_training_exactly_as_without_it():
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and torch.equal(ra, rb)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(devprofile.unavailable_reason() is not None,
                     reason=f"device profiles: {devprofile.unavailable_reason()}")
 @pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST is not installed")

@@ -15,7 +15,7 @@ profile.
 """
 from __future__ import annotations
 
-import importlib
+from fedpara.lazy_exports import lazy_exports
 
 _NAMES = {
     "export_onnx": "onnx_export", "read_metadata": "onnx_export",
@@ -29,13 +29,4 @@ _NAMES = {
 __all__ = sorted(_NAMES)
 
 
-def __getattr__(name: str):
-    if name not in _NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_NAMES))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _NAMES)

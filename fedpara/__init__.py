@@ -10,7 +10,7 @@ without PyTorch (the ``infer`` install profile).
 """
 from __future__ import annotations
 
-import importlib
+from .lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -29,16 +29,4 @@ _SUBMODULES = ("conversion", "data", "dp", "kernels", "layers", "lr", "lstm", "m
 __all__ = sorted(_NAMES) + ["models"]
 
 
-def __getattr__(name: str):
-    if name in _NAMES:
-        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_NAMES) | set(_SUBMODULES))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _NAMES, _SUBMODULES)

@@ -15,7 +15,7 @@ synthetic data build torch tensors. ``fedpara.data.partition`` is the module (it
 """
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 _NAMES = {
     "load_cifar": "cifar", "read_cifar_bin": "cifar",
@@ -37,17 +37,4 @@ _SUBMODULES = ("cifar", "fashion_mnist", "fetch", "idx", "loaders", "normalised_
 __all__ = sorted(_NAMES)
 
 
-def __getattr__(name: str):
-    if name in _NAMES:
-        module = importlib.import_module(f".{_NAMES[name]}", __name__)
-        value = getattr(module, name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_NAMES) | set(_SUBMODULES))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _NAMES, _SUBMODULES)

@@ -247,9 +247,10 @@ class Coordinator:
         for c in agg.screened:
             self.ignored["screened"] += 1
             log.warning("round %d: update from %s screened out (far from the others)", rnd, c)
-        refused = agg.refused
+        refused, new = agg.refused, None
         if agg.state is not None:
-            ok, move, limit = self.guard.check(self.state, agg.state)
+            new = self.strategy.step(self.state, agg.state)
+            ok, move, limit = self.guard.check(self.state, new)
             if not ok:
                 refused = (f"the aggregate would move the model by {move:.3g} (limit {limit:.3g}: max_step_factor "
                            f"{self.cfg.max_step_factor:g} x the recent moves)" if move == move and move != float("inf")
@@ -258,7 +259,7 @@ class Coordinator:
             self.ignored["aggregate_rejected"] += 1
             log.warning("round %d: aggregate refused, model kept: %s", rnd, refused)
         else:
-            self.state = agg.state
+            self.state = new
         return refused
 
     def _run_round(self, rnd: int) -> None:

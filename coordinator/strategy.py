@@ -123,6 +123,11 @@ class Strategy:
             return StreamingAccumulator(reference)
         return BufferedAccumulator(self, reference)
 
+    def step(self, current: Mapping[str, Tensor], aggregate: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The next global state from the current one and the round's aggregate: plain FedAvg takes
+        the aggregate (a server optimiser would step along ``aggregate - current`` here)."""
+        return dict(aggregate)
+
     def sample(self, live: Sequence[str], rnd: int, attempt: int) -> list[str]:
         """K clients (all when K is 0 or at least the number live), sorted; reproducible for a
         given (seed, round, attempt) and set of live clients."""

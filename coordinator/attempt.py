@@ -55,6 +55,10 @@ class RoundAttempt:
         """The acceptance rules with the replies so far (judge_update refuses duplicates by it)."""
         return dataclasses.replace(self.rules, replied=self.replied)
 
+    def rules_for(self, client: str) -> RoundState:
+        """What a reply from ``client`` is judged against: one task for every sampled client."""
+        return self.view()
+
     def pending(self) -> list[str]:
         """Sampled clients that have not answered, sorted."""
         return sorted(c for c in self.sampled if c not in self.results and c not in self.failures)
@@ -62,10 +66,16 @@ class RoundAttempt:
     def done(self) -> bool:
         return not self.pending()
 
-    def accept(self, result: FitResult) -> None:
-        """Fold an accepted update in (tensors cast to the global state's dtypes first)."""
+    def accept(self, result: FitResult) -> str | None:
+        """Fold an accepted update in (tensors cast to the global state's dtypes first); returns
+        None (a sync attempt takes every update acceptance let through)."""
         tensors = {k: v.to(self.reference[k].dtype) for k, v in result.state.items()}
         self.results[result.client_id] = self.accumulator.add(dataclasses.replace(result, state=tensors))
+        return None
+
+    def reask(self, outbound, clients: list[str], *, ours: bool = False) -> None:
+        """A reconnect may have lost replies: send the task again (limited, see Outbound.resend)."""
+        outbound.resend(self, clients, ours=ours)
 
     def fail(self, client: str, reason: str) -> None:
         """The client answered with a failure (or an update that cannot be used): not waited for."""

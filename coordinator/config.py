@@ -62,6 +62,11 @@ class CoordinatorConfig:
                                      "example count its round's sampled clients announced (0: off)")
     max_step_factor: float = option(10.0, "refuse an aggregate that moves the model more than this many times the "
                                     "median of the last 5 moves (round 1: the model's norm); 0: off")
+    # asynchronous buffered rounds (docs/async.md): every idle client trains the newest global factors
+    mode: str = option("sync", "sync: rounds wait for their sampled clients | async: FedBuff-style buffered "
+                       "versions, the slowest device does not set the pace (rounds counts versions)")
+    buffer_size: int = option(3, "async: updates folded into each new global version")
+    max_staleness: int = option(8, "async: refuse an update trained on a version more than this many versions old")
     sampling: str = option("fixed", "fixed: clients_per_round of the live clients, without replacement (all when 0) | "
                            "poisson: each live client independently with probability sample_rate")
     sample_rate: float = option(0.1, "poisson sampling: each live client's chance to be sampled in a round")
@@ -128,6 +133,16 @@ class CoordinatorConfig:
         check_int("max_examples", self.max_examples, min=1)
         check_choice("digest", self.digest, ("auto", "sha256"))
         check_choice("sampling", self.sampling, ("fixed", "poisson"))
+        check_choice("mode", self.mode, ("sync", "async"))
+        check_int("buffer_size", self.buffer_size, min=1)
+        check_int("max_staleness", self.max_staleness, min=0)
+        if self.mode == "async" and self.dp_noise_multiplier > 0:
+            raise ValueError("mode: async rounds cannot be differentially private here: the accountant assumes each "
+                             "round samples from every eligible client, which a staleness-weighted buffer does not "
+                             "(docs/async.md); use mode = \"sync\"")
+        if self.mode == "async" and self.sampling == "poisson":
+            raise ValueError("sampling: poisson is for sync rounds; async hands the model to every idle client "
+                             "(clients_per_round caps how many train at once)")
         check_number("sample_rate", self.sample_rate, min=0.0, max=1.0, min_open=True)
         check_choice("dp_mode", self.dp_mode, ("central", "local"))
         check_number("dp_noise_multiplier", self.dp_noise_multiplier, min=0.0, max=1e4)

@@ -178,19 +178,23 @@ class Inbound:
         if a is None:  # between rounds: a late reply to a round already aggregated
             self.ignored["stale"] += 1
             return
-        verdict = judge_update(msg, client, a.view())
-        if verdict.reason == "malformed" and msg.meta.get("task_id") == a.task_id:
+        rules = a.rules_for(client)  # the task this client is answering (async: each client its own)
+        verdict = judge_update(msg, client, rules)
+        if verdict.reason == "malformed" and msg.meta.get("task_id") == rules.task_id:
             self._broken_update(client, verdict.detail)
         if verdict.failure is not None:
             self._record_failure(client, f"{verdict.failure.error}: {verdict.failure.reason}")
             return
-        if not verdict.accepted:
-            self.ignored[verdict.reason] += 1
-            self._refusals.log(logging.WARNING if verdict.reason == "malformed" else logging.INFO,
-                               f"update:{verdict.reason}", "ignored update: %s", verdict.detail)
+        refused = None if verdict.accepted else verdict.reason
+        if verdict.accepted:  # the attempt may still refuse it (async: too stale)
+            refused = a.accept(FitResult(client, msg.tensors, verdict.update.num_examples, verdict.update.metrics,
+                                         len(data)))
+        if refused is not None:
+            self.ignored[refused] += 1
+            self._refusals.log(logging.WARNING if refused == "malformed" else logging.INFO,
+                               f"update:{refused}", "ignored update from %s: %s", client, verdict.detail or refused)
             return
-        a.accept(FitResult(client, msg.tensors, verdict.update.num_examples, verdict.update.metrics, len(data)))
-        self.ledger.accepted(a.task_id, client)
+        self.ledger.accepted(rules.task_id, client)
         self.emit(ReplyAccepted(a.round, client, len(a.results), len(a.sampled)))
 
     def _handle_report(self, client: str, msg, rep: Report) -> None:
@@ -206,7 +210,8 @@ class Inbound:
         failure for this attempt, so the round does not wait for it until the deadline. (Unsigned
         runs cannot tell the client from anyone else on its topic, so there it is only counted.)"""
         a = self.attempt
-        if self.opener.signed and a is not None and client in a.sampled and client not in a.replied:
+        rules = a.rules_for(client) if a is not None else None
+        if self.opener.signed and rules is not None and client in rules.sampled and client not in rules.replied:
             self._record_failure(client, f"malformed update: {why}")
 
     def _record_failure(self, client: str, reason: str) -> None:

@@ -34,7 +34,7 @@ class PendingRound:
     """A round aggregated but not yet written down."""
 
     round: int
-    task_id: str
+    tasks: dict[str, str]         # client -> the task id its result answered (one task in a sync round)
     fields: dict                  # everything records.round_row needs but the evaluation
     extra: dict                   # the line's other fields (screened, failures, privacy, wall_s, ...)
     results: list[FitResult]      # without tensors (metrics only)
@@ -109,8 +109,8 @@ class RoundLedger:
 
     # --- lines ----------------------------------------------------------------------------------
     def reports_in(self, p: PendingRound) -> bool:
-        got = self._reports.get(p.task_id, {})
-        return all(r.client_id in got for r in p.results if r.metrics.get("report_follows") is True)
+        return all(r.client_id in self._reports.get(p.tasks.get(r.client_id, ""), {})
+                   for r in p.results if r.metrics.get("report_follows") is True)
 
     def ready(self) -> bool:
         """The oldest pending round can be written now."""
@@ -139,8 +139,12 @@ class RoundLedger:
             self._write(p, ev, eval_s, save_s)
 
     def _write(self, p: PendingRound, ev: dict | None, eval_s: float, save_s: float) -> None:
-        reports = self._reports.pop(p.task_id, {})
-        self._accepted.pop(p.task_id, None)
+        reports: dict[str, dict] = {}
+        for client, task_id in p.tasks.items():
+            reports[client] = self._reports.get(task_id, {}).get(client, {})
+        for task_id in set(p.tasks.values()):
+            self._reports.pop(task_id, None)
+            self._accepted.pop(task_id, None)
         results = [dataclasses.replace(r, metrics={**r.metrics, **reports.get(r.client_id, {})}) for r in p.results]
         row = records.round_row(**p.fields, evaluation=ev or {"accuracy": None, "loss": None}, results=results,
                                ignored=self.ignored, personalised=self.personalised)

@@ -38,6 +38,7 @@ from fedpara.wire import Message, MessageKind
 from .observation import records
 from .acceptance import RoundState
 from .aggregate import StepGuard
+from .asyncloop import AsyncRounds
 from .attempt import RoundAttempt, RoundTally
 from .backoff import FailureTracker
 from .config import CoordinatorConfig
@@ -91,11 +92,12 @@ class Coordinator:
         self._partial_cap = max(1 << 20, 2 * state_bytes(self.state) + (1 << 16))
         self.inbound = Inbound(cfg, self.topics, opener, self.registry, self.presence, self.ledger,
                                ignored=self.ignored, partial_cap=self._partial_cap, emit=self._emit,
-                               reask=lambda clients: self.outbound.resend(self.inbound.attempt, clients))
+                               reask=self._reask)
         self.start_round = 1
         # wall_s of every metrics line: seconds since the run started (a resumed run goes on from its
         # last line's, not counting the time it was down), so time-to-accuracy reads off any run
         self._wall_base, self._t_start = 0.0, time.monotonic()
+        self._first_task_s: float | None = None  # wall_s when this process sent its first task
         if resume:
             self._resume()
         else:
@@ -118,6 +120,8 @@ class Coordinator:
         self.inbound.abort(reason)
 
     def _emit(self, event) -> None:
+        if isinstance(event, TaskSent) and self._first_task_s is None:  # the training clock starts here
+            self._first_task_s = round(self._wall_base + time.monotonic() - self._t_start, 3)
         if self.on_event is None:
             return
         try:
@@ -141,6 +145,11 @@ class Coordinator:
             if isinstance(rows[-1].get("wall_s"), (int, float)):
                 self._wall_base = float(rows[-1]["wall_s"])
         log.info("resuming %s at round %d", self.run_dir.root, self.start_round)
+
+    def _reask(self, clients: list[str]) -> None:
+        """A client reconnected: what it sent meanwhile may be lost (the current attempt decides)."""
+        if self.inbound.attempt is not None:
+            self.inbound.attempt.reask(self.outbound, clients)
 
     def _pump(self, timeout: float, until=None) -> None:
         self.inbound.pump(timeout, until)
@@ -205,7 +214,7 @@ class Coordinator:
         while time.monotonic() < deadline and not a.done():
             if self.session.connects != connects:  # we reconnected: replies sent meanwhile are lost
                 connects = self.session.connects
-                self.outbound.resend(a, a.pending(), ours=True)
+                a.reask(self.outbound, a.pending(), ours=True)
             if not any(self.registry.is_live(c) for c in a.pending()):  # last will, offline, or silent
                 log.warning("round %d attempt %d: %s gone; not waiting for the deadline", rnd, number,
                             ", ".join(a.pending()))
@@ -265,36 +274,43 @@ class Coordinator:
     def _run_round(self, rnd: int) -> None:
         """Collect and aggregate round ``rnd``; its evaluation and checkpoint go to the evaluator
         thread, and the next round's task goes out at once (the metrics line follows later)."""
-        cfg = self.cfg
         tally = self.inbound.tally = RoundTally(rnd)
         a = self._collect(tally)
-        t_collected = time.monotonic()
-        tally.timing["wait_s"] = t_collected - tally.started - tally.timing["send_s"]
+        tally.timing["wait_s"] = time.monotonic() - tally.started - tally.timing["send_s"]
         self.ledger.finalize(block=True)  # round rnd-1's line: its reports came before these updates
+        self._conclude(tally, a.accumulator, attempt=a.number, sampled=sorted(a.sampled), broadcast=a.broadcast,
+                       results=list(a.results.values()), tasks={c: a.task_id for c in a.results})
+
+    def _conclude(self, tally: RoundTally, accumulator, *, attempt: int, sampled: list[str], broadcast: bool,
+                  results: list, tasks: dict[str, str], extra: dict | None = None) -> None:
+        """Release the accumulator's aggregate as round (or version) ``tally.number`` and hand the
+        round to the ledger: evaluation, checkpoint and metrics line follow on the evaluator thread."""
+        rnd, t0 = tally.number, time.monotonic()
         if self.session.inbox.dropped:
             self.ignored["backpressure"] = sum(self.session.inbox.dropped.values())
-        agg = a.accumulator.result()
+        agg = accumulator.result()
         refused = self._release(rnd, agg)
-        tally.timing["aggregate_s"] = time.monotonic() - t_collected
-        fields = dict(rnd=rnd, attempt=a.number, sampled=sorted(a.sampled), broadcast=a.broadcast, sent=tally.sent,
+        tally.timing["aggregate_s"] = time.monotonic() - t0
+        fields = dict(rnd=rnd, attempt=attempt, sampled=sampled, broadcast=broadcast, sent=tally.sent,
                       mqtt_bytes_up=tally.mqtt_bytes_up, dense_bytes=self.dense_bytes, lr=self._lr(rnd),
                       duration_s=time.monotonic() - tally.started)
         # the line's fields beyond records.round_row's: added to it as they are
-        extra = {"screened": list(agg.screened), "failures": tally.failures,
+        extra = {**(extra or {}), "screened": list(agg.screened), "failures": tally.failures,
                  "backed_off": self.failing.backed_off(rnd + 1),
                  **({"aggregate_refused": refused} if refused is not None else {}),  # the model was kept: why
                  **agg.privacy,  # epsilon, delta and the round's DP record (resume rebuilds the budget from it)
-                 "wall_s": round(self._wall_base + time.monotonic() - self._t_start, 3)}  # the aggregate's time
+                 "wall_s": round(self._wall_base + time.monotonic() - self._t_start, 3),  # the aggregate's time
+                 "first_task_s": self._first_task_s}  # before it: waiting for the clients to come online
         socket = {}
         sock = self.session.socket_bytes()
         if sock is not None:  # what the coordinator's own TCP connection moved this round (kernel count)
             prev = self._socket_prev or sock
             socket = {"socket_bytes_sent": sock[0] - prev[0], "socket_bytes_received": sock[1] - prev[1]}
         self._socket_prev = sock
-        evaluate_now = rnd == cfg.rounds or rnd % cfg.eval_every == 0
+        evaluate_now = rnd == self.cfg.rounds or rnd % self.cfg.eval_every == 0
         # submitted once the next task is out (ledger.submit): evaluating would slow its sending
-        self.ledger.add(PendingRound(rnd, a.task_id, fields, extra, list(a.results.values()), dict(tally.timing),
-                                     socket, job=(self.state, evaluate_now)))
+        self.ledger.add(PendingRound(rnd, tasks, fields, extra, results, dict(tally.timing), socket,
+                                     job=(self.state, evaluate_now)))
 
     def _wait_reports(self, p: PendingRound) -> None:
         self._pump(min(REPORT_GRACE_S, self.cfg.round_deadline_s), until=lambda: self.ledger.reports_in(p))
@@ -320,8 +336,11 @@ class Coordinator:
         self.ledger.start()
         try:
             self._pump(0.5)  # the clients' retained statuses arrive in a burst after subscribing
-            for rnd in range(self.start_round, cfg.rounds + 1):
-                self._run_round(rnd)
+            if cfg.mode == "async":  # a version clock instead of rounds (docs/async.md)
+                AsyncRounds(self).run()
+            else:
+                for rnd in range(self.start_round, cfg.rounds + 1):
+                    self._run_round(rnd)
             self.ledger.finalize(block=True, wait_reports=self._wait_reports)
             status, tell_clients = "completed", True
         except BudgetExhausted as exc:  # a clean stop, said as such: the budget is the operator's limit

@@ -167,6 +167,8 @@ class DashboardState:
             "mb_up": round(h["mb_up"], 4), "dense_mb": round(h["dense_mb"], 4), "dense_ratio": h["dense_ratio"],
             "energy_j": round(h["energy_j"], 3), "energy_measured": h["energy_measured"],
             "epsilon": last.get("epsilon"), "delta": last.get("delta"),
+            "mode": last.get("mode", "sync"), "staleness_max": last.get("staleness_max"),
+            "in_flight": last.get("in_flight"),
             "clients_online": live, "clients_known": known, "clients": clients,
             "figures_version": self._version_for(key), "uptime_s": round(self.clock() - self.started, 1),
         }

@@ -69,6 +69,12 @@ def headline_items(rows: Sequence[Mapping], summary: Mapping, config: Mapping) -
         ("energy, all clients", f"{h['energy_j']:.1f} J ({'measured' if h['energy_measured'] else 'estimated'})"
          if rows else "-"),
     ]
+    stale = [s for r in rows if isinstance(r.get("staleness"), Mapping) for s in r["staleness"].values()
+             if isinstance(s, int)]
+    if any(r.get("mode") == "async" for r in rows):  # asynchronous buffered versions (docs/async.md)
+        items.append(("async: updates per version, staleness (mean / max)",
+                      f"{len(stale) / max(1, len(rows)):.1f}, {sum(stale) / max(1, len(stale)):.2f} / "
+                      f"{max(stale, default=0)}; refused as too stale: {sum(r.get('too_stale', 0) for r in rows)}"))
     eps = [r for r in rows if isinstance(r.get("epsilon"), (int, float))]
     if eps:  # a differentially private run: the budget it spent (docs/privacy.md)
         dp = eps[-1].get("dp") or {}

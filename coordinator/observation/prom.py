@@ -86,6 +86,11 @@ class RunMetrics:
                               "reported with the next reply)", ["phase"], registry=r)
         self.energy_measured = Gauge("fedpara_energy_measured", "1 when every energy figure so far came from a "
                                      "sensor, 0 when any is an estimate", registry=r)
+        self.version = Gauge("fedpara_global_version", "async runs: global versions published so far "
+                             "(docs/async.md)", registry=r)
+        self.staleness = Histogram("fedpara_update_staleness", "async runs: versions published between an update's "
+                                   "task and its folding into the buffer", buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32),
+                                   registry=r)
         self.duration = Histogram("fedpara_round_duration_seconds", "wall time of a completed round",
                                   buckets=ROUND_SECONDS_BUCKETS, registry=r)
         self.phase_seconds = Counter("fedpara_round_phase_seconds", "seconds of completed rounds by phase "
@@ -147,6 +152,11 @@ class RunMetrics:
     def record_row(self, row: Mapping) -> None:
         """Add one metrics.jsonl row (a completed round)."""
         self.round.set(row["round"])
+        if isinstance(row.get("version"), int):
+            self.version.set(row["version"])
+        for s in (row.get("staleness") or {}).values() if isinstance(row.get("staleness"), Mapping) else ():
+            if isinstance(s, int) and s >= 0:
+                self.staleness.observe(s)
         for gauge, key in ((self.accuracy, "accuracy"), (self.loss, "loss"), (self.epsilon, "epsilon")):
             if (v := finite_or_none(row.get(key))) is not None:
                 gauge.set(v)

@@ -54,6 +54,10 @@ function render(s) {
   setText("dense", `${num(s.dense_mb, 1)} (${s.dense_ratio ? num(s.dense_ratio, 1) + "x" : "-"})`);
   setText("energy", s.energy_j ? `${num(s.energy_j, 1)} J ${s.energy_measured ? "measured" : "est."}` : "-");
   setText("online", `${s.clients_online} / ${s.clients_known}`);
+  if (s.mode === "async") {  // asynchronous buffered versions (docs/async.md)
+    document.getElementById("async-card").hidden = false;
+    setText("staleness", `max ${s.staleness_max} · ${s.in_flight} in flight`);
+  }
   if (typeof s.epsilon === "number") {  // differentially private runs only
     document.getElementById("privacy-card").hidden = false;
     setText("epsilon", `ε ${num(s.epsilon, 2)} (δ ${s.delta})`);

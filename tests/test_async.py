@@ -152,3 +152,19 @@ def test_prometheus_and_the_report_show_versions_and_staleness():
     assert 'fedpara_update_staleness_bucket{le="0.0"} 4.0' in text and "fedpara_update_staleness_count 6.0" in text
     items = dict(headline_items(rows, {}, {"rounds": 3}))
     assert items["async: updates per version, staleness (mean / max)"] == "2.0, 0.50 / 2; refused as too stale: 3"
+
+
+@needs_fmnist
+def test_pfedpara_keeps_its_local_half_on_the_devices_in_async_mode(amqtt_broker, tmp_path):
+    cfg = coord_cfg(tmp_path, mode="async", rounds=3, buffer_size=2, scheme="pfedpara")
+    clients = _clients(amqtt_broker, cfg, tmp_path, [150, 150, 150])
+    try:
+        coord = Coordinator(cfg, parse_broker_url(amqtt_broker))
+        summary = coord.run()
+    finally:
+        for c in clients:
+            c.stop()
+    import fedpara
+    local = set(fedpara.local_state(clients[0].trainer.model))
+    assert summary["status"] == "completed" and local and not local & set(coord.state)
+    assert all(r["version"] == r["round"] for r in RunDir(cfg.out).read_metrics())

@@ -117,7 +117,10 @@ def test_a_slow_client_does_not_hold_the_versions_back(mosquitto_broker, tmp_pat
     assert all(r["mode"] == "async" and r["version"] == r["round"] and r["replied"] == 2 for r in rows)
     assert any("c0" not in r["clients"] for r in rows)        # versions went on without the slow client
     assert all(0 <= s <= 8 for r in rows for s in r["staleness"].values())
-    assert all(r["mqtt_bytes_down"] > 0 and r["mqtt_bytes_up"] > 0 and isinstance(r["wall_s"], float) for r in rows)
+    # bytes down count in the version during which a task went out (a version may need none: its
+    # updates were all trained on tasks sent earlier); every version received its updates' frames
+    assert sum(r["mqtt_bytes_down"] for r in rows) > 0
+    assert all(r["mqtt_bytes_up"] > 0 and isinstance(r["wall_s"], float) for r in rows)
     assert rows[-1]["accuracy"] > 0.3 and math.isfinite(rows[-1]["loss"])
 
 

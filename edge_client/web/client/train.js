@@ -24,7 +24,14 @@ function meanCrossEntropy(logits, labels) {
   return tf.neg(tf.mean(tf.sum(tf.mul(tf.oneHot(labels, logits.shape[1]), logp), 1)));
 }
 
-const nextFrame = () => new Promise((r) => setTimeout(r, 0));
+// Training runs on the page's thread: give the event loop (MQTT keep-alives, heartbeats, the page)
+// a turn at least every 50 ms.
+let lastYield = 0;
+async function breathe() {
+  if (performance.now() - lastYield < 50) return;
+  await new Promise((r) => setTimeout(r, 0));
+  lastYield = performance.now();
+}
 
 /** E epochs of SGD on ``model``; {loss, num_examples, steps, seconds}. */
 export async function trainEpochs(model, data, { epochs, batch_size: batchSize, lr, momentum = 0, weight_decay: wd = 0, seed = 0 },
@@ -58,7 +65,7 @@ export async function trainEpochs(model, data, { epochs, batch_size: batchSize, 
       steps++;
       tf.dispose([x, y, value, ...Object.values(grads)]);
       if (onStep) onStep(steps);
-      if (steps % 8 === 0) await nextFrame();  // let the page (and MQTT keep-alives) breathe
+      await breathe();
     }
   }
   for (const b of bufs.values()) b.dispose();
@@ -79,7 +86,7 @@ export async function evaluate(model, data, batchSize = 256) {
     correct += (await c.data())[0];
     loss += (await l.data())[0];
     tf.dispose([x, y, c, l]);
-    await nextFrame();
+    await breathe();
   }
   return { accuracy: correct / Math.max(n, 1), loss: loss / Math.max(n, 1), num_examples: n };
 }

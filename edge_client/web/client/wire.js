@@ -219,10 +219,11 @@ export function encode(msg, { codecFor = () => parseCodec("fp32"), digest = "sha
     rawBytes += 4 * t.data.length;
   }
   const body = entries.length ? writeSafetensors(entries) : new Uint8Array(0);
-  const meta = seq === null ? msg.meta : { ...msg.meta, seq: "\u0000SEQ\u0000" };
-  let json = JSON.stringify({ run: msg.run, round: msg.round, sender: msg.sender, meta,
-    sections: entries.length ? [[null, body.length, body.length]] : [], tensors: manifest });
-  if (seq !== null) json = json.replace('"\\u0000SEQ\\u0000"', seq.toString());
+  const meta = seq === null ? msg.meta : { ...msg.meta, seq };
+  // BigInts (seq, session: ns clocks past 2^53) are written as exact JSON integers
+  const json = JSON.stringify({ run: msg.run, round: msg.round, sender: msg.sender, meta,
+    sections: entries.length ? [[null, body.length, body.length]] : [], tensors: manifest },
+  (k, v) => (typeof v === "bigint" ? `\u0000BIG${v}\u0000` : v)).replace(/"\\u0000BIG(\d+)\\u0000"/g, "$1");
   let header = utf8.encode(json);
   const pad = (8 - ((PREFIX_BYTES + header.length) % 8)) % 8;
   if (pad) { const h = new Uint8Array(header.length + pad).fill(0x20); h.set(header); header = h; }

@@ -6,7 +6,6 @@ phone whose key the operator revoked is refused."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 
 import pytest

@@ -51,6 +51,9 @@ def data():
     return x[:96].contiguous(), y[:96].contiguous()
 
 
+ERRORS: list = []  # (model, scheme, backend, tensor, max abs error, torch fp32-vs-fp64 error, max abs change): docs/mobile.md quotes them
+
+
 def torch_order(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
     """The example order fedpara.training.train_epochs visits: its DataLoader, replayed on indices."""
     loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch_size, shuffle=True,
@@ -60,9 +63,9 @@ def torch_order(n: int, batch_size: int, epochs: int, seed: int) -> list[list[in
 
 BROWSER_TRAIN = """
 const done = arguments[arguments.length - 1];
-const [task, xs, ys, order] = arguments;
-Promise.all(['wire', 'hash', 'model', 'train'].map(n => import(`./client/${n}.js`))).then(async ([w, h, m, t]) => {
-  const tf = await import('tfjs'); await tf.setBackend('cpu');
+const [task, xs, ys, order, backend] = arguments;
+Promise.all(['wire', 'hash', 'model', 'train', 'backend'].map(n => import(`./client/${n}.js`))).then(async ([w, h, m, t, b]) => {
+  if (await b.useBackend(backend) !== backend) throw new Error(`no ${backend} backend`);
   const msg = w.decode(h.b64decode(task));
   const model = new m.Model(msg.meta.spec, msg.tensors);
   const x = new Float32Array(h.b64decode(xs).buffer), y = Int32Array.from(ys);
@@ -76,13 +79,18 @@ Promise.all(['wire', 'hash', 'model', 'train'].map(n => import(`./client/${n}.js
 """
 
 
-@pytest.mark.parametrize("model, scheme, train", [
-    ("mlp", "fedpara", {"epochs": 2, "batch_size": 16, "lr": 0.1, "seed": 5}),
-    ("mlp", "lowrank", {"epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "seed": 1}),
-    ("mlp", "dense", {"epochs": 1, "batch_size": 32, "lr": 0.05, "seed": 2}),
-    ("cnn28", "fedpara", {"epochs": 1, "batch_size": 16, "lr": 0.3, "seed": 3}),
+@pytest.mark.parametrize("model, scheme, train, backend", [
+    ("mlp", "fedpara", {"epochs": 2, "batch_size": 16, "lr": 0.1, "seed": 5}, "wasm"),
+    ("mlp", "fedpara", {"epochs": 2, "batch_size": 16, "lr": 0.1, "seed": 5}, "cpu"),
+    ("mlp", "lowrank", {"epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, "seed": 1}, "wasm"),
+    ("mlp", "dense", {"epochs": 1, "batch_size": 32, "lr": 0.05, "seed": 2}, "wasm"),
+    ("cnn28", "fedpara", {"epochs": 1, "batch_size": 16, "lr": 0.3, "seed": 3}, "wasm"),
+    ("cnn28", "fedpara", {"epochs": 1, "batch_size": 16, "lr": 0.3, "seed": 3}, "cpu"),
+    ("cnn28", "lowrank", {"epochs": 1, "batch_size": 16, "lr": 0.1, "seed": 4}, "wasm"),
+    ("cnn28", "lowrank", {"epochs": 1, "batch_size": 16, "lr": 0.1, "seed": 4}, "cpu"),
+    ("cnn28", "dense", {"epochs": 1, "batch_size": 16, "lr": 0.05, "seed": 6}, "wasm"),
 ])
-def test_browser_update_equals_python_update(page, data, model, scheme, train):
+def test_browser_update_equals_python_update(page, data, model, scheme, train, backend):
     spec = ModelSpec(model=model, scheme=scheme, ratio=0.1)
     net = spec.build(seed=7)
     start = {k: v.detach().clone() for k, v in fedpara.global_state(net).items()}
@@ -95,19 +103,29 @@ def test_browser_update_equals_python_update(page, data, model, scheme, train):
     ref = train_epochs(ref_net, TensorDataset(x, y), epochs=train["epochs"], batch_size=train["batch_size"],
                        lr=train["lr"], momentum=train["momentum"], weight_decay=train["weight_decay"], seed=train["seed"])
     expected = fedpara.global_state(ref_net)
+    # the scale of float32 rounding here: the same training in float64 (torch), against float32's
+    net64 = copy.deepcopy(net).double()
+    train_epochs(net64, TensorDataset(x.double(), y), epochs=train["epochs"], batch_size=train["batch_size"],
+                 lr=train["lr"], momentum=train["momentum"], weight_decay=train["weight_decay"], seed=train["seed"])
+    exact = fedpara.global_state(net64)
     out = page.execute_async_script(BROWSER_TRAIN, base64.b64encode(bytes(task)).decode(),
-                                    base64.b64encode(x.numpy().astype("<f4").tobytes()).decode(), y.tolist(), order)
+                                    base64.b64encode(x.numpy().astype("<f4").tobytes()).decode(), y.tolist(), order, backend)
     assert "error" not in out, out.get("error")
     update = decode(base64.b64decode(out["ok"]))
     assert update.meta["num_examples"] == len(y) and update.meta["metrics"]["steps"] == ref["steps"]
     assert update.meta["metrics"]["loss"] == pytest.approx(ref["loss"], rel=1e-4)
     assert set(update.tensors) == set(expected)
+    bad = []
     for name, want in expected.items():
         got, delta = update.tensors[name], (want - start[name]).abs().max().item()
         assert delta > 0, name  # every tensor moved
         err = (got - want).abs().max().item()
-        # float32: summation order differs between torch and TensorFlow.js (a few ulp per step)
-        assert err <= 1e-5 + 1e-4 * want.abs().max().item(), (name, err, delta)
+        fp32 = (want.double() - exact[name]).abs().max().item()  # torch float32 vs float64
+        ERRORS.append((model, scheme, backend, name, err, fp32, delta))
+        # float32 tolerance: TensorFlow.js sums in another order than torch; its distance to torch's
+        # float32 result stays within a few times torch's own float32 rounding error (against float64)
+        bad.extend([(name, err, fp32, delta)] if err > 4 * fp32 + 1e-6 else [])
+    assert not bad, bad
 
 
 def test_normalisation_and_shapes_match_python(page):
@@ -129,3 +147,8 @@ def test_normalisation_and_shapes_match_python(page):
                 # the same names, shapes and order as fedpara.global_state
                 assert [[k, list(v.shape)] for k, v in state.items()] == out["shapes"][i], (mo, sc, r)
                 i += 1
+
+
+def test_zz_print_errors():  # the figures docs/mobile.md quotes (-s to see them)
+    for row in ERRORS:
+        print("parity", *row)

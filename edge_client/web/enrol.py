@@ -62,7 +62,7 @@ class EnrolStore:
 
     def create(self, client_id: str, *, run: str, broker: str, key: str | os.PathLike,
                coordinator_pub: str | os.PathLike, data_url: str | None = None, ttl_s: float = DEFAULT_TTL_S,
-               insecure: bool = False, heartbeat_s: float = 10.0, backend: str = "cpu") -> str:
+               insecure: bool = False, heartbeat_s: float = 10.0, backend: str = "auto") -> str:
         """A new one-time code for ``client_id`` (replacing an unused one); returns the code."""
         check_id("run", run)
         if not broker.startswith(("ws://", "wss://")):

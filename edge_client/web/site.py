@@ -21,7 +21,15 @@ VENDOR = {
     "mqtt/dist/mqtt.esm.js": "mqtt.esm.js",
     "fzstd/esm/index.mjs": "fzstd.mjs",
     "@noble/ed25519/index.js": "noble-ed25519.js",
+    # TensorFlow.js's WebAssembly backend (XNNPACK): its ES module and its three binaries
+    "@tensorflow/tfjs-backend-wasm/dist/tf-backend-wasm.fesm.min.js": "tf-backend-wasm.fesm.min.js",
+    "@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm.wasm": "tfjs-backend-wasm.wasm",
+    "@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm-simd.wasm": "tfjs-backend-wasm-simd.wasm",
+    "@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm-threaded-simd.wasm": "tfjs-backend-wasm-threaded-simd.wasm",
 }
+# the wasm backend's ES module imports node's fs/path/os/perf_hooks (used under node only): the
+# import map points them at an empty module
+NODE_STUB = "export default {};\n"
 VENDOR_DIRS = {"@noble/hashes": "noble-hashes"}  # every .js file of the package (relative imports)
 
 
@@ -53,4 +61,5 @@ def stage_client(out: str | Path) -> Path:
     for src, dst in files.items():
         (out / "vendor" / dst).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, out / "vendor" / dst)
+    (out / "vendor" / "node-stub.js").write_text(NODE_STUB)
     return out

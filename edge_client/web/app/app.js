@@ -2,6 +2,7 @@
 // the browser client joining its run. State for tests and the operator: window.fedparaClient.
 import * as tf from "tfjs";
 import { BrowserClient } from "./client/client.js";
+import { useBackend } from "./client/backend.js";
 import { b64decode, publicFromPem, seedFromPem } from "./client/hash.js";
 import { loadBundle, concatData, ownImages, addOwnImage, clearOwnImages, photoToInput } from "./client/data.js";
 
@@ -80,8 +81,7 @@ async function main() {
   let cfg;
   try { cfg = await enrolment(); } catch (e) { setState("not enrolled", e.message); log(e.message); return; }
   $("who").textContent = `${cfg.client_id} · run ${cfg.run}`;
-  await tf.setBackend(cfg.backend || "cpu");
-  await tf.ready();
+  log(`TensorFlow.js backend: ${await useBackend(cfg.backend || "auto")}`);
   let bundle = null;
   if (cfg.data_url) { bundle = await loadBundle(cfg.data_url); log(`data: ${bundle.header.train} training examples from the coordinator's bundle`); }
   const own = await refreshOwn();

@@ -113,6 +113,22 @@ function half(v, name, i) {
   return tf.reshape(tf.matMul(x, u), [O, I, kh, kw]);
 }
 
+/** How convolutions run: "native" (tf.conv2d), "im2col" (patches by pad + slices, then one matMul,
+ *  whose gradient is two matMuls: the wasm backend has no Conv2DBackpropFilter kernel), or "auto":
+ *  im2col on wasm, native elsewhere (on the cpu backend im2col is no faster, and one parity case,
+ *  cnn28 low-rank, strayed from torch by ~500x float32 rounding there: docs/mobile.md).
+ *  Stride 1, odd kernels, "same" padding (cnn28's). */
+export const CONV = { impl: "auto" };
+
+function conv2dSame(x, w) {  // x (B, H, W, C), w (kh, kw, C, O) -> (B, H, W, O)
+  const [kh, kw, C, O] = w.shape, [B, H, W] = x.shape, ph = (kh - 1) / 2, pw = (kw - 1) / 2;
+  const xp = tf.pad(x, [[0, 0], [ph, ph], [pw, pw], [0, 0]]);
+  const cols = [];
+  for (let dh = 0; dh < kh; dh++) for (let dw = 0; dw < kw; dw++) cols.push(tf.slice(xp, [0, dh, dw, 0], [B, H, W, C]));
+  const patches = tf.reshape(tf.concat(cols, 3), [B * H * W, kh * kw * C]);  // column (dh, dw, c): w's order
+  return tf.reshape(tf.matMul(patches, tf.reshape(w, [kh * kw * C, O])), [B, H, W, O]);
+}
+
 let models = 0;  // tfjs variable names are global: each model's carry its own prefix
 
 export class Model {
@@ -154,7 +170,9 @@ export class Model {
     for (const l of this.layers) {
       if (l.kind === "conv") {
         const w = tf.transpose(this.weight(l), [2, 3, 1, 0]);  // (O, I, kh, kw) -> (kh, kw, I, O)
-        h = tf.maxPool(tf.relu(tf.add(tf.conv2d(h, w, 1, "same"), this.vars[`${l.name}.bias`])), 2, 2, "valid");
+        const im2col = CONV.impl === "im2col" || (CONV.impl === "auto" && tf.getBackend() === "wasm");
+        const z = im2col ? conv2dSame(h, w) : tf.conv2d(h, w, 1, "same");
+        h = tf.maxPool(tf.relu(tf.add(z, this.vars[`${l.name}.bias`])), 2, 2, "valid");
       } else {
         if (h.rank !== 2) h = tf.reshape(tf.transpose(h, [0, 3, 1, 2]), [n, -1]);  // flatten as torch (C, H, W)
         h = act(l, tf.add(tf.matMul(h, this.weight(l), false, true), this.vars[`${l.name}.bias`]));

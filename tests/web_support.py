@@ -50,7 +50,7 @@ class StaticServer:
         self.httpd.server_close()
 
 
-def phone_browser(tmp_path: Path, *, throttle: float = CPU_SLOWDOWN):
+def phone_browser(tmp_path: Path, *, throttle: float = CPU_SLOWDOWN, args: tuple = ()):
     """Headless Debian chromium (never a downloaded one) as a phone: 390x844 viewport, touch,
     a mobile user agent, its CPU slowed ``throttle`` times by CDP."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -65,7 +65,7 @@ def phone_browser(tmp_path: Path, *, throttle: float = CPU_SLOWDOWN):
     opts = Options()
     opts.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
-                f"--user-data-dir={tmp_path / 'chromium'}"):
+                f"--user-data-dir={tmp_path / 'chromium'}", *args):
         opts.add_argument(arg)
     opts.add_experimental_option("mobileEmulation", PHONE)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})

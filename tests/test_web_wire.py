@@ -139,3 +139,27 @@ def test_noble_and_webcrypto_signatures_agree(page, tmp_path):
       return {same: h.equalBytes(sa, sb), ok: await v.verify(sb, msg), webcrypto: await h.hasWebCryptoEd25519(), b: b.impl};""", pem)
     assert out["same"] and out["ok"]  # Ed25519 is deterministic: both libraries give the same bytes
     assert out["b"] == ("webcrypto" if out["webcrypto"] else "noble")
+
+
+def test_own_labelled_pictures_are_kept_and_normalised(page):
+    """A phone's own picture: centre-cropped to 28x28, inverted when its border is lighter (a dark
+    object on a light background, as photos are), normalised, kept in IndexedDB across reloads."""
+    out = page.execute_async_script("""const done = arguments[arguments.length - 1];
+      import('./client/data.js').then(async (d) => {
+        await d.clearOwnImages();
+        const c = new OffscreenCanvas(100, 60), ctx = c.getContext('2d');
+        ctx.fillStyle = '#fff'; ctx.fillRect(0, 0, 100, 60); ctx.fillStyle = '#000'; ctx.fillRect(40, 20, 20, 20);
+        const x = d.photoToInput(await createImageBitmap(c));
+        await d.addOwnImage(x, 7);
+        const back = await d.ownImages();
+        return {n: back.y.length, label: back.y[0], corner: back.x[0], middle: back.x[14 * 28 + 14], len: x.length};
+      }).then(done, e => done({error: String(e)}));""")
+    assert "error" not in out, out
+    assert out["n"] == 1 and out["label"] == 7 and out["len"] == 784
+    # inverted: the light border becomes black (pixel 0), the dark square light (pixel 1)
+    assert out["corner"] == pytest.approx((0 - 0.2860) / 0.3530, abs=1e-3)
+    assert out["middle"] == pytest.approx((1 - 0.2860) / 0.3530, abs=1e-3)
+    page.refresh()
+    n = page.execute_async_script("""const done = arguments[arguments.length - 1];
+      import('./client/data.js').then(d => d.ownImages()).then(r => done(r.y.length));""")
+    assert n == 1

@@ -162,7 +162,9 @@ class DemoCommand:
                                  [f"{client_data},index={i}" for i in range(n_py, args.clients)],
                                  keys=None if cfg.insecure else run_dir.root / "keys", env=env)
                 procs += web.start()
-                print(f"{args.web_clients} browser client(s) in headless chromium, served from {web.server.url}")
+                print(f"{args.web_clients} browser client(s) in headless chromium, served from {web.server.url}"
+                      + ("" if limit else "; a browser trains 5-40x slower than torch (docs/mobile.md): "
+                         "--limit keeps its rounds within the deadline"))
             listeners = Listeners()
             coordinator = Coordinator(cfg, broker, on_event=listeners)
             with observers(cfg, coordinator, listeners, echo=lambda s: print(s, flush=True)) as obs:

@@ -100,9 +100,18 @@ def test_the_page_enrols_once_over_http(tmp_path, fleet, capsys):
     try:
         assert web_main(["enrol", "phone-1", "--store", str(store_dir), "--run", "run-1", "--broker",
                          "ws://127.0.0.1:9", "--url", server.url, "--key", str(fleet / "phone-1.key")]) == 0
-        link = capsys.readouterr().out.strip().splitlines()[-1]
+        printed = capsys.readouterr().out.strip().splitlines()
+        link = printed[-1]
         assert link.startswith(server.url + "app.html#enrol=")
+        # the operator's QR code page draws the link (from its fragment) and forgets it
+        qr_url = printed[0].split("as a QR code on your screen: ")[1]
+        assert qr_url == f"{server.url}qr.html#{link}"
         driver = phone_browser(tmp_path / "a")
+        driver.get(qr_url)
+        modules = wait_for(lambda: driver.execute_script(
+            "const e = document.getElementById('qr'); return e && e.querySelector('svg') && Number(e.dataset.modules)"),
+            "the QR code", driver=driver)
+        assert modules >= 33 and "#" not in driver.current_url  # version 4+ for a ~80-character link
         driver.get(link)
         state = wait_for(lambda: driver.execute_script(
             "return ['ready', 'no data', 'not enrolled'].includes(window.fedparaClient.state) && window.fedparaClient.state"),

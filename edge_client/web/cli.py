@@ -64,9 +64,11 @@ class WebCommand:
             pub = args.coordinator_pub or key.parent / "coordinator.pub"
             code = store.create(args.client_id, run=args.run, broker=args.broker, key=key, coordinator_pub=pub,
                                 data_url=data_url, ttl_s=args.ttl_h * 3600, insecure=args.insecure)
-            link = f"{args.url.rstrip('/')}/app.html#enrol={code}"
+            base = args.url.rstrip("/")
+            link = f"{base}/app.html#enrol={code}"
             print(f"enrolment link for {args.client_id} (one use, {args.ttl_h:g} h; revoke: fedpara web revoke "
-                  f"{args.client_id} --store {args.store}):\n{link}")
+                  f"{args.client_id} --store {args.store}); as a QR code on your screen: {base}/qr.html#{link}\n"
+                  f"{link}")
             return 0
         if args.web_action == "revoke":
             for line in store.revoke(args.client_id, args.trusted_keys):

@@ -21,6 +21,7 @@ VENDOR = {
     "mqtt/dist/mqtt.esm.js": "mqtt.esm.js",
     "fzstd/esm/index.mjs": "fzstd.mjs",
     "@noble/ed25519/index.js": "noble-ed25519.js",
+    "qrcode-generator/dist/qrcode.mjs": "qrcode.mjs",  # the operator's QR code of an enrolment link
     # TensorFlow.js's WebAssembly backend (XNNPACK): its ES module and its three binaries
     "@tensorflow/tfjs-backend-wasm/dist/tf-backend-wasm.fesm.min.js": "tf-backend-wasm.fesm.min.js",
     "@tensorflow/tfjs-backend-wasm/dist/tfjs-backend-wasm.wasm": "tfjs-backend-wasm.wasm",

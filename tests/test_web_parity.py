@@ -51,9 +51,6 @@ def data():
     return x[:96].contiguous(), y[:96].contiguous()
 
 
-ERRORS: list = []  # (model, scheme, backend, tensor, max abs error, torch fp32-vs-fp64 error, max abs change): docs/mobile.md quotes them
-
-
 def torch_order(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
     """The example order fedpara.training.train_epochs visits: its DataLoader, replayed on indices."""
     loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch_size, shuffle=True,
@@ -121,7 +118,8 @@ def test_browser_update_equals_python_update(page, data, model, scheme, train, b
         assert delta > 0, name  # every tensor moved
         err = (got - want).abs().max().item()
         fp32 = (want.double() - exact[name]).abs().max().item()  # torch float32 vs float64
-        ERRORS.append((model, scheme, backend, name, err, fp32, delta))
+        print(f"parity {model} {scheme} {backend} {name}: |browser - torch| {err:.2e}, "  # docs/mobile.md (-s)
+              f"|torch fp32 - fp64| {fp32:.2e}, change {delta:.2e}")
         # float32 tolerance: TensorFlow.js sums in another order than torch; its distance to torch's
         # float32 result stays within a few times torch's own float32 rounding error (against float64)
         bad.extend([(name, err, fp32, delta)] if err > 4 * fp32 + 1e-6 else [])
@@ -148,7 +146,3 @@ def test_normalisation_and_shapes_match_python(page):
                 assert [[k, list(v.shape)] for k, v in state.items()] == out["shapes"][i], (mo, sc, r)
                 i += 1
 
-
-def test_zz_print_errors():  # the figures docs/mobile.md quotes (-s to see them)
-    for row in ERRORS:
-        print("parity", *row)

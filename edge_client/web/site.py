@@ -40,8 +40,9 @@ def vendor_files(modules: Path | None = None) -> dict[Path, str]:
     out = {modules / src: dst for src, dst in VENDOR.items()}
     for src, dst in VENDOR_DIRS.items():
         out.update({p: f"{dst}/{p.name}" for p in sorted((modules / src).glob("*.js"))})
-    missing = [str(p) for p in out if not p.is_file()] or ([] if any(
-        dst.startswith("noble-hashes/") for dst in out.values()) else [str(modules / "@noble/hashes")])
+    missing = [str(p) for p in out if not p.is_file()]
+    if not any(dst.startswith("noble-hashes/") for dst in out.values()):
+        missing.append(str(modules / "@noble/hashes"))
     if missing:
         raise WebAssetsMissing(f"the browser client needs npm packages that are not installed ({missing[0]} is "
                                f"missing); run `npm ci` in {WEB_ROOT} (bash .ci/setup does it), or set "

@@ -27,6 +27,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def end_headers(self) -> None:
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
+        # cross-origin isolation: SharedArrayBuffer, hence WebAssembly threads (TF.js's threaded
+        # XNNPACK, onnxruntime-web's threads); the page loads nothing from other origins anyway
+        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
         super().end_headers()
 
     def log_message(self, fmt, *args) -> None:

@@ -140,3 +140,23 @@ def test_the_page_enrols_once_over_http(tmp_path, fleet, capsys):
             if d is not None:
                 d.quit()
         server.stop()
+
+
+def test_enrolling_several_phones_with_broker_credentials(tmp_path, fleet, capsys):
+    from coordinator.fleet import write_fleet
+    passwords = write_fleet(tmp_path / "acl", ["phone-1", "phone-2"], run="run-1")
+    store_dir = tmp_path / "enrol"
+    assert web_main(["enrol", "phone-1", "phone-2", "--store", str(store_dir), "--run", "run-1", "--broker",
+                     "wss://fl.example:8081", "--url", "https://fl.example:8443", "--keys", str(fleet),
+                     "--credentials", str(tmp_path / "acl" / "credentials")]) == 0
+    links = [line for line in capsys.readouterr().out.splitlines() if line.startswith("https://fl.example:8443/app")]
+    assert len(links) == 2
+    store = EnrolStore(store_dir)
+    for cid, link in zip(("phone-1", "phone-2"), links):
+        cfg = store.redeem(link.split("#enrol=")[1])
+        assert cfg["client_id"] == cid and cfg["username"] == cid and cfg["password"] == passwords[cid]
+        assert cfg["key_pem"] == (fleet / f"{cid}.key").read_text()
+    # one --key for several phones, and a data spec without {index}, are refused before anything is written
+    assert web_main(["enrol", "phone-1", "phone-2", "--store", str(store_dir), "--run", "r", "--broker", "wss://h:1",
+                     "--url", "https://h", "--key", str(fleet / "phone-1.key")]) == 2
+    assert "--keys DIR" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """``fedpara web``: the browser client's operator commands (docs/mobile.md).
 
     fedpara web serve --site DIR --store DIR [--host H --port P --cert C --tls-key K]
-    fedpara web enrol phone-1 --store DIR --run RUN --broker wss://HOST:PORT --url https://HOST:PORT/
-                      --key keys/phone-1.key --coordinator-pub keys/coordinator.pub [--data SPEC --site DIR]
+    fedpara web enrol phone-1 [phone-2 ...] --store DIR --run RUN --broker wss://HOST:PORT
+                      --url https://HOST:PORT/ [--keys keys] [--credentials fleet/credentials]
+                      [--data SPEC --site DIR]
     fedpara web revoke phone-1 --store DIR [--trusted-keys DIR]
     fedpara web list --store DIR
 
@@ -28,15 +29,21 @@ class WebCommand:
         s.add_argument("--port", type=int, default=8080)
         s.add_argument("--cert", help="TLS certificate (PEM): serve https, which phones need off localhost")
         s.add_argument("--tls-key", help="the certificate's private key (PEM)")
-        e = sub.add_parser("enrol", help="a one-time enrolment link for a phone (its key from fedpara keys new)")
-        e.add_argument("client_id")
+        e = sub.add_parser("enrol", help="one-time enrolment links for phones (their keys from fedpara keys new)")
+        e.add_argument("client_ids", nargs="+", metavar="CLIENT_ID")
         e.add_argument("--store", required=True, type=Path)
         e.add_argument("--run", required=True, help="the run id the phone joins")
         e.add_argument("--broker", required=True, help="MQTT over WebSockets as the phone reaches it: wss://HOST:PORT")
         e.add_argument("--url", required=True, help="where fedpara web serve is reached: https://HOST:PORT/")
-        e.add_argument("--key", type=Path, help="the phone's private key (default: keys/<client_id>.key)")
-        e.add_argument("--coordinator-pub", type=Path, help="the coordinator's public key")
-        e.add_argument("--data", help="bundle this client data spec for the phone (the demo's Fashion-MNIST shard)")
+        e.add_argument("--keys", type=Path, default=Path("keys"),
+                       help="where fedpara keys new wrote <client_id>.key and coordinator.pub (default keys/)")
+        e.add_argument("--key", type=Path, help="one phone's private key, instead of --keys/<client_id>.key")
+        e.add_argument("--coordinator-pub", type=Path,
+                       help="the coordinator's public key (default: coordinator.pub beside the phone's key)")
+        e.add_argument("--credentials", type=Path,
+                       help="MQTT username/password: fedpara broker-acl's credentials/ directory (<client_id>.env)")
+        e.add_argument("--data", help="bundle this client data spec for the phone (the demo's Fashion-MNIST shard); "
+                                      "with several phones it must contain {index}: their position in the list")
         e.add_argument("--site", type=Path, help="the served directory (with --data: the bundle goes in DIR/data/)")
         e.add_argument("--ttl-h", type=float, default=24.0, help="hours the link stays valid (default 24)")
         e.add_argument("--insecure", action="store_true", help="an unsigned phone (no key handed out)")
@@ -53,23 +60,7 @@ class WebCommand:
         if args.web_action == "serve":
             return self._serve(args, store)
         if args.web_action == "enrol":
-            data_url = None
-            if args.data:
-                if args.site is None:
-                    raise ValueError("--data needs --site (the directory fedpara web serve serves)")
-                from .data import write_bundle
-                write_bundle(args.data, args.site / "data" / f"{args.client_id}.bin")
-                data_url = f"data/{args.client_id}.bin"
-            key = args.key or Path("keys") / f"{args.client_id}.key"
-            pub = args.coordinator_pub or key.parent / "coordinator.pub"
-            code = store.create(args.client_id, run=args.run, broker=args.broker, key=key, coordinator_pub=pub,
-                                data_url=data_url, ttl_s=args.ttl_h * 3600, insecure=args.insecure)
-            base = args.url.rstrip("/")
-            link = f"{base}/app.html#enrol={code}"
-            print(f"enrolment link for {args.client_id} (one use, {args.ttl_h:g} h; revoke: fedpara web revoke "
-                  f"{args.client_id} --store {args.store}); as a QR code on your screen: {base}/qr.html#{link}\n"
-                  f"{link}")
-            return 0
+            return self._enrol(args, store)
         if args.web_action == "revoke":
             for line in store.revoke(args.client_id, args.trusted_keys):
                 print(line)
@@ -78,6 +69,31 @@ class WebCommand:
             state = ("revoked" if rec["revoked"] else "enrolled" if rec["used"]
                      else "expired" if time.time() > rec["expires"] else "link pending")
             print(f"{rec['client_id']:20s} {state:13s} run {rec['run']} broker {rec['broker']}")
+        return 0
+
+    def _enrol(self, args, store) -> int:
+        many = len(args.client_ids) > 1
+        if many and args.key:
+            raise ValueError("--key names one phone's key: with several phones use --keys DIR")
+        if args.data and args.site is None:
+            raise ValueError("--data needs --site (the directory fedpara web serve serves)")
+        if args.data and many and "{index}" not in args.data:
+            raise ValueError("--data: with several phones the spec needs {index} (e.g. ...,clients=40,index={index})")
+        base = args.url.rstrip("/")
+        for i, cid in enumerate(args.client_ids):
+            data_url = None
+            if args.data:
+                from .data import write_bundle
+                write_bundle(args.data.replace("{index}", str(i)), args.site / "data" / f"{cid}.bin")
+                data_url = f"data/{cid}.bin"
+            code = store.create(cid, run=args.run, broker=args.broker, key=args.key or args.keys / f"{cid}.key",
+                                coordinator_pub=args.coordinator_pub or (args.key.parent if args.key else args.keys)
+                                / "coordinator.pub",
+                                data_url=data_url, ttl_s=args.ttl_h * 3600, insecure=args.insecure,
+                                credentials=args.credentials)
+            link = f"{base}/app.html#enrol={code}"
+            print(f"enrolment link for {cid} (one use, {args.ttl_h:g} h; revoke: fedpara web revoke {cid} "
+                  f"--store {args.store}); as a QR code on your screen: {base}/qr.html#{link}\n{link}")
         return 0
 
     def _serve(self, args, store) -> int:

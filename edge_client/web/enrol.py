@@ -41,6 +41,21 @@ def _digest(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
 
 
+def read_credentials(path: str | os.PathLike, client_id: str) -> dict:
+    """{"username", "password"} from a ``FEDPARA_MQTT_USERNAME=`` / ``FEDPARA_MQTT_PASSWORD=`` file
+    (a directory: its ``<client_id>.env``). The username must be the client id (the ACL's %u)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / f"{client_id}.env"
+    if not p.is_file():
+        raise FileNotFoundError(f"--credentials: {p} does not exist (fedpara broker-acl {client_id} ... writes it)")
+    values = dict(line.split("=", 1) for line in p.read_text().splitlines() if "=" in line)
+    user, password = values.get("FEDPARA_MQTT_USERNAME", ""), values.get("FEDPARA_MQTT_PASSWORD", "")
+    if user != client_id or not password:
+        raise ValueError(f"--credentials: {p} must hold FEDPARA_MQTT_USERNAME={client_id} and a FEDPARA_MQTT_PASSWORD")
+    return {"username": user, "password": password}
+
+
 class EnrolStore:
     """Pending, used and revoked enrolments: one JSON file per phone in ``directory``."""
 
@@ -62,8 +77,11 @@ class EnrolStore:
 
     def create(self, client_id: str, *, run: str, broker: str, key: str | os.PathLike,
                coordinator_pub: str | os.PathLike, data_url: str | None = None, ttl_s: float = DEFAULT_TTL_S,
-               insecure: bool = False, heartbeat_s: float = 10.0, backend: str = "auto") -> str:
-        """A new one-time code for ``client_id`` (replacing an unused one); returns the code."""
+               insecure: bool = False, heartbeat_s: float = 10.0, backend: str = "auto",
+               credentials: str | os.PathLike | None = None) -> str:
+        """A new one-time code for ``client_id`` (replacing an unused one); returns the code.
+        ``credentials``: the phone's MQTT username/password file (``fedpara broker-acl``'s
+        ``credentials/<client>.env``), handed to the phone with its key."""
         check_id("run", run)
         if not broker.startswith(("ws://", "wss://")):
             raise ValueError(f"--broker: a browser reaches MQTT over WebSockets: ws://HOST:PORT or wss://HOST:PORT, "
@@ -74,12 +92,13 @@ class EnrolStore:
             from fedpara.runtime.signing import check_identity, load_private_key, load_public_key
             check_identity(key, client_id, load_private_key(key))  # the right phone's key, not readable by others
             load_public_key(coordinator_pub)
+        mqtt_user = read_credentials(credentials, client_id) if credentials is not None else None
         code = secrets.token_urlsafe(16)
         now = self.clock()
         self._write({"client_id": client_id, "run": run, "broker": broker, "insecure": insecure,
                      "key": None if insecure else str(Path(key).resolve()),
                      "coordinator_pub": None if insecure else str(Path(coordinator_pub).resolve()),
-                     "data_url": data_url, "heartbeat_s": heartbeat_s, "backend": backend,
+                     "data_url": data_url, "heartbeat_s": heartbeat_s, "backend": backend, "mqtt": mqtt_user,
                      "code_sha256": _digest(code), "created": now, "expires": now + ttl_s, "used": None,
                      "revoked": None})
         return code
@@ -108,6 +127,8 @@ class EnrolStore:
                           "insecure": rec["insecure"], "heartbeat_s": rec["heartbeat_s"], "backend": rec["backend"]}
                 if rec["data_url"]:
                     config["data_url"] = rec["data_url"]
+                if rec.get("mqtt"):
+                    config.update(rec["mqtt"])
                 if not rec["insecure"]:
                     config["key_pem"] = Path(rec["key"]).read_text()
                     config["coordinator_pub_pem"] = Path(rec["coordinator_pub"]).read_text()

@@ -8,7 +8,7 @@ Reduced on purpose: an epoch of the demo's shard (20,000 examples) takes many mi
 throttled browser, so each configuration trains ``--examples`` Fashion-MNIST examples (batch 32)
 and the time is scaled to 1,000 examples and to the 20,000-example shard (training time is linear
 in the examples: same steps, same sizes). Repeats are interleaved; medians with min-max.
-Writes docs/web_results.json and docs/web_results.md.
+Writes docs/results/web_results.json and docs/results/web_results.md.
 """
 from __future__ import annotations
 
@@ -118,13 +118,14 @@ def page_figures(tmp: Path, throttle: float) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--render", action="store_true", help="only rewrite docs/web_results.md from the json")
+    p.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     p.add_argument("--examples", type=int, default=640)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--throttle", type=float, default=4.0)
     args = p.parse_args()
     if args.render:
-        (ROOT / "docs" / "web_results.md").write_text(markdown(json.loads((ROOT / "docs" / "web_results.json").read_text())))
+        out = ROOT / "docs" / "results"
+        (out / "web_results.md").write_text(markdown(json.loads((out / "web_results.json").read_text())))
         return 0
     x, y = data(args.examples)
     xs, ys = base64.b64encode(x.numpy().astype("<f4").tobytes()).decode(), y.tolist()
@@ -164,8 +165,8 @@ def main() -> int:
                 d.quit()
             server.stop()
         results["page"] = page_figures(tmp, args.throttle)
-    (ROOT / "docs" / "web_results.json").write_text(json.dumps(results, indent=1))
-    (ROOT / "docs" / "web_results.md").write_text(markdown(results))
+    (ROOT / "docs" / "results" / "web_results.json").write_text(json.dumps(results, indent=1))
+    (ROOT / "docs" / "results" / "web_results.md").write_text(markdown(results))
     print(markdown(results))
     return 0
 

@@ -115,10 +115,10 @@ def write_web(onnx_path: Path, spec, out: str | os.PathLike, *, samples: tuple |
         sample_meta = {"file": "samples.f32", "count": int(len(x)), "shape": list(x.shape[1:]),
                        "labels": [int(v) for v in y]}
         report.samples = int(len(x))
-        from .runtime import OnnxModel
+        from export import OnnxModel
         logits = OnnxModel(out / "model.onnx").predict_all(x)
         report.python_correct = int((logits.argmax(1) == np.asarray(y)).sum())
-    from . import datafiles
+    from fedpara.data.fashion_mnist import CLASSES, MEAN, STD
     from fedpara.models import INPUT_SHAPES
     image = spec.model in IMAGE_MODELS
     meta = {
@@ -126,10 +126,10 @@ def write_web(onnx_path: Path, spec, out: str | os.PathLike, *, samples: tuple |
         "title": title or f"{spec.model} ({spec.scheme}, ratio {spec.ratio})",
         "spec": spec.to_dict(),
         "input_shape": list(INPUT_SHAPES[spec.model]),
-        "classes": list(datafiles.CLASSES) if image and spec.num_classes == len(datafiles.CLASSES)
+        "classes": list(CLASSES) if image and spec.num_classes == len(CLASSES)
         else [str(i) for i in range(spec.num_classes)],
         # how the page turns a photo into an input (Fashion-MNIST's: light object on black, 28x28)
-        "camera": {"size": 28, "mean": datafiles.MEAN, "std": datafiles.STD} if image else None,
+        "camera": {"size": 28, "mean": MEAN, "std": STD} if image else None,
         "round": (info or {}).get("round"),
         "accuracy": (info or {}).get("accuracy"),
         "samples": sample_meta,

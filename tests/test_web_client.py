@@ -23,7 +23,8 @@ from fedpara.runtime.rundir import RunDir
 from fedpara.runtime.signing import new_key
 from fedpara.wire import framed_bytes, parse_chunk
 
-pytestmark = [pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (apt-get install mosquitto)"),
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (apt-get install mosquitto)"),
               pytest.mark.skipif(not fashion_mnist_available(),
                                  reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")]
 
@@ -61,6 +62,7 @@ def mosquitto_ws(tmp_path):
         proc.wait(5)
 
 
+@pytest.mark.slow
 def test_two_python_clients_and_a_browser_client_on_mosquitto(tmp_path, mosquitto_ws):
     from coordinator.server import Coordinator
 

@@ -15,6 +15,8 @@ pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
                                 reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_demo_with_a_browser_client(tmp_path, capsys):
     import shutil
     if shutil.which("chromium") is None:

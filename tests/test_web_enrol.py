@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from web_support import phone_browser, wait_for
+from web_support import fleet_writer, phone_browser, wait_for
 
 from edge_client.web.cli import main as web_main
 from edge_client.web.enrol import EnrolError, EnrolStore
@@ -89,6 +89,7 @@ def test_revoking_takes_the_key_out_of_the_coordinators_trust(tmp_path, fleet, c
         Verifier(keys).open(b"\0" * 200 + b"FPSG" + b"\0" * 64, sender="phone-1")
 
 
+@pytest.mark.browser
 def test_the_page_enrols_once_over_http(tmp_path, fleet, capsys):
     try:
         site = stage_client(tmp_path / "site")
@@ -143,7 +144,7 @@ def test_the_page_enrols_once_over_http(tmp_path, fleet, capsys):
 
 
 def test_enrolling_several_phones_with_broker_credentials(tmp_path, fleet, capsys):
-    from coordinator.fleet import write_fleet
+    write_fleet = fleet_writer()
     passwords = write_fleet(tmp_path / "acl", ["phone-1", "phone-2"], run="run-1")
     store_dir = tmp_path / "enrol"
     assert web_main(["enrol", "phone-1", "phone-2", "--store", str(store_dir), "--run", "run-1", "--broker",

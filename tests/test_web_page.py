@@ -63,6 +63,7 @@ def test_export_writes_one_self_contained_directory(page):
     assert meta["python_correct"] > SAMPLES // 2
 
 
+@pytest.mark.browser
 def test_selftest_in_a_throttled_phone_browser_then_offline(page, tmp_path):
     out, meta = page
     server = StaticServer(out)

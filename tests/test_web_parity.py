@@ -21,8 +21,8 @@ from fedpara.models import ModelSpec
 from fedpara.training import train_epochs
 from fedpara.wire import Message, decode, encode
 
-pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(not fashion_mnist_available(),
+                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_browser_update_equals_python_update(page, data, model, scheme, train, b
 
 
 def test_normalisation_and_shapes_match_python(page):
-    from export.datafiles import PIXEL_LUT
+    from fedpara.data.fashion_mnist import PIXEL_LUT
     out = page.execute_async_script("""const done = arguments[arguments.length - 1];
       Promise.all([import('./client/train.js'), import('./client/model.js')]).then(([t, m]) => {
         const specs = arguments[0];

@@ -23,8 +23,8 @@ from fedpara.runtime.signing import Signer, Verifier, load_private_key, load_pub
 from fedpara.runtime.topics import Topics
 from fedpara.wire import Message, Reassembler, parse_chunk
 
-pytestmark = pytest.mark.skipif(not fashion_mnist_available(),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(not fashion_mnist_available(),
+                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")]
 
 
 class ScriptedCoordinator:

@@ -12,7 +12,7 @@ import pytest
 from conftest import fashion_mnist_available
 from support import MOSQUITTO, free_port, start_mosquitto
 from test_tls import make_pki
-from web_support import phone_browser, wait_for
+from web_support import fleet_writer, phone_browser, wait_for
 
 from edge_client.web.data import write_bundle
 from edge_client.web.enrol import EnrolStore
@@ -21,9 +21,9 @@ from edge_client.web.site import stage_client
 from export.web import WebAssetsMissing
 from fedpara.runtime.signing import Verifier, load_public_key, new_key
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(
     not (MOSQUITTO and shutil.which("openssl") and shutil.which("mosquitto_passwd") and fashion_mnist_available()),
-    reason="needs mosquitto, mosquitto_passwd, openssl and Fashion-MNIST")
+    reason="needs mosquitto, mosquitto_passwd, openssl and Fashion-MNIST")]
 
 
 class Observer:
@@ -60,7 +60,7 @@ def test_https_page_and_wss_broker(tmp_path):
     keys = tmp_path / "keys"
     new_key("coordinator", keys)
     new_key("phone-1", keys)
-    from coordinator.fleet import write_fleet
+    write_fleet = fleet_writer()
     passwords = write_fleet(tmp_path / "acl", ["phone-1"], run="tls-run")
     ws_port = free_port()
     proc, url = start_mosquitto(tmp_path, (tmp_path / "acl" / "mosquitto.conf").read_text()

@@ -16,6 +16,7 @@ from fedpara.runtime.signing import Signer, Verifier, load_private_key, load_pub
 from fedpara.wire import Message, Reassembler, decode, encode, framed_bytes
 
 b64 = lambda b: base64.b64encode(bytes(b)).decode()  # noqa: E731
+pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,15 @@ PHONE = {"deviceMetrics": {"width": 390, "height": 844, "pixelRatio": 3.0, "mobi
 CPU_SLOWDOWN = 4  # CDP Emulation.setCPUThrottlingRate: a mid-range phone against this machine's core
 
 
+def fleet_writer():
+    """``fedpara broker-acl``'s writer (coordinator.broker_acl; coordinator.fleet before the rename)."""
+    try:
+        from coordinator.broker_acl import write_fleet
+    except ImportError:
+        from coordinator.fleet import write_fleet
+    return write_fleet
+
+
 def needs_web_assets():
     try:
         check_assets()

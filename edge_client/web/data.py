@@ -5,7 +5,7 @@ file per client, ``fedpara-web-data/1``, read by ``client/data.js``::
     train inputs | test inputs | train labels (u8) | test labels (u8)
 
 Inputs are the uint8 pixels when the dataset keeps them (Fashion-MNIST: the browser normalises
-them with the same float32 table, ``export.datafiles.PIXEL_LUT``), else float32 model inputs.
+them with the same float32 table, ``fedpara.data.fashion_mnist.PIXEL_LUT``), else float32 model inputs.
 """
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ MAGIC = b"FPWD"
 
 
 def _arrays(ds) -> tuple[np.ndarray, np.ndarray, str]:
-    from fedpara.data.lazy import NormalisedImages
-    if isinstance(ds, NormalisedImages):
-        from export.datafiles import PIXEL_LUT
+    if hasattr(ds, "images") and hasattr(ds, "lut"):  # fedpara.data's NormalisedImages: uint8 + a table
+        from fedpara.data.fashion_mnist import PIXEL_LUT
         if not np.array_equal(ds.lut, PIXEL_LUT):
             raise ValueError("the browser normalises pixels with Fashion-MNIST's table only")
         return np.ascontiguousarray(ds.images, dtype=np.uint8), ds.labels.numpy(), "u8"

@@ -54,6 +54,9 @@ export function stateShapes(spec) {
   if (!SCHEMES.includes(spec.scheme)) throw new Error(`the browser client trains the schemes ${SCHEMES.join(", ")}; the task asks for ${spec.scheme}`);
   if (spec.tanh) throw new Error("the browser client does not run tanh halves (App. B)");
   if (spec.form !== "tensor") throw new Error("the browser client runs the tensor form of convolutions");
+  if (spec.input_shape && JSON.stringify(spec.input_shape) !== "[1,28,28]") {
+    throw new Error(`the browser client takes 1x28x28 inputs; the task asks for ${JSON.stringify(spec.input_shape)}`);
+  }
   const out = {};
   for (const l of layersOf(spec.model, spec.num_classes)) {
     if (l.keepDense || spec.scheme === "dense") {

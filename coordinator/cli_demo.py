@@ -128,7 +128,7 @@ class DemoCommand:
                                    "min_clients": args.clients, "test_data": test_data, "out": str(out)})
         t0 = time.monotonic()
         procs: list[subprocess.Popen] = []
-        broker_proc = web = None
+        broker_proc = None
         run_dir.logs.mkdir(parents=True, exist_ok=True)
         n_py = args.clients - args.web_clients
         try:
@@ -156,13 +156,14 @@ class DemoCommand:
                 cmd += ["--profile", profiles[i % len(profiles)]] if profiles else ["--energy", "estimate"]
                 with open(run_dir.logs / f"{cid}.log", "wb") as log_file:
                     procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
-            if args.web_clients:  # the last N as browser clients (edge_client/web/demo.py)
-                from edge_client.web.demo import WebClients
-                web = WebClients(run_dir, run_id, client_ids[n_py:], ws_url,
-                                 [f"{client_data},index={i}" for i in range(n_py, args.clients)],
-                                 keys=None if cfg.insecure else run_dir.root / "keys", env=env)
-                procs += web.start()
-                print(f"{args.web_clients} browser client(s) in headless chromium, served from {web.server.url}"
+            for i in range(n_py, args.clients):  # the last N: browser clients (edge_client/web/demo.py)
+                cmd = [sys.executable, "-m", "edge_client.web.demo", "--client-id", client_ids[i], "--run", run_id,
+                       "--broker", ws_url, "--data", f"{client_data},index={i}", "--out", str(run_dir.root)]
+                cmd += [] if cfg.insecure else ["--keys", str(run_dir.root / "keys")]
+                with open(run_dir.logs / f"{client_ids[i]}.log", "wb") as log_file:
+                    procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
+            if args.web_clients:
+                print(f"{args.web_clients} browser client(s) in headless chromium"
                       + ("" if limit else "; a browser trains 5-40x slower than torch (docs/mobile.md): "
                          "--limit keeps its rounds within the deadline"))
             listeners = Listeners()
@@ -183,8 +184,6 @@ class DemoCommand:
                 except subprocess.TimeoutExpired:
                     pass
         finally:
-            if web is not None:
-                web.stop()
             for p in procs + ([broker_proc] if broker_proc else []):
                 if p.poll() is None:
                     p.terminate()

@@ -28,11 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpara.runtime.webassets import MODULES_ENV, WEB_ROOT, WebAssetsMissing, node_modules, require
+
+__all__ = ["MODULES_ENV", "WebAssetsMissing", "WebReport", "check_assets", "write_web"]
+
 log = logging.getLogger(__name__)
 
-WEB_ROOT = Path(__file__).resolve().parent.parent / "edge_client" / "web"
 PAGE_DIR = WEB_ROOT / "page"
-MODULES_ENV = "FEDPARA_WEB_MODULES"
 PAGE_FILES = ("index.html", "page.js", "sw.js", "style.css")
 # onnxruntime-web's wasm-only build: the ES module, its loader and the SIMD (+threads) binary
 ORT_FILES = ("onnxruntime-web/dist/ort.wasm.min.mjs", "onnxruntime-web/dist/ort-wasm-simd-threaded.mjs",
@@ -41,28 +43,10 @@ IMAGE_MODELS = {"cnn28", "mlp", "mlp2"}  # 1x28x28 inputs: the page can turn a p
 MAX_SAMPLES = 10_000
 
 
-class WebAssetsMissing(FileNotFoundError):
-    """onnxruntime-web's files are not installed next to the page sources."""
-
-
-def node_modules() -> Path:
-    """Where the npm packages are: ``$FEDPARA_WEB_MODULES`` or ``edge_client/web/node_modules``."""
-    env = os.environ.get(MODULES_ENV)
-    return Path(env) if env else WEB_ROOT / "node_modules"
-
-
 def check_assets(modules: Path | None = None) -> list[Path]:
     """The onnxruntime-web files the page needs, or WebAssetsMissing saying how to get them."""
     modules = node_modules() if modules is None else modules
-    paths = [modules / rel for rel in ORT_FILES]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise WebAssetsMissing(
-            f"the web page needs onnxruntime-web, which is not installed ({missing[0]} is missing); "
-            f"run `npm ci` in {WEB_ROOT} (bash .ci/setup does it when node and npm are present; "
-            f"apt-get install nodejs npm), or set {MODULES_ENV} to a node_modules directory holding "
-            "onnxruntime-web")
-    return paths
+    return require([modules / rel for rel in ORT_FILES], "the model page (onnxruntime-web)")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from web_support import StaticServer, phone_browser, wait_for
 
 from edge_client.web.data import write_bundle
 from edge_client.web.site import stage_client
-from export.web import WebAssetsMissing
+from fedpara.runtime.webassets import WebAssetsMissing
 from fedpara.runtime.mqtt import parse_broker_url
 from fedpara.runtime.rundir import RunDir
 from fedpara.runtime.signing import new_key

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import fashion_mnist_available
 
-from export.web import WebAssetsMissing
+from fedpara.runtime.webassets import WebAssetsMissing
 from fedpara.runtime.cli import main
 from fedpara.runtime.rundir import RunDir
 

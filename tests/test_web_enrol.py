@@ -14,7 +14,7 @@ from edge_client.web.cli import main as web_main
 from edge_client.web.enrol import EnrolError, EnrolStore
 from edge_client.web.serve import WebServer
 from edge_client.web.site import stage_client
-from export.web import WebAssetsMissing
+from fedpara.runtime.webassets import WebAssetsMissing
 from fedpara.runtime.signing import AuthError, Verifier, load_trust_dir, new_key
 
 

@@ -16,7 +16,7 @@ from web_support import StaticServer, phone_browser
 
 import fedpara
 from edge_client.web.site import stage_client
-from export.web import WebAssetsMissing
+from fedpara.runtime.webassets import WebAssetsMissing
 from fedpara.models import ModelSpec
 from fedpara.training import train_epochs
 from fedpara.wire import Message, decode, encode

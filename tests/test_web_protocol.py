@@ -16,7 +16,7 @@ import fedpara
 from coordinator.broker import EmbeddedBroker
 from edge_client.web.data import write_bundle
 from edge_client.web.site import stage_client
-from export.web import WebAssetsMissing
+from fedpara.runtime.webassets import WebAssetsMissing
 from fedpara.models import ModelSpec
 from fedpara.runtime.messages import Control, Status, Task, TrainParams
 from fedpara.runtime.signing import Signer, Verifier, load_private_key, load_public_key, new_key

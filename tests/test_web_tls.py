@@ -18,7 +18,7 @@ from edge_client.web.data import write_bundle
 from edge_client.web.enrol import EnrolStore
 from edge_client.web.serve import WebServer
 from edge_client.web.site import stage_client
-from export.web import WebAssetsMissing
+from fedpara.runtime.webassets import WebAssetsMissing
 from fedpara.runtime.signing import Verifier, load_public_key, new_key
 
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(

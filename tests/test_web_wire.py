@@ -11,7 +11,7 @@ import torch
 from web_support import StaticServer, phone_browser
 
 from edge_client.web.site import stage_client
-from export.web import WebAssetsMissing
+from fedpara.runtime.webassets import WebAssetsMissing
 from fedpara.runtime.signing import Signer, Verifier, load_private_key, load_public_key, new_key
 from fedpara.wire import Message, Reassembler, decode, encode, framed_bytes
 

@@ -23,6 +23,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
                       ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
                       ".onnx": "application/octet-stream", ".bin": "application/octet-stream"}
     store: EnrolStore
+    on_exit = None  # the demo's page server only: POST /exit when the page saw the run finish
 
     def end_headers(self) -> None:
         self.send_header("X-Content-Type-Options", "nosniff")
@@ -46,7 +47,12 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_POST(self) -> None:  # noqa: N802  (http.server's naming)
-        if self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1] != "enrol":
+        leaf = self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+        if leaf == "exit" and self.on_exit is not None:
+            self._json(200, {"ok": True})
+            threading.Thread(target=self.on_exit, daemon=True).start()
+            return
+        if leaf != "enrol":
             self._json(404, {"error": "not found"})
             return
         try:
@@ -69,8 +75,8 @@ class WebServer:
     """Serve ``site`` (a staged client directory) and the enrolments of ``store`` on a thread."""
 
     def __init__(self, site: str | Path, store: EnrolStore, host: str = "127.0.0.1", port: int = 0, *,
-                 certfile: str | None = None, keyfile: str | None = None) -> None:
-        handler = type("Handler", (_Handler,), {"store": store})
+                 certfile: str | None = None, keyfile: str | None = None, on_exit=None) -> None:
+        handler = type("Handler", (_Handler,), {"store": store, "on_exit": staticmethod(on_exit) if on_exit else None})
         self.httpd = http.server.ThreadingHTTPServer((host, port), functools.partial(handler, directory=str(site)))
         scheme = "http"
         if certfile:

@@ -6,14 +6,14 @@ imports (resolved by the import map in each page), served as static files.
     OUT/vendor/...                             TensorFlow.js, mqtt.js, fzstd, @noble/ed25519, @noble/hashes
 
 The npm packages come from ``edge_client/web/node_modules`` (``npm ci`` there; ``.ci/setup`` runs
-it) or ``$FEDPARA_WEB_MODULES``; :class:`export.web.WebAssetsMissing` names the fix when absent.
+it) or ``$FEDPARA_WEB_MODULES``; :class:`fedpara.runtime.webassets.WebAssetsMissing` names the fix when absent.
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from export.web import MODULES_ENV, WEB_ROOT, WebAssetsMissing, node_modules
+from fedpara.runtime.webassets import WEB_ROOT, node_modules, require
 
 # npm package file -> where the import map expects it under vendor/
 VENDOR = {
@@ -40,13 +40,9 @@ def vendor_files(modules: Path | None = None) -> dict[Path, str]:
     out = {modules / src: dst for src, dst in VENDOR.items()}
     for src, dst in VENDOR_DIRS.items():
         out.update({p: f"{dst}/{p.name}" for p in sorted((modules / src).glob("*.js"))})
-    missing = [str(p) for p in out if not p.is_file()]
     if not any(dst.startswith("noble-hashes/") for dst in out.values()):
-        missing.append(str(modules / "@noble/hashes"))
-    if missing:
-        raise WebAssetsMissing(f"the browser client needs npm packages that are not installed ({missing[0]} is "
-                               f"missing); run `npm ci` in {WEB_ROOT} (bash .ci/setup does it), or set "
-                               f"{MODULES_ENV} to a node_modules directory holding them")
+        out[modules / "@noble/hashes/sha2.js"] = "noble-hashes/sha2.js"  # (absent: named as missing)
+    require(list(out), "the browser client")
     return out
 
 

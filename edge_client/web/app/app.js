@@ -98,7 +98,11 @@ async function main() {
     $("start").disabled = true; $("stop").disabled = false;
     setState("connecting");
     await client.start();
-    client.finished.then((m) => { setState("finished", m.status || ""); $("stop").disabled = true; });
+    client.finished.then((m) => {
+      setState("finished", m.status || "");
+      $("stop").disabled = true;
+      if (params.has("exit")) fetch("exit", { method: "POST" }).catch(() => {});  // fedpara demo's pages
+    });
   };
   $("start").addEventListener("click", start);
   $("stop").addEventListener("click", async () => { await client.stop(); setState("left the run"); $("stop").disabled = true; });

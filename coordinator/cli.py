@@ -23,11 +23,15 @@ class BrokerCommand:
     def add_arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
         p.add_argument("--port", type=int, default=1883)
+        p.add_argument("--ws-port", type=int, default=None,
+                       help="also serve MQTT over WebSockets here, for browser clients (docs/mobile.md)")
 
     def run(self, args) -> int:
         from .broker import main
-        print(f"embedded MQTT broker on mqtt://{args.host}:{args.port} (Ctrl-C to stop)")
-        return main(["--host", args.host, "--port", str(args.port)])
+        ws = f" and ws://{args.host}:{args.ws_port}" if args.ws_port else ""
+        print(f"embedded MQTT broker on mqtt://{args.host}:{args.port}{ws} (Ctrl-C to stop)")
+        return main(["--host", args.host, "--port", str(args.port)]
+                    + (["--ws-port", str(args.ws_port)] if args.ws_port else []))
 
 
 class CoordinatorCommand:

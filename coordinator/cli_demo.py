@@ -65,6 +65,11 @@ class DemoCommand:
         p.add_argument("--data", default="fashion-mnist",
                        help="fashion-mnist | cifar10,path=DIR | shakespeare[,path=DIR] (see `fedpara fetch`)")
         p.add_argument("--out", help="run directory (default runs/demo-<time>)")
+        p.add_argument("--web-clients", type=int, default=0,
+                       help="run the last N clients as headless-chromium pages (the browser client, "
+                            "edge_client/web; docs/mobile.md); the others stay Python")
+        p.add_argument("--web-broker", default=None,
+                       help="with --broker and --web-clients: the broker's MQTT-over-WebSockets URL (ws://HOST:PORT)")
 
     def run(self, args) -> int:
         import torch
@@ -87,6 +92,11 @@ class DemoCommand:
                 raise ValueError(f"--device-profiles: {reason}")
         if args.clients < 1:
             raise ValueError(f"--clients must be >= 1, got {args.clients}")
+        if not 0 <= args.web_clients <= args.clients:
+            raise ValueError(f"--web-clients must be in 0..--clients ({args.clients}), got {args.web_clients}")
+        if args.web_clients and args.broker and not args.web_broker:
+            raise ValueError("--web-clients with --broker needs --web-broker ws://HOST:PORT (the broker's "
+                             "websockets listener)")
         out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
         run_id = f"demo-{secrets.token_hex(3)}"
         data = parse_data_spec(args.data)
@@ -122,9 +132,16 @@ class DemoCommand:
         procs: list[subprocess.Popen] = []
         broker_proc = None
         run_dir.logs.mkdir(parents=True, exist_ok=True)
+        n_py = args.clients - args.web_clients
         try:
+            ws_url = args.web_broker
             if args.broker:
                 url = args.broker
+            elif args.web_clients:
+                from .broker import free_port
+                ws_port = free_port()
+                broker_proc, url = spawn_broker(ws_port=ws_port)
+                ws_url = f"ws://127.0.0.1:{ws_port}"
             else:
                 broker_proc, url = spawn_broker()
             args.broker = url
@@ -133,7 +150,7 @@ class DemoCommand:
                   f" ratio {cfg.ratio}  {'UNSIGNED (--insecure)' if cfg.insecure else 'signed'}  -> {out}")
             # child_env: the clients end when the demo does, even when it is killed (fedpara/runtime/parent.py)
             env = child_env({**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"})
-            for i, cid in enumerate(client_ids):
+            for i, cid in enumerate(client_ids[:n_py]):
                 cmd = [sys.executable, "-m", "fedpara.runtime.cli", "client", "--broker", url, "--client-id", cid,
                        "--run", run_id, "--data", f"{client_data},index={i}", "--threads", "1",
                        "--state-dir", str(run_dir.client_state(cid)), "--device", "cpu", *trust_args]
@@ -141,6 +158,16 @@ class DemoCommand:
                 cmd += ["--profile", profiles[i % len(profiles)]] if profiles else ["--energy", "estimate"]
                 with open(run_dir.logs / f"{cid}.log", "wb") as log_file:
                     procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
+            for i in range(n_py, args.clients):  # the last N: browser clients (edge_client/web/demo.py)
+                cmd = [sys.executable, "-m", "edge_client.web.demo", "--client-id", client_ids[i], "--run", run_id,
+                       "--broker", ws_url, "--data", f"{client_data},index={i}", "--out", str(run_dir.root)]
+                cmd += [] if cfg.insecure else ["--keys", str(run_dir.root / "keys")]
+                with open(run_dir.logs / f"{client_ids[i]}.log", "wb") as log_file:
+                    procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
+            if args.web_clients:
+                print(f"{args.web_clients} browser client(s) in headless chromium"
+                      + ("" if limit else "; a browser trains 5-40x slower than torch (docs/mobile.md): "
+                         "--limit keeps its rounds within the deadline"))
             listeners = Listeners()
             coordinator = Coordinator(cfg, broker, on_event=listeners)
             with observers(cfg, coordinator, listeners, echo=lambda s: print(s, flush=True)) as obs:

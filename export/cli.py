@@ -70,6 +70,11 @@ class ExportCommand:
         p.add_argument("--calibration", type=int, default=256, help="int8 calibration samples")
         p.add_argument("--atol", type=float, default=1e-4, help="max abs logit difference allowed")
         p.add_argument("--json", action="store_true", help="print the report as JSON")
+        p.add_argument("--web", type=Path, default=None, metavar="DIR",
+                       help="also write a static page running the model in a browser (onnxruntime-web) "
+                            "into DIR, with test samples for ?selftest (export.web, docs/mobile.md)")
+        p.add_argument("--web-samples", type=int, default=200,
+                       help="test samples bundled with the --web page (the first N of --data's test split)")
 
     def run(self, args) -> int:
         try:
@@ -91,8 +96,13 @@ class ExportCommand:
                              f"(and {args.source} is not a run directory recording its test_data)")
         if args.calibration < 1:
             raise ValueError(f"--calibration must be >= 1, got {args.calibration}")
+        if args.web is not None:
+            from .web import check_assets
+            check_assets()  # before the export's work: say at once when onnxruntime-web is missing
+            if args.web_samples < 0:
+                raise ValueError(f"--web-samples must be >= 0, got {args.web_samples}")
         model, spec, info = load_source(args.source)
-        out = args.out or _default_out(args.source)
+        out = args.out or (args.web / "model.onnx" if args.web is not None else _default_out(args.source))
         eval_data = calibration = None
         if args.data:
             eval_data = _load_data(args.data, spec.scheme)
@@ -103,8 +113,19 @@ class ExportCommand:
                 calibration = x[idx]
         report = export_model(model, spec, out, info=info, opset=args.opset, eval_data=eval_data,
                               calibration=calibration, int8=args.int8, atol=args.atol)
+        web = None
+        if args.web is not None and report.ok:
+            from .web import write_web
+            samples = None
+            if eval_data is not None and args.web_samples:
+                samples = tuple(t[:args.web_samples].numpy() for t in eval_data)
+            web = write_web(report.onnx, spec, args.web, samples=samples, info=info)
         if args.json:
-            print(json.dumps(report.to_dict(), indent=2, default=str))
+            d = report.to_dict()
+            if web is not None:
+                d["web"] = {"dir": str(web.out), "files": web.files, "samples": web.samples,
+                            "python_correct": web.python_correct}
+            print(json.dumps(d, indent=2, default=str))
             return 0 if report.ok else 1
         print(f"{spec.model} scheme={spec.scheme} ratio={spec.ratio} round={info.get('round', '-')} "
               f"recorded accuracy={info.get('accuracy', '-')}")
@@ -124,6 +145,10 @@ class ExportCommand:
             if report.int8_accuracy is not None:
                 print(f"int8 accuracy {_pct(report.int8_accuracy)} (drop {report.int8_drop_pp:+.2f} pp, "
                       f"{_pct(report.int8_agreement)} of predictions equal fp32's)")
+        if web is not None:
+            print(f"web   {web.out}  {_mb(web.total_bytes)} in {len(web.files)} files; "
+                  f"{web.samples} samples ({web.python_correct} classified right here); serve the "
+                  "directory over https (or localhost) and open index.html, ?selftest to check")
         if not report.ok:
             print(f"PARITY FAILED: onnxruntime differs from torch by more than {args.atol} "
                   "or predicts different classes")

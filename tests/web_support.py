@@ -20,11 +20,8 @@ CPU_SLOWDOWN = 4  # CDP Emulation.setCPUThrottlingRate: a mid-range phone agains
 
 
 def fleet_writer():
-    """``fedpara broker-acl``'s writer (coordinator.broker_acl; coordinator.fleet before the rename)."""
-    try:
-        from coordinator.broker_acl import write_fleet
-    except ImportError:
-        from coordinator.fleet import write_fleet
+    """``fedpara broker-acl``'s writer."""
+    from coordinator.broker_acl import write_fleet
     return write_fleet
 
 

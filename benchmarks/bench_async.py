@@ -65,7 +65,13 @@ def load(out: Path) -> dict:
         # the training clock: from the first task (the devices' start-up, the same in every mode, is left out)
         curve.append({"wall_s": row["wall_s"] - (row.get("first_task_s") or 0.0), "accuracy": row["accuracy"], "mb": mb, "joules": joules,
                       "staleness": list((row.get("staleness") or {}).values()), "clients": row["clients"]})
-    return {"curve": curve, "final_accuracy": rows[-1]["accuracy"], "wall_s": rows[-1]["wall_s"]}
+    train_s: dict[str, list[float]] = {}  # client -> its local training times (the profiles' real speed)
+    for row in rows:
+        for client, m in (row.get("client_metrics") or {}).items():
+            if isinstance(m.get("train_s"), (int, float)):
+                train_s.setdefault(client, []).append(m["train_s"])
+    return {"curve": curve, "final_accuracy": rows[-1]["accuracy"], "wall_s": rows[-1]["wall_s"],
+            "train_s": {c: statistics.median(v) for c, v in sorted(train_s.items())}}
 
 
 def to_target(r: dict, target: float) -> dict | None:
@@ -154,6 +160,15 @@ def write_md(results: dict, path: Path) -> None:
                 cells.append(f"{ws[0]:.0f} ± {ws[1]:.0f}{ratio} / {mbs[0]:.1f} / {js[0]:.0f} ({len(hits)})")
             lines.append(f"| {mode} | {acc[0]:.2%} ± {acc[1]:.2%} | {wall[0]:.0f} ± {wall[1]:.0f} | "
                          + " | ".join(cells) + " |")
+        speeds = []
+        for i, prof in enumerate(res["profiles"]):
+            ts = [r["train_s"].get(f"client-{i}") for r in res["runs"].get("sync", [])]
+            ts = [t for t in ts if t is not None]
+            if ts:
+                speeds.append(f"client-{i} ({prof}) {statistics.median(ts):.1f} s")
+        if speeds:
+            lines += ["", "Median local training time per task in the sync runs (what the kernel let each device do "
+                      "on the shared host): " + ", ".join(speeds) + "."]
         stale = [s for r in res["runs"].get("async", []) for p in r["curve"] for s in p["staleness"]]
         if stale:
             lines += ["", f"async staleness over all updates: mean {statistics.fmean(stale):.2f}, max {max(stale)}."]

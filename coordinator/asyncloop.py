@@ -4,12 +4,16 @@ A version clock replaces the round barrier. Every idle live client (at most ``cl
 at once; 0: all) is handed the newest global factors as soon as it is idle; its update is folded
 into a buffer as it arrives, and every ``buffer_size`` updates the buffer becomes the next global
 version (``rounds`` counts versions). An update trained on version ``v`` while the model is at
-version ``V`` has staleness ``s = V - v``; it is weighted by ``1 / sqrt(1 + s)`` (FedBuff's
+version ``V`` has staleness ``s = V - v``; its delta is scaled by ``1 / sqrt(1 + s)`` (FedBuff's
 polynomial choice: the weight falls slowly, so a slow device still counts, but a very old
-direction counts less) and refused past ``max_staleness`` (``ignored["too_stale"]``).
+direction counts less) and it is refused past ``max_staleness`` (``ignored["too_stale"]``).
 
 A stale update is a delta from the version it was trained on. The buffer holds it as
-``current + (update - base)``: the same factor-space state a fresh update would be, so the
+``current + w(s) (update - base)``, weighted by its example count: FedAvg of the buffer is then
+``current + sum_i n_i / N w(s_i) delta_i``, FedBuff's step (server lr 1). The staleness weight
+shrinks the step, it is not renormalised away: deltas computed on an older model would otherwise
+move the model as far as fresh ones, once per version, and overshoot. It is the same factor-space
+state a fresh update would be, so the
 strategy's accumulator (streaming FedAvg, the screen, the robust aggregators) and the step guard
 work on the buffer unchanged. The coordinator keeps the global state of every version some task
 in flight was trained on: at most ``max_staleness + 1`` models (docs/async.md, memory).
@@ -91,10 +95,8 @@ class AsyncWindow:
         state = {}
         for k, v in result.state.items():
             v = v.to(base[k].dtype)
-            state[k] = self.state[k] + (v - base[k]) if v.is_floating_point() and s else v
-        weighted = dataclasses.replace(result, state=state, num_examples=result.num_examples * staleness_weight(s))
-        kept = self.accumulator.add(weighted)
-        self.results[result.client_id] = dataclasses.replace(kept, num_examples=result.num_examples)
+            state[k] = self.state[k] + staleness_weight(s) * (v - base[k]) if v.is_floating_point() and s else v
+        self.results[result.client_id] = self.accumulator.add(dataclasses.replace(result, state=state))
         self.tasks[result.client_id] = f.rules.task_id
         self.answered[result.client_id] = f.rules
         self.staleness[result.client_id] = s

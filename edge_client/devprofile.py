@@ -34,6 +34,11 @@ ENV_PROFILES = "FEDPARA_PROFILES"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GROUP = "fedpara-lab"  # every profile's cgroup lives under this one
 PERIOD_US = 100_000
+# The lab group's CPU weight, in host tasks: under group scheduling the whole group otherwise
+# competes like ONE process of the host, so on a busy host every device of the lab shares that
+# one task's CPU and a "laptop" runs as slowly as a "Pi Zero". Weighing it like this many tasks
+# leaves each device's quota (cpu.cfs_quota_us / cpu.max) as what limits it.
+LAB_WEIGHT_TASKS = 16
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,7 @@ class Cgroup:
             for d in self.dirs:
                 d.mkdir(parents=True, exist_ok=True)
             cpu, mem = self.dirs
+            _write(cpu.parent / "cpu.shares", str(1024 * LAB_WEIGHT_TASKS))
             _write(cpu / "cpu.cfs_period_us", str(PERIOD_US))
             _write(cpu / "cpu.cfs_quota_us", quota)
             _write(mem / "memory.limit_in_bytes", str(memory_bytes))
@@ -175,6 +181,7 @@ class Cgroup:
                     _write(d / "cgroup.subtree_control", "+cpu +memory")
                 except OSError as exc:
                     raise RuntimeError(f"cannot enable cpu and memory in {d}: {exc}") from None
+            _write(group / "cpu.weight", str(100 * LAB_WEIGHT_TASKS))  # v2: 100 is one task's weight
             leaf = group / name
             leaf.mkdir(exist_ok=True)
             _write(leaf / "cpu.max", f"{quota} {PERIOD_US}")

@@ -47,11 +47,10 @@ def test_a_stale_update_enters_the_buffer_as_its_delta_on_the_current_model():
     assert w.accept(FitResult("slow", {"w": torch.full((4,), 1.0), "steps": torch.tensor(7)}, 100)) is None
     assert w.accept(FitResult("fast", {"w": torch.full((4,), 12.0), "steps": torch.tensor(7)}, 100)) is None
     assert w.staleness == {"slow": 1, "fast": 0}
-    # slow moved +1 from version 0: it counts as 11 now; weights 100/sqrt(2) and 100
-    ws, wf = 100 * staleness_weight(1), 100.0
+    # slow moved +1 from version 0: its delta, scaled by 1/sqrt(2), lands on version 1 (FedBuff's step)
     out = w.accumulator.result().state
-    torch.testing.assert_close(out["w"], torch.full((4,), (11.0 * ws + 12.0 * wf) / (ws + wf)))
-    assert w.results["slow"].num_examples == 100  # the line reports the examples, not the weight
+    torch.testing.assert_close(out["w"], torch.full((4,), ((10.0 + staleness_weight(1)) + 12.0) / 2))
+    assert w.results["slow"].num_examples == 100
     w.release(out, Strategy(screen_factor=0).accumulator(out))
     assert set(w.bases) == {2}                                        # nothing in flight needs 0 or 1
 

@@ -158,3 +158,20 @@ def test_the_demo_runs_its_clients_inside_device_profiles(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fedpara.runtime.cli", "demo", "--device-profiles", "pi9"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "unknown device profile 'pi9'" in r.stderr
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2"])
+def test_the_lab_group_weighs_like_many_host_tasks(tmp_path, layout):
+    """Under group scheduling the lab's group competes like one host task unless it is weighted:
+    then on a busy host every device shared that one task's CPU whatever its quota."""
+    if layout == "v1":
+        for ctl, f in (("cpu", "cpu.cfs_quota_us"), ("memory", "memory.limit_in_bytes")):
+            (tmp_path / ctl).mkdir()
+            (tmp_path / ctl / f).write_text("-1")
+    else:
+        (tmp_path / "cgroup.controllers").write_text("cpu memory io")
+    devprofile.Cgroup("laptop-c0-1", 0.8, 256 << 20, root=tmp_path)
+    group = tmp_path / "cpu" / devprofile.GROUP if layout == "v1" else tmp_path / devprofile.GROUP
+    weight, leaf_quota = (("cpu.shares", "16384"), ("laptop-c0-1/cpu.cfs_quota_us", "80000")) if layout == "v1" \
+        else (("cpu.weight", "1600"), ("laptop-c0-1/cpu.max", "80000 100000"))
+    assert (group / weight[0]).read_text() == weight[1] and (group / leaf_quota[0]).read_text() == leaf_quota[1]

@@ -9,8 +9,9 @@ client process per profile inside its cgroup (edge_client/devprofile.py). Per fl
 
 - ``sync``: rounds wait for every client (the deadline never bites);
 - ``sync-partial``: the deadline set to what the fast half needs, ``min_reply_fraction 0.5``:
-  a round aggregates what arrived and the slow devices' work is dropped (its best setting here:
-  the deadline is the fast clients' round time plus a margin measured in the sync run);
+  a round aggregates what arrived and the slow devices' work is dropped (the deadline: 1.5x the
+  fast half's training time in the sync run of the same seed, + 0.5 s; a longer one waits for
+  the slow devices, a shorter one loses fast ones too);
 - ``async``: ``buffer_size`` = half the fleet, ``max_staleness`` 8, every idle device retrained.
 
 Every mode gets the same budget of client updates (sync R rounds x N clients = async R x N / B
@@ -86,10 +87,11 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
 
 
 def partial_deadline(sync_run: dict) -> float:
-    """The fast half's share of a sync round: the median round time of the sync run x 0.5, plus 2 s."""
-    walls = [p["wall_s"] for p in sync_run["curve"]]
-    rounds = [b - a for a, b in zip([0.0, *walls], walls)]
-    return round(0.5 * statistics.median(rounds) + 2.0, 1)
+    """What the fast half of the fleet needs: 1.5 x the slowest of the faster half's median training
+    times in the sync run, plus 0.5 s for the transfers."""
+    times = sorted(sync_run["train_s"].values())
+    fast = times[: max(1, len(times) // 2)]
+    return round(1.5 * fast[-1] + 0.5, 1)
 
 
 def main(argv=None) -> int:

@@ -126,6 +126,8 @@ class Inbound:
                 return
         before = self.registry.get(client)
         info = self.registry.update(client, status)
+        if self.lean is not None and self.lean.saw_status(client, msg.meta):
+            self._reask([client])  # it cannot apply the delta it was sent: the full state
         self._emit(ClientStatusChanged(client, info.online))
         if info.online and before is not None and info.connection > before.connection:
             self._reask([client])  # it reconnected: an update it sent meanwhile may be lost
@@ -151,6 +153,12 @@ class Inbound:
         except WireError as exc:  # signed runs: the signature held, so this really is the client's
             self._broken_update(client, str(exc))
             raise
+        if self.lean is not None:  # a delta update -> the global state + delta
+            try:
+                msg = self.lean.expand_update(client, msg, self)
+            except WireError as exc:
+                self._broken_update(client, str(exc))
+                raise
         if "report" in msg.meta:  # a follow-up: the client's local evaluation of a round it answered
             self._handle_report(client, msg)
             return

@@ -88,6 +88,8 @@ class Coordinator(Inbound):
         self.strategy = FedAvg(cfg.clients_per_round, cfg.seed, cfg.aggregator, cfg.screen_factor,
                                sampling=cfg.sampling, sample_rate=cfg.sample_rate, secret=self.dp is not None)
         self.wire = WireConfig(downlink=cfg.downlink, uplink=cfg.uplink)
+        from .leanwire import LeanServer  # delta coding (docs/compression.md); None: whole states
+        self.lean = LeanServer(cfg, self.spec, cfg.out, resume=resume) if cfg.wire != "plain" else None
         self.limits = Limits()
         self.seal, self.opener = trust(cfg)
         # envelope digests: BLAKE3 (about 4x faster than SHA-256 here) with every peer that can check
@@ -228,6 +230,8 @@ class Coordinator(Inbound):
 
     def _send_task(self, rnd: int, task: Task, live: list[str]) -> dict:
         cfg = self.cfg
+        if self.lean is not None:  # deltas to the clients that hold the previous state
+            return self.lean.send_task(self, rnd, task, live)
         self._task_msg = Message(MessageKind.TASK, cfg.run_id, rnd, "coordinator", self.state, task.to_meta())
         broadcast = set(task.selected) == set(live)
         enc = self.seal.seal(self._task_msg, self.wire, digest=self._digest_for(live if broadcast else task.selected))
@@ -312,7 +316,8 @@ class Coordinator(Inbound):
         if not pending or self._task_msg is None:
             return
         # a fresh seq: the first one was seen already
-        enc = self.seal.seal(self._task_msg, self.wire, digest=self._digest_for(pending))
+        enc = (self.lean.full_enc(self, pending) if self.lean is not None
+               else self.seal.seal(self._task_msg, self.wire, digest=self._digest_for(pending)))
         for c in pending:
             topic = self.topics.task_for(c)
             frames, stats = enc.split(self.cfg.max_packet, topic)

@@ -41,6 +41,7 @@ from fedpara.wire import (
     framed_bytes,
     parse_chunk,
 )
+from fedpara.wire.lean_client import LeanClient
 from fedpara.wire.limits import digests_available
 
 from .config import ClientConfig
@@ -114,6 +115,8 @@ class EdgeClient:
         # the newest coordinator session and seq we accepted, kept across restarts: a finish must be
         # newer and from that session (a replayed finish of an earlier run stops nobody)
         self.watch = CoordinatorWatch(Path(self.trainer.state.root) / "coordinator.json", cfg.run_id)
+        # delta coding with error feedback when a task asks for it (docs/compression.md)
+        self.lean = LeanClient(self.trainer.state.root, cfg.run_id, cfg.client_id)
         self._refusals = Throttled(log)  # junk frames are counted; only a few lines a minute are logged
         self.rounds_done: list[int] = []
         self.finished = threading.Event()
@@ -166,6 +169,7 @@ class EdgeClient:
         meta = Status(state, self.trainer.num_examples, str(self.trainer.device), heartbeat_s=self.cfg.heartbeat_s,
                       session=self._session_seq, connection=self.session.connects if self.session else 0,
                       digests=self.digests).to_meta()
+        meta.update(self.lean.status_meta())  # the codecs we decode and the state we hold
         return self.seal.seal(Message(MessageKind.STATUS, self.cfg.run_id, 0, self.cfg.client_id, meta=meta),
                               seq=seq).data
 
@@ -349,6 +353,12 @@ class EdgeClient:
                 for frame in last[2]:
                     self.session.publish(last[1], frame)
             return
+        lean = self.lean.receive(msg, task)  # a delta -> the full state (or None: we lack its base)
+        if lean is None:
+            self.counters["lean_resync"] += 1
+            self._announce(self.session)  # says what we hold: the coordinator sends the full state
+            return
+        msg = lean
         self._seen.add(task.task_id)
         self.coordinator_seen.set()
         self.watch.saw(msg.meta.get("seq", 0), None)
@@ -433,8 +443,11 @@ class EdgeClient:
         update = Update(task.task_id, out.num_examples, metrics)
         # the digest the task asks for (BLAKE3 where both ends have it), else SHA-256
         digest = task.digest if task.digest in self.digests else "sha256"
-        enc = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, tensors, update.to_meta()),
+        tensors, lean_meta = self.lean.outgoing(tensors, item.msg, task)  # a lean task: the delta + residual
+        enc = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, tensors,
+                                     {**update.to_meta(), **lean_meta}),
                              CodecPolicy.parse(task.uplink), digest=digest)
+        self.lean.sent(enc)  # error feedback: what this envelope does not carry is owed
         topic = self.topics.update(me)
         frames, stats = enc.split(task.max_packet, topic)
         t_up = time.monotonic()

@@ -58,31 +58,67 @@ def write_report(res: dict, path: Path, labels: dict) -> None:
     path.write_text("\n".join(lines))
 
 
+COLORS = ["#444444", "#1f77b4", "#17becf", "#2ca02c", "#d62728", "#ff9896", "#9467bd", "#c5b0d5", "#8c564b",
+          "#e377c2", "#bcbd22"]
+
+
 def plot(res: dict, path: Path, labels: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Accuracy vs cumulative MQTT MB (log scale), one panel per model and partition, as SVG
+    (written by hand: no plotting library is installed here)."""
+    import math
 
     panels = [(m, p) for m, parts in res.get("raw", {}).items() for p in parts]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (model, part) in zip(axes[0], panels):
+    W, H, L, R, T, B = 430, 330, 55, 10, 30, 45
+    configs = list(dict.fromkeys(c for m, p in panels for c in res["raw"][m][p]))
+    color = {c: COLORS[i % len(COLORS)] for i, c in enumerate(configs)}
+    legend_h = 16 * len(configs) + 10
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W * len(panels)}" height="{H + legend_h}" '
+           'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
+    for n, (model, part) in enumerate(panels):
+        series = {}
         for config, g in res["raw"][model][part].items():
             runs = g["runs"]
-            if not runs:
-                continue
-            n = min(len(r["test_accuracy"]) for r in runs)
-            mb = [sum(r["mqtt_bytes_cum"][i] for r in runs) / len(runs) / 1e6 for i in range(n)]
-            acc = [100 * sum(r["test_accuracy"][i] for r in runs) / len(runs) for i in range(n)]
-            ax.plot(mb, acc, marker="o", ms=3, label=labels.get(config, config),
-                    ls="--" if config.endswith("noef") else "-")
-        ax.set_xscale("log")
-        ax.set_xlabel("cumulative MQTT MB (both directions, all clients)")
-        ax.set_ylabel("test accuracy %")
-        ax.set_title(f"{model}, {part} (mean of seeds)")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            if runs:
+                k = min(len(r["test_accuracy"]) for r in runs)
+                series[config] = [(sum(r["mqtt_bytes_cum"][i] for r in runs) / len(runs) / 1e6,
+                                   100 * sum(r["test_accuracy"][i] for r in runs) / len(runs)) for i in range(k)]
+        pts = [p for s in series.values() for p in s if p[0] > 0]
+        if not pts:
+            continue
+        x0, x1 = math.floor(math.log10(min(p[0] for p in pts))), math.ceil(math.log10(max(p[0] for p in pts)))
+        y0, y1 = 5 * math.floor(min(p[1] for p in pts) / 5), 5 * math.ceil(max(p[1] for p in pts) / 5)
+        ox = n * W
+
+        def sx(v):
+            return ox + L + (math.log10(v) - x0) / max(x1 - x0, 1) * (W - L - R)
+
+        def sy(v):
+            return T + (y1 - v) / max(y1 - y0, 1) * (H - T - B)
+
+        out.append(f'<text x="{ox + W / 2}" y="18" text-anchor="middle" font-weight="bold">{model}, {part} '
+                   '(mean of seeds)</text>')
+        out.append(f'<rect x="{ox + L}" y="{T}" width="{W - L - R}" height="{H - T - B}" fill="none" stroke="#999"/>')
+        for e in range(x0, x1 + 1):
+            out.append(f'<line x1="{sx(10 ** e):.1f}" y1="{T}" x2="{sx(10 ** e):.1f}" y2="{H - B}" stroke="#eee"/>')
+            out.append(f'<text x="{sx(10 ** e):.1f}" y="{H - B + 14}" text-anchor="middle">{10 ** e:g}</text>')
+        for v in range(int(y0), int(y1) + 1, 5):
+            out.append(f'<line x1="{ox + L}" y1="{sy(v):.1f}" x2="{ox + W - R}" y2="{sy(v):.1f}" stroke="#eee"/>')
+            out.append(f'<text x="{ox + L - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v}</text>')
+        out.append(f'<text x="{ox + L + (W - L - R) / 2}" y="{H - 12}" text-anchor="middle">cumulative MQTT MB, '
+                   'both directions, all clients (log)</text>')
+        out.append(f'<text transform="translate({ox + 14},{T + (H - T - B) / 2}) rotate(-90)" '
+                   'text-anchor="middle">test accuracy %</text>')
+        for config, s in series.items():
+            path_d = " ".join(f"{'M' if i == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for i, (x, y) in enumerate(s) if x > 0)
+            dash = ' stroke-dasharray="5,3"' if config.endswith("noef") else ""
+            out.append(f'<path d="{path_d}" fill="none" stroke="{color[config]}" stroke-width="1.6"{dash}/>')
+            out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2" fill="{color[config]}"/>' for x, y in s if x > 0]
+    for i, config in enumerate(configs):
+        y = H + 12 + 16 * i
+        dash = ' stroke-dasharray="5,3"' if config.endswith("noef") else ""
+        out.append(f'<line x1="{L}" y1="{y}" x2="{L + 24}" y2="{y}" stroke="{color[config]}" stroke-width="2"{dash}/>')
+        out.append(f'<text x="{L + 30}" y="{y + 4}">{labels.get(config, config)}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out))

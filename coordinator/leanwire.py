@@ -104,10 +104,14 @@ class LeanServer:
                                  {**meta, "lean": {"mode": "full", "target": target, "ef": self.ef}})
         if broadcast and len(in_sync) == len(receivers):
             plan = [(delta_msg, self.down, [coord.topics.task], receivers)]
-        else:
-            others = [c for c in receivers if c not in in_sync]
+        else:  # per client: the delta, the full state, or (a client that did not announce delta
+            # coding: an older version) the full state with an uplink policy it can parse
+            full = [c for c in receivers if c not in in_sync and c in self.capable]
+            legacy = [c for c in receivers if c not in in_sync and c not in self.capable]
+            legacy_msg = dataclasses.replace(self._full_msg, meta={**self._full_msg.meta, "uplink": "fp32"})
             plan = [(m, pol, [coord.topics.task_for(c) for c in cs], cs)
-                    for m, pol, cs in ((delta_msg, self.down, in_sync), (self._full_msg, self.full, others)) if cs]
+                    for m, pol, cs in ((delta_msg, self.down, in_sync), (self._full_msg, self.full, full),
+                                       (legacy_msg, self.full, legacy)) if cs]
         self.mirror, self.digest, self.last_global = new, target, _float_state(G)
         self.sent_delta, self.receivers = set(in_sync), set(receivers)
         for c in receivers:
@@ -140,7 +144,10 @@ class LeanServer:
             self.holds[c] = self.digest
             self.sent_delta.discard(c)
         self.counts["full"] += len(receivers)
-        return coord.seal.seal(self._full_msg, self.full, digest=coord._digest_for(receivers))
+        msg = self._full_msg
+        if any(c not in self.capable for c in receivers):  # an older client: an uplink policy it parses
+            msg = dataclasses.replace(msg, meta={**msg.meta, "uplink": "fp32"})
+        return coord.seal.seal(msg, self.full, digest=coord._digest_for(receivers))
 
     def saw_status(self, client: str, meta) -> bool:
         """Record what a client announces; True when it was sent a delta this attempt that it

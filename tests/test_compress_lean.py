@@ -98,6 +98,23 @@ def test_a_client_without_the_base_gets_the_full_state_and_never_trains_on_a_wro
     assert all(c.lean.held_digest == _mirror_digest(cfg) for c in clients)
 
 
+@needs_fmnist
+def test_a_client_that_does_not_announce_delta_coding_gets_full_states_it_can_answer(mosquitto_broker, tmp_path):
+    cfg = coord_cfg(tmp_path, wire="lean", rounds=2)
+
+    def older(client):
+        if client.cfg.client_id == "c2":  # an older version: no codecs in its status, no lean key read
+            client.lean.status_meta = lambda: {}
+            client.lean.receive = lambda msg, task: msg
+            client.lean.outgoing = lambda trained, msg, task: (dict(trained), {})
+
+    summary, rows, clients, tasks = _run(mosquitto_broker, cfg, tmp_path, before_start=older)
+    assert summary["status"] == "completed" and [r["replied"] for r in rows] == [3, 3]
+    modes = sorted({(t.round, t.meta["lean"]["mode"], t.meta["uplink"]) for t in tasks})  # per client topic
+    assert modes == [(r, m, u) for r in (1, 2) for m, u in (("delta", LEAN_UPLINK), ("full", "fp32"))]
+    assert clients[0].lean.held_digest == _mirror_digest(cfg)
+
+
 def _task(spec: ModelSpec, lean: dict, state: dict, rnd: int = 1):
     task = Task(task_id=f"s-{rnd}-1", selected=("c0",), spec=spec, train=TrainParams(), init_seed=0)
     return task, Message("task", "r1", rnd, "coordinator", state, {**task.to_meta(), "lean": lean})

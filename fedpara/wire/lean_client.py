@@ -62,7 +62,7 @@ class LeanClient:
         spec = json.dumps(task.spec.to_dict(), sort_keys=True)
         with self._lock:
             if lean["mode"] == "full":
-                state = {k: v.float() if v.is_floating_point() else v for k, v in msg.tensors.items()}
+                state = {k: (v.float() if v.is_floating_point() else v).clone() for k, v in msg.tensors.items()}
                 if state_digest(state) != lean["target"]:
                     raise WireError("task.lean: the full state does not match its digest")
             else:

@@ -70,7 +70,7 @@ def plot(res: dict, path: Path, labels: dict) -> None:
     panels = [(m, p) for m, parts in res.get("raw", {}).items() for p in parts]
     if not panels:
         return
-    W, H, L, R, T, B = 430, 330, 55, 10, 30, 45
+    W, H, L, R, T, B = 430, 330, 55, 22, 30, 45
     configs = list(dict.fromkeys(c for m, p in panels for c in res["raw"][m][p]))
     color = {c: COLORS[i % len(COLORS)] for i, c in enumerate(configs)}
     legend_h = 16 * len(configs) + 10

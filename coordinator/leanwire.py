@@ -1,7 +1,7 @@
 """The coordinator's side of delta coding (``wire = "delta"`` or ``"lean"``; fedpara.wire.lean,
 docs/compression.md). The round loop calls it through a few hooks: :func:`configure` (config
 check), :meth:`LeanServer.send_task` (instead of encoding the global state for every receiver),
-:meth:`LeanServer.full_enc` (a re-sent task is always the full state), :meth:`LeanServer.saw_status`
+:meth:`LeanServer.resend_enc` (a re-sent task: the delta again, or the full state), :meth:`LeanServer.saw_status`
 (a client that cannot apply its delta re-announces what it holds: send it the full state) and
 :meth:`LeanServer.expand_update` (a client's delta + the global state = the state FedAvg folds in).
 
@@ -76,7 +76,9 @@ class LeanServer:
         self.base = self.digest           # the current attempt's delta base and target
         self.sent_delta: set[str] = set()  # clients sent a delta in the current attempt
         self.receivers: set[str] = set()   # clients sent the current attempt's task
+        self.task_id: str | None = None
         self._full_msg: Message | None = None
+        self._delta_msg: Message | None = None
         self.counts = {"delta": 0, "full": 0}
 
     # --- downlink -------------------------------------------------------------------------------
@@ -98,7 +100,7 @@ class LeanServer:
         in_sync = [c for c in receivers if self._in_sync(c)]
         meta = task.to_meta()
         coord._task_msg = Message(MessageKind.TASK, cfg.run_id, rnd, "coordinator", G, meta)
-        delta_msg = Message(MessageKind.TASK, cfg.run_id, rnd, "coordinator", x,
+        self._delta_msg = delta_msg = Message(MessageKind.TASK, cfg.run_id, rnd, "coordinator", x,
                             {**meta, "lean": {"mode": "delta", "base": base, "target": target, "ef": self.ef}})
         self._full_msg = Message(MessageKind.TASK, cfg.run_id, rnd, "coordinator", new,
                                  {**meta, "lean": {"mode": "full", "target": target, "ef": self.ef}})
@@ -113,7 +115,7 @@ class LeanServer:
                     for m, pol, cs in ((delta_msg, self.down, in_sync), (self._full_msg, self.full, full),
                                        (legacy_msg, self.full, legacy)) if cs]
         self.mirror, self.digest, self.last_global = new, target, _float_state(G)
-        self.sent_delta, self.receivers = set(in_sync), set(receivers)
+        self.sent_delta, self.receivers, self.task_id = set(in_sync), set(receivers), task.task_id
         for c in receivers:
             self.holds[c] = target  # optimistic: a client that did not get it says so in its status
         self._save(cfg.run_id)
@@ -138,8 +140,13 @@ class LeanServer:
                  len(receivers) - len(in_sync), out["mqtt_bytes_down"])
         return out, complete
 
-    def full_enc(self, coord, receivers):
-        """The current task with the full state (exact), for clients asked again."""
+    def resend_enc(self, coord, receivers):
+        """The current task for clients asked again (a reconnect, or a client that could not apply
+        its delta): the delta again when each of them was sent it and has not refused it (one that
+        never got it still holds the base), else the full state (exact)."""
+        if self._delta_msg is not None and all(c in self.sent_delta for c in receivers):
+            self.counts["delta"] += len(receivers)
+            return coord.seal.seal(self._delta_msg, self.down, digest=coord._digest_for(receivers))
         for c in receivers:
             self.holds[c] = self.digest
             self.sent_delta.discard(c)
@@ -150,13 +157,14 @@ class LeanServer:
         return coord.seal.seal(msg, self.full, digest=coord._digest_for(receivers))
 
     def saw_status(self, client: str, meta) -> bool:
-        """Record what a client announces; True when it was sent a delta this attempt that it
-        cannot apply (it holds neither the base nor the target): send it the full state."""
-        capable, holds = status_holds(meta)
+        """Record what a client announces; True when it refused this attempt's delta (it names the
+        task: a status older than the task cannot be taken for a refusal): send the full state."""
+        capable, holds, refused = status_holds(meta)
         (self.capable.add if capable else self.capable.discard)(client)
         if client in self.receivers:  # a status older than the task must not undo what it was sent
-            if client in self.sent_delta and holds not in (self.base, self.digest):
+            if client in self.sent_delta and refused is not None and refused == self.task_id:
                 self.holds[client] = holds
+                self.sent_delta.discard(client)  # the re-send is the full state
                 return self._full_msg is not None
             return False
         self.holds[client] = holds

@@ -316,7 +316,7 @@ class Coordinator(Inbound):
         if not pending or self._task_msg is None:
             return
         # a fresh seq: the first one was seen already
-        enc = (self.lean.full_enc(self, pending) if self.lean is not None
+        enc = (self.lean.resend_enc(self, pending) if self.lean is not None
                else self.seal.seal(self._task_msg, self.wire, digest=self._digest_for(pending)))
         for c in pending:
             topic = self.topics.task_for(c)

@@ -116,7 +116,7 @@ class EdgeClient:
         # newer and from that session (a replayed finish of an earlier run stops nobody)
         self.watch = CoordinatorWatch(Path(self.trainer.state.root) / "coordinator.json", cfg.run_id)
         # delta coding with error feedback when a task asks for it (docs/compression.md)
-        self.lean = LeanClient(self.trainer.state.root, cfg.run_id, cfg.client_id)
+        self.lean = LeanClient(self.trainer.state.root, cfg.run_id, cfg.client_id, rng_lock=self.trainer.lock)
         self._refusals = Throttled(log)  # junk frames are counted; only a few lines a minute are logged
         self.rounds_done: list[int] = []
         self.finished = threading.Event()

@@ -4,6 +4,7 @@ exactly the coordinator's mirror, a client that lost its base gets the full stat
 on a wrong one, and the uplink residual survives a client restart."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -31,8 +32,17 @@ def _mirror_digest(cfg) -> str:
 
 
 def _run(url, cfg, tmp_path, n=3, before_start=None):
+    """A run with ``n`` in-process clients that take turns training, as a pool's clients do (one
+    process, one torch RNG: the initial model is built while nobody trains)."""
     sniffer = Sniffer(url, cfg.run_id)
-    clients = start_clients(url, cfg, tmp_path, n, before_start=before_start, energy="off")
+    lock = threading.Lock()
+
+    def prepare(client):
+        client.trainer.lock = client.lean.rng_lock = lock
+        if before_start is not None:
+            before_start(client)
+
+    clients = start_clients(url, cfg, tmp_path, n, before_start=prepare, energy="off")
     try:
         summary = Coordinator(cfg, parse_broker_url(url)).run()
     finally:
@@ -165,3 +175,26 @@ def test_lean_sets_the_measured_preset(tmp_path):
     cfg = coord_cfg(tmp_path, wire="lean")
     assert (cfg.downlink, cfg.uplink) == (LEAN_DOWNLINK, LEAN_UPLINK)
     assert CoordinatorConfig(insecure=True).wire == "plain" and json.dumps(cfg.to_dict())
+
+
+def test_a_resent_task_is_the_delta_unless_the_client_refused_it(tmp_path):
+    from coordinator.leanwire import LeanServer
+
+    cfg = coord_cfg(tmp_path, wire="lean")
+    server = LeanServer(cfg, cfg.spec, tmp_path)
+    server._delta_msg, server._full_msg = "delta", "full"
+    server.sent_delta, server.receivers, server.capable = {"c0", "c1"}, {"c0", "c1"}, {"c0", "c1"}
+
+    class Coord:
+        class seal:  # noqa: N801 - stands in for the signer: returns what it would seal
+            seal = staticmethod(lambda msg, policy, digest: (msg, str(policy)))
+
+        _digest_for = staticmethod(lambda receivers: "sha256")
+
+    assert server.resend_enc(Coord, ["c0", "c1"])[0] == "delta"  # a reconnect: the delta again
+    server.task_id = "s-3-1"
+    stale = {"codecs": ["delta"], "lean": {"holds": None}}  # sent before the task arrived: no refusal
+    assert not server.saw_status("c1", stale) and not server.saw_status("c1", {**stale, "lean": {"refused": "s-2-1"}})
+    refused = {"codecs": ["delta"], "lean": {"holds": "0" * 64, "refused": "s-3-1"}}
+    assert server.saw_status("c1", refused) and server.resend_enc(Coord, ["c1"])[0] == "full"
+    assert not server.saw_status("c0", {"codecs": ["delta"], "lean": {"holds": server.digest}})

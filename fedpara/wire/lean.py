@@ -109,12 +109,16 @@ def task_lean(meta: Mapping) -> dict | None:
     return out
 
 
-def status_holds(meta: Mapping) -> tuple[bool, str | None]:
-    """(announces lean, the digest it holds or None) from a client's status meta."""
+def status_holds(meta: Mapping) -> tuple[bool, str | None, str | None]:
+    """(announces delta coding, the digest it holds or None, the task id whose delta it refused or
+    None) from a client's status meta; malformed values read as None."""
     codecs = meta.get("codecs")
     capable = isinstance(codecs, list) and "delta" in codecs
     lean = meta.get("lean")
-    holds = lean.get("holds") if isinstance(lean, Mapping) else None
+    lean = lean if isinstance(lean, Mapping) else {}
+    holds, refused = lean.get("holds"), lean.get("refused")
     if holds is not None and not (isinstance(holds, str) and _DIGEST.fullmatch(holds)):
         holds = None
-    return capable, holds
+    if not (isinstance(refused, str) and len(refused) <= 256):
+        refused = None
+    return capable, holds, refused

@@ -13,6 +13,7 @@ holds an older state than a task's base gets the full state instead of the delta
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -34,21 +35,49 @@ HELD_FILE = "lean_held.safetensors"
 RESIDUAL_FILE = "lean_residual.safetensors"
 
 
+_INIT: dict[tuple[str, int], tuple[dict, str]] = {}  # (spec, seed) -> (initial state, digest)
+_INIT_LOCK = threading.Lock()
+
+
+def _initial_state(model_spec, seed: int, spec: str, rng_lock) -> tuple[dict, str]:
+    """The initial model's state and digest, built once per process (a pool's clients share it)."""
+    with _INIT_LOCK:
+        got = _INIT.get((spec, seed))
+        if got is None:
+            from fedpara import global_state  # every client builds it from the task's spec and seed
+            with rng_lock if rng_lock is not None else contextlib.nullcontext():
+                model = model_spec.build(seed)
+            init = {k: v.detach().float() if v.is_floating_point() else v.detach()
+                    for k, v in global_state(model).items()}
+            _INIT.clear()  # one run's model at a time
+            got = _INIT[(spec, seed)] = (init, state_digest(init))
+        return got
+
+
 class LeanClient:
-    def __init__(self, state_root: str | os.PathLike, run_id: str, client_id: str = "") -> None:
+    def __init__(self, state_root: str | os.PathLike, run_id: str, client_id: str = "", *,
+                 rng_lock: threading.Lock | None = None) -> None:
         self.root, self.run_id, self.who = Path(state_root), run_id, client_id or "client"
+        # held while building the initial model: training on another thread of this process draws
+        # from torch's global RNG too, and a draw in the middle of the build changes the weights
+        # (the digest catches it: the full state is sent instead). A pool's shared training lock.
+        self.rng_lock = rng_lock
         self.held: dict[str, Tensor] | None = None
         self.held_digest: str | None = None
         self.held_spec: str | None = None
         self.feedback = ErrorFeedback()
         self._residual_loaded_for: str | None = None
         self._pending: tuple[dict, str, str] | None = None  # (what should be sent, base digest, spec)
+        self.refused: str | None = None  # the last task refused for want of its base (in our status)
         self._lock = threading.Lock()  # receive (dispatch thread) vs outgoing/sent (training thread)
         self._load_held()
 
     # --- presence -------------------------------------------------------------------------------
     def status_meta(self) -> dict:
-        return {"codecs": list(CODECS), "lean": {"holds": self.held_digest}}
+        lean = {"holds": self.held_digest}
+        if self.refused is not None:  # the task whose delta we could not apply: send the full state
+            lean["refused"] = self.refused
+        return {"codecs": list(CODECS), "lean": lean}
 
     # --- downlink -------------------------------------------------------------------------------
     def receive(self, msg: Message, task) -> Message | None:
@@ -71,23 +100,28 @@ class LeanClient:
                     log.info("%s: task %s is a delta from %s..., this client holds %s: asking for the full "
                              "state", self.who, task.task_id, lean["base"][:12],
                              (self.held_digest or "nothing")[:12])
+                    self.refused = task.task_id
                     return None
                 state = apply(base, msg.tensors)
                 if state_digest(state) != lean["target"]:
                     log.warning("%s: task %s: the delta applied to its base is not the coordinator's state; "
                                 "asking for the full state", self.who, task.task_id)
+                    self.refused = task.task_id
                     return None
             self.held, self.held_digest, self.held_spec = state, lean["target"], spec
+            self.refused = None
             self._save_held()
         return dataclasses.replace(msg, tensors=dict(state))
 
     def _base(self, digest: str, task, spec: str) -> dict | None:
         if self.held is not None and self.held_digest == digest and self.held_spec == spec:
             return self.held
-        from fedpara import global_state  # the initial model: every client builds it from the task
-        init = {k: v.detach().float() if v.is_floating_point() else v.detach()
-                for k, v in global_state(task.spec.build(task.init_seed)).items()}
-        return init if state_digest(init) == digest else None
+        init, init_digest = _initial_state(task.spec, task.init_seed, spec, self.rng_lock)
+        if init_digest != digest:
+            with _INIT_LOCK:  # perhaps built while something else drew random numbers: not kept
+                _INIT.pop((spec, task.init_seed), None)
+            return None
+        return init
 
     # --- uplink ---------------------------------------------------------------------------------
     def outgoing(self, trained: Mapping[str, Tensor], msg: Message, task) -> tuple[dict, dict]:

@@ -86,6 +86,8 @@ class Compress:
                                  extra=extra)
 
     def choose_lr(self, model: str, config: str, res: dict) -> float:
+        if self.args.lr_fixed and config != "dense":  # a second look at one lr (--lr-fixed)
+            return self.args.lr_fixed
         if config in FIXED_LR[model]:
             return FIXED_LR[model][config]
         got = res.setdefault("sweep", {}).setdefault(model, {})
@@ -104,7 +106,8 @@ class Compress:
 
     def group(self, model: str, part: str, configs: list[str], res: dict, save) -> None:
         plan, _, _, test = self.suite.model_meta(model)
-        g = res.setdefault("raw", {}).setdefault(model, {}).setdefault(part, {})
+        key = part + (f" @ lr {self.args.lr_fixed:g}" if self.args.lr_fixed else "")
+        g = res.setdefault("raw", {}).setdefault(model, {}).setdefault(key, {})
         for config in configs:
             lr = self.choose_lr(model, config, res)
             save()
@@ -162,6 +165,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=str(ROOT / "runs" / "compress"))
     p.add_argument("--out", default=str(ROOT / "docs"))
     p.add_argument("--only-cached", action="store_true")
+    p.add_argument("--lr-fixed", type=float, default=0.0,
+                   help="every configuration but dense at this lr, no sweep; reported as '<partition> @ lr X' "
+                        "(a second look where the chosen lr diverged)")
     args = p.parse_args(argv)
     args.quick = False
     import torch

@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--val", type=float, default=0.1)
     p.add_argument("--runs", default=str(ROOT / "runs" / "compress"))
-    p.add_argument("--out", default=str(ROOT / "docs"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     p.add_argument("--only-cached", action="store_true")
     p.add_argument("--lr-fixed", type=float, default=0.0,
                    help="every configuration but dense at this lr, no sweep; reported as '<partition> @ lr X' "

@@ -42,7 +42,7 @@ from .observation.timeline import Listeners
 DEMO_DEFAULTS = {"batch_size": 32, "uplink": "fp16+zstd:3", "downlink": "fp16+zstd:3",
                  "round_deadline_s": 300.0}
 # The coordinator fields the demo exposes as flags; the rest keep CoordinatorConfig's defaults.
-DEMO_FIELDS = ("model", "scheme", "ratio", "rounds", "local_epochs", "lr", "batch_size", "uplink", "downlink",
+DEMO_FIELDS = ("model", "scheme", "ratio", "rounds", "local_epochs", "lr", "batch_size", "uplink", "downlink", "wire",
                "seed", "aggregator", "insecure", "dashboard", "tensorboard",
                "dp_noise_multiplier", "dp_clip_norm", "max_epsilon", "mode", "buffer_size", "max_staleness",
                "clients_per_round", "round_deadline_s", "min_reply_fraction", "eval_every")

@@ -100,6 +100,10 @@ class CoordinatorConfig:
     # wire
     downlink: str = option("fp32", "codec policy coordinator -> clients, e.g. 'fp16+zstd:3'")
     uplink: str = option("fp32", "codec policy clients -> coordinator, e.g. 'fp16' (FedPAQ)")
+    wire: str = option("plain", "plain: the downlink/uplink policies on whole states | delta: send what changed, "
+                       "under those policies, with error feedback | lean: delta with the measured preset, which "
+                       "replaces downlink and uplink (docs/compression.md)")
+    error_feedback: bool = option(True, "wire delta/lean: carry what a lossy codec dropped into the next round")
     max_packet: int = option(1_000_000, "largest MQTT packet to publish (bytes); payloads are chunked")
     digest: str = option("auto", "envelope digest: auto (BLAKE3 with every peer that announces it, else "
                          "SHA-256) | sha256 (docs/wire.md, Digests)")
@@ -186,6 +190,12 @@ class CoordinatorConfig:
                 CodecPolicy.parse(getattr(self, name))
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+        from .leanwire import configure
+        configure(self)  # wire / error_feedback (docs/compression.md)
+        if self.mode == "async" and self.wire != "plain":
+            raise ValueError(f"wire: {self.wire} codes each task against the one state every client was sent last; "
+                             "async versions send each client its own version: use wire = \"plain\" with "
+                             "mode = \"async\" (docs/async.md)")
         if not self.insecure:
             for name, what in (("coordinator_key", "the coordinator's private key"),
                                ("trusted_keys", "a directory of the clients' public keys")):

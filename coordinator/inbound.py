@@ -40,7 +40,8 @@ class Inbound:
 
     def __init__(self, cfg, topics: Topics, opener, registry: ClientRegistry, presence: Presence,
                  ledger: RoundLedger, *, ignored: Counter, partial_cap: int, reask: Callable[[list[str]], None],
-                 emit: Callable[[object], None]) -> None:
+                 emit: Callable[[object], None], lean=None) -> None:
+        self.lean = lean  # delta coding (coordinator/leanwire.py): statuses say what a client holds
         self.cfg, self.topics, self.opener, self.registry = cfg, topics, opener, registry
         self.presence, self.ledger, self.partial_cap = presence, ledger, partial_cap
         self.reask, self.emit = reask, emit
@@ -141,6 +142,8 @@ class Inbound:
                 return
         before = self.registry.get(client)
         info = self.registry.update(client, status)
+        if self.lean is not None and self.lean.saw_status(client, msg.meta):
+            self.reask([client])  # it cannot apply the delta it was sent: the full state
         self.emit(ClientStatusChanged(client, info.online))
         if info.online and before is not None and info.connection > before.connection:
             self.reask([client])  # it reconnected: an update it sent meanwhile may be lost
@@ -167,6 +170,12 @@ class Inbound:
         except WireError as exc:  # signed runs: the signature held, so this really is the client's
             self._broken_update(client, str(exc))
             raise
+        if self.lean is not None and self.attempt is not None:  # a delta update -> the global state + delta
+            try:
+                msg = self.lean.expand_update(client, msg, self.attempt, self.attempt.reference)
+            except WireError as exc:
+                self._broken_update(client, str(exc))
+                raise
         try:
             reply = parse_reply(msg.meta)
         except ProtocolError:

@@ -24,8 +24,9 @@ log = logging.getLogger("coordinator.server")
 
 
 class Outbound:
-    def __init__(self, cfg, topics: Topics, seal, registry: ClientRegistry, ignored: Counter, broker=None) -> None:
-        self.broker = broker
+    def __init__(self, cfg, topics: Topics, seal, registry: ClientRegistry, ignored: Counter, broker=None,
+                 lean=None) -> None:
+        self.broker, self.lean = broker, lean  # lean: delta coding of the downlink (coordinator/leanwire.py)
         self.cfg, self.topics, self.seal, self.registry, self.ignored = cfg, topics, seal, registry, ignored
         self.wire = WireConfig(downlink=cfg.downlink, uplink=cfg.uplink)
         # envelope digests: BLAKE3 (about 4x faster than SHA-256 here) with every peer that can check
@@ -53,6 +54,8 @@ class Outbound:
         """Publish ``task`` with the global ``state``: (bytes accounted, whether every frame went)."""
         cfg = self.cfg
         self.resends.forget(keep_task=task.task_id)
+        if self.lean is not None:  # deltas to the clients that hold the previous state
+            return self.lean.send_task(self, rnd, task, state, live)
         self._task_msg = Message(MessageKind.TASK, cfg.run_id, rnd, "coordinator", state, task.to_meta())
         broadcast = set(task.selected) == set(live)
         enc = self.seal.seal(self._task_msg, self.wire, digest=self.digest_for(live if broadcast else task.selected))
@@ -89,7 +92,8 @@ class Outbound:
         if not pending or self._task_msg is None:
             return
         # a fresh seq: the first one was seen already
-        enc = self.seal.seal(self._task_msg, self.wire, digest=self.digest_for(pending))
+        enc = (self.lean.resend_enc(self, pending) if self.lean is not None
+               else self.seal.seal(self._task_msg, self.wire, digest=self.digest_for(pending)))
         for c in pending:
             topic = self.topics.task_for(c)
             frames, stats = enc.split(self.cfg.max_packet, topic)

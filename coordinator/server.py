@@ -87,11 +87,13 @@ class Coordinator:
         self.ledger = RoundLedger(self.run_dir, cfg, self.spec.build(cfg.seed), self.test_data,
                                   personalised=self.personalised, ignored=self.ignored, emit=self._emit)
         self.presence = Presence(self.seal, cfg.run_id, self.topics.coordinator)
-        self.outbound = Outbound(cfg, self.topics, self.seal, self.registry, self.ignored, broker)
+        from .leanwire import LeanServer  # delta coding (docs/compression.md); None: whole states
+        self.lean = LeanServer(cfg, self.spec, cfg.out, resume=resume) if cfg.wire != "plain" else None
+        self.outbound = Outbound(cfg, self.topics, self.seal, self.registry, self.ignored, broker, lean=self.lean)
         # a sender's unfinished messages may hold at most two full fp32 updates of this model
         self._partial_cap = max(1 << 20, 2 * state_bytes(self.state) + (1 << 16))
         self.inbound = Inbound(cfg, self.topics, opener, self.registry, self.presence, self.ledger,
-                               ignored=self.ignored, partial_cap=self._partial_cap, emit=self._emit,
+                               ignored=self.ignored, partial_cap=self._partial_cap, emit=self._emit, lean=self.lean,
                                reask=self._reask)
         self.start_round = 1
         # wall_s of every metrics line: seconds since the run started (a resumed run goes on from its

@@ -32,6 +32,7 @@ from fedpara.wire import (
     parse_chunk,
 )
 from fedpara.wire.digest import digests_available
+from fedpara.wire.lean_client import LeanClient
 
 from .config import ClientConfig
 from .runner import TaskItem, TaskRunner
@@ -94,6 +95,8 @@ class EdgeClient:
         # the newest coordinator session and seq we accepted, kept across restarts: a finish must be
         # newer and from that session (a replayed finish of an earlier run stops nobody)
         self.watch = CoordinatorWatch(Path(self.trainer.state.root) / "coordinator.json", cfg.run_id)
+        # delta coding with error feedback when a task asks for it (docs/compression.md)
+        self.lean = LeanClient(self.trainer.state.root, cfg.run_id, cfg.client_id, rng_lock=self.trainer.lock)
         self._refusals = Throttled(log)  # junk frames are counted; only a few lines a minute are logged
         self.finished = threading.Event()
         self.coordinator_seen = threading.Event()  # its status or a task for our run arrived
@@ -111,7 +114,7 @@ class EdgeClient:
             log.info("%s: energy meter: %s", cfg.client_id, self.energy.reason)
         self.session: MqttSession | None = None
         self.runner = TaskRunner(cfg, self.trainer, self.seal, self.topics, self.digests, lambda: self.session,
-                                 self.energy)
+                                 self.energy, lean=self.lean)
 
     @property
     def rounds_done(self) -> list[int]:
@@ -130,6 +133,7 @@ class EdgeClient:
         meta = Status(state, self.trainer.num_examples, str(self.trainer.device), heartbeat_s=self.cfg.heartbeat_s,
                       session=self._session_seq, connection=self.session.connects if self.session else 0,
                       digests=self.digests).to_meta()
+        meta.update(self.lean.status_meta())  # the codecs we decode and the state we hold
         return self.seal.seal(Message(MessageKind.STATUS, self.cfg.run_id, 0, self.cfg.client_id, meta=meta),
                               seq=seq).data
 
@@ -312,6 +316,12 @@ class EdgeClient:
                 for frame in last[2]:
                     self.session.publish(last[1], frame)
             return
+        lean = self.lean.receive(msg, task)  # a delta -> the full state (or None: we lack its base)
+        if lean is None:
+            self.counters["lean_resync"] += 1
+            self._announce(self.session)  # says what we hold: the coordinator sends the full state
+            return
+        msg = lean
         self._seen.add(task.task_id)
         self.coordinator_seen.set()
         self.watch.saw(msg.meta.get("seq", 0), None)

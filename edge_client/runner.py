@@ -37,8 +37,9 @@ class TaskItem:
 
 class TaskRunner:
     def __init__(self, cfg: ClientConfig, trainer: Trainer, seal, topics: Topics, digests: tuple[str, ...],
-                 session: Callable[[], object], energy=None) -> None:
+                 session: Callable[[], object], energy=None, lean=None) -> None:
         self.cfg, self.trainer, self.seal, self.topics, self.digests = cfg, trainer, seal, topics, digests
+        self.lean = lean  # delta coding with error feedback (fedpara/wire/lean_client.py), when a task asks
         self._session, self.energy = session, energy
         # global factors written every `save_every` rounds (-1: every round, as for one device)
         self.save_every = 1 if cfg.save_every < 0 else cfg.save_every
@@ -94,8 +95,14 @@ class TaskRunner:
         update = Update(task.task_id, out.num_examples, metrics)
         # the digest the task asks for (BLAKE3 where both ends have it), else SHA-256
         digest = task.digest if task.digest in self.digests else "sha256"
-        enc = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, tensors, update.to_meta()),
+        lean_meta: dict = {}
+        if self.lean is not None:  # a lean task: the delta + residual
+            tensors, lean_meta = self.lean.outgoing(tensors, item.msg, task)
+        enc = self.seal.seal(Message(MessageKind.UPDATE, self.cfg.run_id, rnd, me, tensors,
+                                     {**update.to_meta(), **lean_meta}),
                              CodecPolicy.parse(task.uplink), digest=digest)
+        if self.lean is not None:
+            self.lean.sent(enc)  # error feedback: what this envelope does not carry is owed
         topic = self.topics.update(me)
         frames, stats = enc.split(task.max_packet, topic)
         t_up = time.monotonic()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .blob import FROM_TORCH, ST_DTYPES, TORCH_NAMES, to_numpy
+from . import quant
 from .limits import WireError
 from .policy import CodecSpec
 
@@ -33,7 +34,7 @@ FP16_MAX = 65504.0
 
 Parts = dict[str, tuple[str, tuple[int, ...], np.ndarray]]
 
-_MAIN_CODE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "int8": "U8"}
+_MAIN_CODE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "int8": "U8", "int4": "U8"}
 
 
 def is_float(dtype_name: str) -> bool:
@@ -82,6 +83,45 @@ def _int8(x: torch.Tensor, stochastic: bool, generator: torch.Generator | None) 
     return {"": ("U8", tuple(x.shape), to_numpy(q)), ":affine": ("F32", (x.shape[0], 2), to_numpy(affine))}
 
 
+def _int4(x: torch.Tensor, stochastic: bool, generator: torch.Generator | None) -> Parts | None:
+    """Blockwise 4-bit codes (quant.py), or None for a tiny or non-finite tensor (-> fp32)."""
+    if x.numel() < quant.INT4_MIN_ELEMENTS:
+        return None
+    got = quant.int4_encode(x.reshape(-1), stochastic, generator)
+    if got is None:
+        return None
+    packed, affine = got
+    return {"": ("U8", packed.shape, packed), ":affine": ("F32", affine.shape, affine)}
+
+
+def _topk(x: torch.Tensor, spec: CodecSpec, generator: torch.Generator | None) -> tuple[CodecSpec, Parts]:
+    """The k largest-magnitude elements: gap-coded positions and values under spec.dtype. A tensor
+    holding NaN/Inf goes whole as fp32 (its magnitude order means nothing)."""
+    flat = x.reshape(-1)
+    if not finite(flat):
+        return CodecSpec("fp32", spec.zstd_level), _fp32(x)
+    n = flat.numel()
+    k = quant.topk_count(n, spec.topk)
+    idx, values = quant.topk_select(flat, k)
+    gaps = quant.gaps_encode(idx, n)
+    parts: Parts = {":idx": (quant.index_code(n), (k,), gaps)}
+    if spec.dtype == "int4":
+        got = quant.int4_encode(values, spec.stochastic, generator) if k else None
+        if got is None:  # no values: nothing to quantise; keep the layout fixed anyway
+            got = (np.zeros((k + 1) // 2, np.uint8), np.zeros((quant.int4_blocks(k), 2), np.float32))
+        parts[""] = ("U8", got[0].shape, got[0])
+        parts[":affine"] = ("F32", got[1].shape, got[1])
+    elif spec.dtype == "fp32":
+        parts[""] = ("F32", (k,), to_numpy(values.contiguous()))
+    else:
+        cast = _cast(values, torch.float16 if spec.dtype == "fp16" else torch.bfloat16, _MAIN_CODE[spec.dtype])
+        if cast is None:  # a kept value overflows fp16: the values go as fp32
+            spec = CodecSpec("fp32", spec.zstd_level, topk=spec.topk)
+            cast = {"": ("F32", (k,), to_numpy(values.contiguous()))}
+        parts[""] = cast[""]
+    return spec, parts
+
+
 def encode_tensor(
     t: torch.Tensor, spec: CodecSpec, generator: torch.Generator | None = None
 ) -> tuple[CodecSpec, Parts]:
@@ -95,8 +135,12 @@ def encode_tensor(
         used = CodecSpec("raw", spec.zstd_level)
         return used, {"": (FROM_TORCH[t.dtype], tuple(t.shape), to_numpy(t))}
     x = t.detach().to(device="cpu", dtype=torch.float32)
+    if spec.topk is not None:
+        return _topk(x, spec, generator)
     parts = None
-    if spec.dtype == "fp16":
+    if spec.dtype == "int4":
+        parts = _int4(x, spec.stochastic, generator)
+    elif spec.dtype == "fp16":
         parts = _cast(x, torch.float16, "F16")
     elif spec.dtype == "bf16":
         parts = _cast(x, torch.bfloat16, "BF16")
@@ -115,6 +159,15 @@ def expected_parts(
         return {"": (TORCH_NAMES[dtype_name], shape)}
     if not is_float(dtype_name):
         raise WireError(f"codec {codec} cannot carry a {dtype_name} tensor (only raw can)")
+    n = math.prod(shape)
+    if codec.topk is not None:
+        k = quant.topk_count(n, codec.topk)
+        out = {":idx": (quant.index_code(n), (k,))}
+        if codec.dtype == "int4":
+            return {**out, "": ("U8", ((k + 1) // 2,)), ":affine": ("F32", (quant.int4_blocks(k), 2))}
+        return {**out, "": (_MAIN_CODE[codec.dtype], (k,))}
+    if codec.dtype == "int4":
+        return {"": ("U8", ((n + 1) // 2,)), ":affine": ("F32", (quant.int4_blocks(n), 2))}
     if codec.dtype == "int8":
         if len(shape) < 1:
             raise WireError("codec int8 needs a tensor with at least one dimension")
@@ -128,10 +181,15 @@ def decoded_dtype(codec: CodecSpec, dtype_name: str) -> torch.dtype:
 
 
 def decode_tensor(codec: CodecSpec, dtype_name: str, parts: Mapping[str, np.ndarray], *,
-                  alias: bool = False) -> torch.Tensor:
+                  alias: bool = False, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """Inverse of encode_tensor, from the validated arrays (views into the message; copied here
-    unless ``alias`` and the view is writable and aligned: then the tensor shares its memory)."""
+    unless ``alias`` and the view is writable and aligned: then the tensor shares its memory).
+    ``shape``: the manifest's (needed by int4 and topk, whose parts do not have it)."""
     main = parts[""]
+    if codec.topk is not None or codec.dtype == "int4":
+        if shape is None:
+            raise WireError(f"codec {codec} needs the tensor's shape to decode")
+        return _decode_compact(codec, parts, shape)
 
     def own(arr: np.ndarray) -> np.ndarray:
         return arr if alias and arr.flags.writeable and arr.flags.aligned else arr.copy()
@@ -154,3 +212,36 @@ def decode_tensor(codec: CodecSpec, dtype_name: str, parts: Mapping[str, np.ndar
     q = torch.from_numpy(main.reshape(c, k).astype(np.float32))
     affine = torch.from_numpy(parts[":affine"].copy())  # (C, 2): scale, lo
     return torch.addcmul(affine[:, 1:], q, affine[:, :1]).reshape(main.shape)
+
+
+def _values(codec: CodecSpec, parts: Mapping[str, np.ndarray], n: int) -> torch.Tensor:
+    main = parts[""]
+    if codec.dtype == "int4":
+        return quant.int4_decode(main, parts[":affine"], n)
+    if codec.dtype == "fp32":
+        return torch.from_numpy(main.copy())
+    if codec.dtype == "fp16":
+        return torch.from_numpy(main.astype(np.float32))
+    return torch.from_numpy(np.asarray(main.astype(np.uint32) << 16).view(np.float32))  # bf16
+
+
+def _decode_compact(codec: CodecSpec, parts: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> torch.Tensor:
+    """int4 and topk: float32 of ``shape``; every index and scale checked (WireError)."""
+    n = math.prod(shape)
+    if codec.topk is None:
+        return _values(codec, parts, n).reshape(shape)
+    k = quant.topk_count(n, codec.topk)
+    idx = quant.gaps_decode(parts[":idx"], k, n)
+    values = _values(codec, parts, k)
+    if values.shape != (k,):
+        raise WireError(f"topk: {tuple(values.shape)} values for {k} positions")
+    out = torch.zeros(n, dtype=torch.float32)
+    out[idx] = values
+    return out.reshape(shape)
+
+
+def roundtrip(t: torch.Tensor, spec: CodecSpec, generator: torch.Generator | None = None) -> torch.Tensor:
+    """What a receiver decodes of ``t`` sent under ``spec`` (no envelope): for error feedback."""
+    used, parts = encode_tensor(t, spec, generator)
+    dtype_name = str(t.dtype).removeprefix("torch.")
+    return decode_tensor(used, dtype_name, {s: arr for s, (_, _, arr) in parts.items()}, shape=tuple(t.shape))

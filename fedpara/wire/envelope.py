@@ -391,7 +391,8 @@ def _decode(data: bytes | bytearray | memoryview, limits: Limits, digest_checked
     tensors = {}
     for name, dtype_name, shape, codec, _ in manifest:
         suffixes = expected_parts(codec, dtype_name, shape)
-        t = decode_tensor(codec, dtype_name, {s: arrays[name + s] for s in suffixes}, alias=alias)
+        t = decode_tensor(codec, dtype_name, {s: arrays[name + s] for s in suffixes}, alias=alias,
+                          shape=shape)
         if limits.reject_nonfinite and t.is_floating_point() and not finite(t):
             raise WireError(f"tensor {name!r} contains NaN or Inf")
         tensors[name] = t

@@ -2,11 +2,14 @@
 
 Grammar (whitespace ignored)::
 
-    spec    := dtype ["+sr"] ["+zstd" [":" level]]      dtype in fp32 | fp16 | bf16 | int8 | raw
+    spec    := dtype ["+sr"] ["+topk:" F] ["+zstd" [":" level]]
+                                 dtype in fp32 | fp16 | bf16 | int8 | int4 | raw; 0 < F <= 1
     policy  := [spec] (";" pattern "=" spec)*           first matching fnmatch pattern wins
 
 Examples: ``"fp32"``, ``"fp16+zstd:3"``, ``"int8+sr+zstd"`` (zstd level 3), and
-``"fp16+zstd:3; *.bias=fp32"``. ``raw`` keeps the tensor's own dtype bit-exactly.
+``"fp16+zstd:3; *.bias=fp32"``. ``raw`` keeps the tensor's own dtype bit-exactly. ``int4`` and
+``topk:F`` (the fraction F of largest-magnitude elements; values fp32/fp16/bf16/int4) are for
+update deltas sent with error feedback (:mod:`fedpara.wire.quant`, :mod:`fedpara.wire.lean`).
 
 Rules the encoder applies on top of the policy (documented in docs/wire.md):
 
@@ -29,7 +32,8 @@ from typing import Mapping, Union
 
 from .limits import MessageKind
 
-DTYPES = ("fp32", "fp16", "bf16", "int8", "raw")
+DTYPES = ("fp32", "fp16", "bf16", "int8", "int4", "raw")
+TOPK_DTYPES = ("fp32", "fp16", "bf16", "int4")  # value formats top-k can carry
 ZSTD_DEFAULT_LEVEL = 3
 ZSTD_MIN_LEVEL, ZSTD_MAX_LEVEL = 1, 22
 
@@ -38,9 +42,12 @@ ZSTD_MIN_LEVEL, ZSTD_MAX_LEVEL = 1, 22
 class CodecSpec:
     """One tensor codec: a number format, optionally followed by zstd."""
 
-    dtype: str = field(default="fp32", metadata={"help": "fp32 | fp16 | bf16 | int8 | raw"})
+    dtype: str = field(default="fp32", metadata={"help": "fp32 | fp16 | bf16 | int8 | int4 | raw"})
     zstd_level: int | None = field(default=None, metadata={"help": "None = no zstd, else 1..22"})
-    stochastic: bool = field(default=False, metadata={"help": "int8 only: stochastic rounding"})
+    stochastic: bool = field(default=False, metadata={"help": "int8/int4: stochastic rounding"})
+    topk: float | None = field(default=None, metadata={"help": "None = dense, else the fraction "
+                                                       "0 < F <= 1 of largest-magnitude elements "
+                                                       "kept (deltas only)"})
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -56,8 +63,16 @@ class CodecSpec:
             )
         if not isinstance(self.stochastic, bool):
             raise ValueError(f"CodecSpec.stochastic must be a bool, got {self.stochastic!r}")
-        if self.stochastic and self.dtype != "int8":
-            raise ValueError(f"CodecSpec.stochastic applies to int8 only, not {self.dtype}")
+        if self.stochastic and self.dtype not in ("int8", "int4"):
+            raise ValueError(f"CodecSpec.stochastic applies to int8 and int4 only, not {self.dtype}")
+        f = self.topk
+        if f is not None:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+                raise ValueError(f"CodecSpec.topk must be None or a fraction in (0, 1], got {f!r}")
+            object.__setattr__(self, "topk", float(f))
+            if self.dtype not in TOPK_DTYPES:
+                raise ValueError(f"CodecSpec.topk values must be one of {', '.join(TOPK_DTYPES)}, "
+                                 f"not {self.dtype}")
 
     @classmethod
     def parse(cls, text: str | CodecSpec) -> CodecSpec:
@@ -66,11 +81,18 @@ class CodecSpec:
         if not isinstance(text, str):
             raise ValueError(f"CodecSpec.parse expects a string, got {type(text).__name__}")
         parts = [p.strip().lower() for p in text.split("+")]
-        dtype, level, stochastic = parts[0], None, False
+        dtype, level, stochastic, topk = parts[0], None, False, None
         for part in parts[1:]:
             name, _, arg = part.partition(":")
             if name == "sr" and not arg and not stochastic:
                 stochastic = True
+            elif name == "topk" and topk is None:
+                try:
+                    topk = float(arg)
+                except ValueError:
+                    raise ValueError(f"CodecSpec.topk: not a number in {text!r}") from None
+                if topk != topk:  # NaN
+                    raise ValueError(f"CodecSpec.topk: not a number in {text!r}")
             elif name == "zstd" and level is None:
                 try:
                     level = int(arg) if arg else ZSTD_DEFAULT_LEVEL
@@ -78,11 +100,13 @@ class CodecSpec:
                     raise ValueError(f"CodecSpec.zstd_level: not an integer in {text!r}") from None
             else:
                 raise ValueError(f"CodecSpec: unknown or repeated option {part!r} in {text!r} "
-                                 "(expected dtype[+sr][+zstd[:level]])")
-        return cls(dtype=dtype, zstd_level=level, stochastic=stochastic)
+                                 "(expected dtype[+sr][+topk:F][+zstd[:level]])")
+        return cls(dtype=dtype, zstd_level=level, stochastic=stochastic, topk=topk)
 
     def __str__(self) -> str:
         s = self.dtype + ("+sr" if self.stochastic else "")
+        if self.topk is not None:
+            s += f"+topk:{self.topk!r}"
         return s if self.zstd_level is None else f"{s}+zstd:{self.zstd_level}"
 
 

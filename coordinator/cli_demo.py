@@ -44,7 +44,8 @@ DEMO_DEFAULTS = {"batch_size": 32, "uplink": "fp16+zstd:3", "downlink": "fp16+zs
 # The coordinator fields the demo exposes as flags; the rest keep CoordinatorConfig's defaults.
 DEMO_FIELDS = ("model", "scheme", "ratio", "rounds", "local_epochs", "lr", "batch_size", "uplink", "downlink",
                "seed", "aggregator", "insecure", "dashboard", "tensorboard",
-               "dp_noise_multiplier", "dp_clip_norm", "max_epsilon")
+               "dp_noise_multiplier", "dp_clip_norm", "max_epsilon",
+               "server_opt", "server_lr", "server_momentum", "server_beta1", "server_beta2", "server_tau", "prox_mu")
 
 
 class DemoCommand:

@@ -34,8 +34,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from bench_repro import Suite  # noqa: E402
 
 # server lr candidates per optimiser (server momentum 0.9; beta1 0.9, beta2 0.99, tau 1e-3: Reddi's)
-SERVER_LRS = {"fedavgm": [0.1, 0.3, 1.0], "fedadam": [0.01, 0.03, 0.1], "fedyogi": [0.01, 0.03, 0.1],
-              "fedadagrad": [0.03, 0.1, 0.3]}
+SERVER_LRS = {"fedavgm": [0.1, 0.3, 1.0], "fedadam": [0.01, 0.03], "fedyogi": [0.01, 0.03],
+              "fedadagrad": [0.03, 0.1]}
 PROX_MUS = [0.01, 0.1]
 
 

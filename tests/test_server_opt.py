@@ -155,3 +155,29 @@ def test_resume_gives_the_uninterrupted_runs_final_factors_bit_for_bit(amqtt_bro
 def _url(url):
     from fedpara.runtime.mqtt import parse_broker_url
     return parse_broker_url(url)
+
+
+def test_the_coordinator_commits_a_step_only_when_the_guard_takes_it(tmp_path):
+    """Coordinator._release: an accepted step moves the moments; a refused one (a non-finite
+    aggregate) keeps model and moments; both rounds' optimiser state is kept for its checkpoint."""
+    from coordinator.server import Coordinator
+    from coordinator.strategy import Aggregate
+    from support import coord_cfg
+
+    c = Coordinator(coord_cfg(tmp_path, server_opt="fedadam", server_lr=0.01), _url("mqtt://127.0.0.1:1"))
+    x0 = dict(c.state)
+    assert c._release(1, Aggregate({k: v + 0.01 for k, v in x0.items()})) is None
+    assert c.strategy.server_opt.moments.steps == 1 and not torch.equal(c.state["fc1.x1"], x0["fc1.x1"])
+    x1, m1 = dict(c.state), c.strategy.server_opt.moments
+    refused = c._release(2, Aggregate({k: torch.full_like(v, float("nan")) for k, v in x1.items()}))
+    assert refused == "the aggregate is not finite"
+    assert c.strategy.server_opt.moments is m1 and all(torch.equal(c.state[k], x1[k]) for k in x1)
+    assert [c.ledger._server_opt[r][1]["steps"] for r in (1, 2)] == ["1", "1"]
+
+
+def test_dp_composes_with_a_server_optimiser(tmp_path):
+    """The optimiser steps along the noised aggregate: post-processing, accepted as configured."""
+    pytest.importorskip("dp_accounting")
+    from support import coord_cfg
+    cfg = coord_cfg(tmp_path, server_opt="fedyogi", server_lr=0.01, dp_noise_multiplier=1.0, prox_mu=0.1)
+    assert cfg.server_opt == "fedyogi" and cfg.dp_noise_multiplier == 1.0

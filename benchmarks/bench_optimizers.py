@@ -34,8 +34,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 from bench_repro import Suite  # noqa: E402
 
 # server lr candidates per optimiser (server momentum 0.9; beta1 0.9, beta2 0.99, tau 1e-3: Reddi's)
-SERVER_LRS = {"fedavgm": [0.1, 0.3, 1.0], "fedadam": [0.01, 0.03], "fedyogi": [0.01, 0.03],
-              "fedadagrad": [0.03, 0.1]}
+SERVER_LRS = {"fedavgm": [0.1, 0.3, 1.0], "fedadam": [0.01, 0.03, 0.1], "fedyogi": [0.01, 0.03, 0.1],
+              "fedadagrad": [0.03, 0.1, 0.3]}
 PROX_MUS = [0.01, 0.1]
 
 
@@ -50,7 +50,12 @@ def main(argv=None) -> int:
     p.add_argument("--ratio", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--val", type=float, default=0.1)
+    p.add_argument("--deadline", type=float, default=120.0,
+                   help="round deadline (s): only a round that lost an update (non-finite) waits for it")
     p.add_argument("--optimisers", default=",".join(SERVER_LRS))
+    p.add_argument("--chosen-from", default="",
+                   help="take each optimiser's server lr from this results json (no sweep; e.g. the IID choice "
+                        "for --partition dirichlet:0.5, as docs/fidelity.md does for the local lr)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "optimizers"))
     p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not results")
@@ -67,7 +72,7 @@ def main(argv=None) -> int:
 
     def run(name, seed, **extra):
         return suite.fl_run(f"{name}{tag}-s{seed}", "mlp2", "fedpara", args.local_lr, seed, data, val,
-                            args.rounds, 10, deadline=120.0, extra=extra)
+                            args.rounds, 10, deadline=args.deadline, extra=extra)
 
     def final(r) -> float:
         ok = r["status"] == "completed" and r["rounds"] == r["planned_rounds"]
@@ -82,7 +87,13 @@ def main(argv=None) -> int:
     try:
         # 1. server lr per optimiser on the validation split, seed 0
         configs = {"FedAvg": ("fedavg", {})}
+        chosen = json.loads(Path(args.chosen_from).read_text())["sweep"] if args.chosen_from else {}
         for opt in optimisers:
+            if opt in chosen:
+                best = chosen[opt]["chosen_lr"]
+                results["sweep"][opt] = {**chosen[opt], "from": args.chosen_from}
+                configs[f"{opt} (server lr {best:g})"] = (f"{opt}-lr{best:g}", {"server_opt": opt, "server_lr": best})
+                continue
             cands = {}
             for lr in SERVER_LRS[opt]:
                 r = run(f"{opt}-lr{lr:g}", 0, server_opt=opt, server_lr=lr)
@@ -135,7 +146,7 @@ def write_md(res: dict, path: Path) -> None:
         lines.append(f"| {label} | {100 * c['mean']:.2f} +- {100 * c['sd']:.2f}% | {d} | {accs} |")
     lines += ["", "Validation accuracy of the server-lr sweep (seed 0, final round; 0 = diverged or failed):", ""]
     for opt, s in res["sweep"].items():
-        lines.append(f"- {opt}: " + ", ".join(f"lr {k}: {v:.4f}" for k, v in s["val_final"].items())
+        lines.append(f"- {opt}" + (f" (chosen in {Path(s['from']).name}, not here)" if s.get("from") else "") + ": " + ", ".join(f"lr {k}: {v:.4f}" for k, v in s["val_final"].items())
                      + f" -> {s['chosen_lr']:g}")
     lines += ["", f"Wall time: {res['wall_s'] / 60:.1f} min (runs already on disk are read, not re-run)."]
     path.write_text("\n".join(lines) + "\n")

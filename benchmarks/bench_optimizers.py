@@ -137,8 +137,11 @@ def write_md(res: dict, path: Path) -> None:
              f"{st['limit']} examples each, all every round), {st['rounds']} rounds x 1 local epoch, local lr "
              f"{st['local_lr']} (batch {st['batch_size']}, decay 0.992), {st['seeds']} seeds. Server optimisers: "
              f"momentum {st['server_momentum']}, beta1 {st['beta1']}, beta2 {st['beta2']}, tau {st['tau']:g}; "
-             "server lr chosen per optimiser on a validation split (seed 0). Test accuracy: the final round's "
-             "checkpoint on the test split.", "",
+             + ("server lr per optimiser taken from " + ", ".join(sorted({Path(s["from"]).name for s in
+                                                                       res["sweep"].values() if s.get("from")}))
+                + " (chosen there, on its validation split)" if any(s.get("from") for s in res["sweep"].values())
+                else "server lr chosen per optimiser on a validation split (seed 0)")
+             + ". Test accuracy: the final round's checkpoint on the test split.", "",
              "| configuration | test accuracy, final round (mean +- sd) | vs FedAvg | per seed |", "|---|---|---|---|"]
     for label, c in res["configs"].items():
         d = "-" if base is None or label == "FedAvg" else f"{100 * (c['mean'] - base['mean']):+.2f} pp"

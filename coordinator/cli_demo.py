@@ -45,7 +45,8 @@ DEMO_DEFAULTS = {"batch_size": 32, "uplink": "fp16+zstd:3", "downlink": "fp16+zs
 DEMO_FIELDS = ("model", "scheme", "ratio", "rounds", "local_epochs", "lr", "batch_size", "uplink", "downlink", "wire",
                "seed", "aggregator", "insecure", "dashboard", "tensorboard",
                "dp_noise_multiplier", "dp_clip_norm", "max_epsilon", "mode", "buffer_size", "max_staleness",
-               "clients_per_round", "round_deadline_s", "min_reply_fraction", "eval_every")
+               "clients_per_round", "round_deadline_s", "min_reply_fraction", "eval_every",
+               "server_opt", "server_lr", "server_momentum", "server_beta1", "server_beta2", "server_tau", "prox_mu")
 
 
 class DemoCommand:

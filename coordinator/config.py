@@ -30,6 +30,7 @@ from fedpara.runtime.options import (
 from fedpara.runtime.topics import check_id
 from fedpara.wire import CodecPolicy
 
+from .server_opt import check_params as check_server_opt
 from .strategy import parse_aggregator
 
 
@@ -70,6 +71,16 @@ class CoordinatorConfig:
     sampling: str = option("fixed", "fixed: clients_per_round of the live clients, without replacement (all when 0) | "
                            "poisson: each live client independently with probability sample_rate")
     sample_rate: float = option(0.1, "poisson sampling: each live client's chance to be sampled in a round")
+    # server optimiser over the aggregated factor delta (Reddi et al., ICLR 2021; docs/fidelity.md)
+    server_opt: str = option("fedavg", "how the aggregate becomes the next global model: fedavg (take it) | fedavgm "
+                             "(server momentum) | fedadam | fedyogi | fedadagrad (adaptive, along aggregate - current)")
+    server_lr: float = option(1.0, "server learning rate eta (fedavg with 1: the aggregate itself)")
+    server_momentum: float = option(0.9, "fedavgm: server momentum beta")
+    server_beta1: float = option(0.9, "fedadam / fedyogi / fedadagrad: first-moment decay beta1")
+    server_beta2: float = option(0.99, "fedadam / fedyogi: second-moment decay beta2")
+    server_tau: float = option(1e-3, "fedadam / fedyogi / fedadagrad: adaptivity tau (v starts at tau^2)")
+    prox_mu: float = option(0.0, "FedProx: each client adds (prox_mu / 2) ||w - w_global||^2 over the global "
+                            "factors to its local loss (0: off; sent with every task)")
     # differential privacy (docs/privacy.md; needs the privacy extra: dp-accounting)
     dp_noise_multiplier: float = option(0.0, "user-level DP-FedAvg: Gaussian noise std on the sum of clipped deltas, "
                                         "in units of dp_clip_norm (0: off)", flag="--dp-noise")
@@ -169,6 +180,10 @@ class CoordinatorConfig:
         for name in ("screen_factor", "max_weight_ratio", "max_step_factor"):
             check_number(name, getattr(self, name), min=0.0)
         parse_aggregator(self.aggregator)
+        check_server_opt(self.server_opt, self.server_lr, self.server_momentum, self.server_beta1,
+                         self.server_beta2, self.server_tau)
+        # (with DP the server optimiser steps along the noised aggregate: post-processing, no privacy cost)
+        check_number("prox_mu", self.prox_mu, min=0.0, max=1e3)
         if self.dashboard:
             from .observation.listen import is_loopback, parse_listen
             host, _ = parse_listen("dashboard", self.dashboard)  # ValueError naming the field

@@ -24,6 +24,7 @@ from fedpara.training import evaluate
 from .observation import records
 from .errors import RunFailed
 from .events import RoundCompleted
+from . import server_opt
 from .strategy import FitResult
 
 log = logging.getLogger("coordinator.server")
@@ -55,6 +56,7 @@ class RoundLedger:
         self._accepted: dict[str, set[str]] = {}          # task id -> clients whose update was accepted
         self._reports: dict[str, dict[str, dict]] = {}    # task id -> client -> follow-up report
         self._evaluator: ThreadPoolExecutor | None = None
+        self._server_opt: dict[int, tuple] = {}  # round -> the server optimiser's state after it
 
     # --- replies --------------------------------------------------------------------------------
     def accepted(self, task_id: str, client: str) -> None:
@@ -89,20 +91,34 @@ class RoundLedger:
         is out: evaluating would slow its sending)."""
         self.pending.append(p)
 
+    def keep_server_opt(self, rnd: int, opt: server_opt.ServerOptimizer) -> None:
+        """The server optimiser's state after round ``rnd`` (a snapshot: its tensors are never
+        changed in place), written with that round's checkpoint."""
+        self._server_opt[rnd] = opt.state_dict()
+
+    def resume_server_opt(self, opt: server_opt.ServerOptimizer, rnd: int) -> None:
+        """Load the server optimiser's state after round ``rnd`` (ValueError naming the file)."""
+        opt.load_state_dict(*server_opt.load_state(server_opt.state_path(self.run_dir.checkpoints, rnd)))
+
     def submit(self) -> None:
         for p in self.pending:
             if p.future is None:
-                p.future = self._evaluator.submit(self._evaluate_and_save, p.round, *p.job)
+                p.future = self._evaluator.submit(self._evaluate_and_save, p.round, *p.job,
+                                                  self._server_opt.pop(p.round, None))
                 p.job = None
 
-    def _evaluate_and_save(self, rnd: int, state: dict, evaluate_now: bool) -> tuple[dict | None, float, float]:
-        """Evaluator thread: the round's global model on the test data, then its checkpoint."""
+    def _evaluate_and_save(self, rnd: int, state: dict, evaluate_now: bool,
+                           opt_state: tuple | None = None) -> tuple[dict | None, float, float]:
+        """Evaluator thread: the round's global model on the test data, then its checkpoint (and the
+        server optimiser's state beside it, first: the checkpoint on disk says the round is saved)."""
         t0 = time.monotonic()
         ev = None
         if evaluate_now:
             load_state(self.eval_model, state)
             ev = evaluate(self.eval_model, self.test_data, batch_size=self.cfg.eval_batch_size)
         t1 = time.monotonic()
+        if opt_state is not None:
+            server_opt.save_state(server_opt.state_path(self.run_dir.checkpoints, rnd), *opt_state, round=rnd)
         save_checkpoint(self.run_dir.checkpoint(rnd), state, self.spec, round=rnd,
                         accuracy=None if ev is None else ev["accuracy"], run_id=self.cfg.run_id)
         return ev, t1 - t0, time.monotonic() - t1

@@ -50,6 +50,7 @@ from .outbound import Outbound
 from .presence import Presence, trust
 from .privacy import BudgetExhausted, PrivacyLedger
 from .registry import ClientRegistry
+from .server_opt import ServerOptimizer
 from .strategy import Aggregate, Strategy
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class Coordinator:
         self.dp = PrivacyLedger(cfg) if cfg.dp_noise_multiplier > 0 else None
         self.strategy = Strategy(cfg.clients_per_round, cfg.seed, cfg.aggregator, cfg.screen_factor,
                                  sampling=cfg.sampling, sample_rate=cfg.sample_rate, secret=self.dp is not None,
-                                 privacy=self.dp)
+                                 privacy=self.dp, server_opt=ServerOptimizer.from_config(cfg))
         self.seal, opener = trust(cfg)
         self.registry = ClientRegistry()
         self.ignored: Counter = Counter()
@@ -144,6 +145,8 @@ class Coordinator:
             self.ledger.rows.extend(rows)
             if self.dp is not None:
                 self.dp.resume(rows)  # the spent budget and the clip norm carry over
+            if self.strategy.server_opt.stateful:  # its moments after that round, written beside the checkpoint
+                self.ledger.resume_server_opt(self.strategy.server_opt, last)
             if isinstance(rows[-1].get("wall_s"), (int, float)):
                 self._wall_base = float(rows[-1]["wall_s"])
         log.info("resuming %s at round %d", self.run_dir.root, self.start_round)
@@ -175,7 +178,8 @@ class Coordinator:
     def _task(self, rnd: int, attempt: int, sampled: list[str]) -> Task:
         cfg = self.cfg
         train = TrainParams(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=self._lr(rnd),
-                            momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed * 100_003 + rnd)
+                            momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed * 100_003 + rnd,
+                            prox_mu=cfg.prox_mu)
         return Task(task_id=f"{self.presence.token}-{rnd}-{attempt}", selected=tuple(sampled), spec=self.spec,
                     train=train, attempt=attempt, init_seed=cfg.seed, deadline_s=cfg.round_deadline_s,
                     uplink=cfg.uplink, max_packet=cfg.max_packet, digest=self.outbound.uplink_digest,
@@ -271,6 +275,9 @@ class Coordinator:
             log.warning("round %d: aggregate refused, model kept: %s", rnd, refused)
         else:
             self.state = new
+            self.strategy.commit()  # the server optimiser's moments move with the state, not otherwise
+        if self.strategy.server_opt.stateful:  # checkpointed with the round (resume continues exactly)
+            self.ledger.keep_server_opt(rnd, self.strategy.server_opt)
         return refused
 
     def _run_round(self, rnd: int) -> None:

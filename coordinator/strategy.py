@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from torch import Tensor
 
 from . import aggregate as agg
+from .server_opt import Moments, ServerOptimizer
 
 if TYPE_CHECKING:  # the privacy ledger imports dp-accounting lazily; typing only here
     from .privacy import PrivacyLedger, RoundEvent
@@ -90,11 +91,14 @@ class Strategy:
     with the aggregator: FedAvg weighted by example counts (paper Alg. 1) by default, or a robust
     one (docs/security.md). Before that, the screen drops updates whose distance to the current
     model is more than ``screen_factor`` times the median distance (0 turns it off). With a
-    privacy ledger, rounds are DP-FedAvg instead (``aggregator`` must be fedavg)."""
+    privacy ledger, rounds are DP-FedAvg instead (``aggregator`` must be fedavg). The server
+    optimiser (coordinator/server_opt.py; plain FedAvg by default) turns the aggregate into the
+    next global state."""
 
     def __init__(self, clients_per_round: int = 0, seed: int = 0, aggregator: str = "fedavg",
                  screen_factor: float = 10.0, *, sampling: str = "fixed", sample_rate: float = 0.1,
-                 secret: bool = False, privacy: PrivacyLedger | None = None) -> None:
+                 secret: bool = False, privacy: PrivacyLedger | None = None,
+                 server_opt: ServerOptimizer | None = None) -> None:
         if clients_per_round < 0:
             raise ValueError(f"clients_per_round: must be >= 0, got {clients_per_round}")
         self.clients_per_round, self.seed = clients_per_round, seed
@@ -105,6 +109,8 @@ class Strategy:
         self.aggregator, self.arg = parse_aggregator(aggregator)
         self.screen_factor = screen_factor
         self.privacy = privacy
+        self.server_opt = server_opt or ServerOptimizer()
+        self._proposed: Moments | None = None  # the last step's moments until it is committed
 
     @property
     def streams(self) -> bool:
@@ -124,9 +130,19 @@ class Strategy:
         return BufferedAccumulator(self, reference)
 
     def step(self, current: Mapping[str, Tensor], aggregate: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The next global state from the current one and the round's aggregate: plain FedAvg takes
-        the aggregate (a server optimiser would step along ``aggregate - current`` here)."""
-        return dict(aggregate)
+        """The next global state proposed from the current one and the round's aggregate: the
+        server optimiser's step along ``aggregate - current`` (plain FedAvg: the aggregate itself).
+        Call :meth:`commit` once the state is taken; a step that is not (the step guard refused
+        it) leaves the optimiser's moments where they were, and the next ``step`` replaces it."""
+        new, self._proposed = self.server_opt.propose(current, aggregate)
+        return new
+
+    def commit(self) -> None:
+        """The state :meth:`step` proposed was taken: the server optimiser's moments move on."""
+        if self._proposed is None:
+            raise RuntimeError("commit: no step proposed since the last commit")
+        self.server_opt.commit(self._proposed)
+        self._proposed = None
 
     def sample(self, live: Sequence[str], rnd: int, attempt: int) -> list[str]:
         """K clients (all when K is 0 or at least the number live), sorted; reproducible for a

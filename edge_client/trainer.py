@@ -132,11 +132,16 @@ class Trainer:
         # a task too big for this device's memory is refused now, not killed half-way (edge_client/fit.py)
         check_fit(self.model, self.train_data, t.batch_size,
                   what=f"{task.spec.model}/{task.spec.scheme} (ratio {task.spec.ratio})")
+        # FedProx: the anchor is the global factors just loaded (parameters only: buffers do not train)
+        anchor = None
+        if t.prox_mu:
+            names = {n for n, _ in self.model.named_parameters()}
+            anchor = {k: v.detach().clone() for k, v in global_state(self.model).items() if k in names}
         with self.lock, phase("train"):
             torch.set_num_threads(self.threads)  # process-wide: set by whoever trains now
             res = train_epochs(self.model, self.train_data, epochs=t.epochs, batch_size=t.batch_size,
                                lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                               device=self.device, seed=t.seed)
+                               device=self.device, seed=t.seed, prox_mu=t.prox_mu, prox_anchor=anchor)
         metrics = {"loss": res["loss"], "train_s": res["seconds"], "steps": res["steps"]}
         shared = global_state(self.model)
         self._unsaved, self._local_saved = (task.spec, rnd), False

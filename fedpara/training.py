@@ -46,15 +46,41 @@ def sgd_step(params: list[torch.Tensor], buffers: dict[int, torch.Tensor], *, lr
         p.add_(d_p, alpha=-lr)
 
 
+@torch.no_grad()
+def add_prox_grad(pairs: list[tuple[torch.Tensor, torch.Tensor]], mu: float) -> None:
+    """FedProx (Li et al., MLSys 2020): add the gradient of (mu / 2) ||w - w_anchor||^2, that is
+    mu (w - w_anchor), to each parameter's gradient (a parameter without one gets it as its own)."""
+    for p, anchor in pairs:
+        g = (p - anchor).mul_(mu)
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+
+
 def train_epochs(model: nn.Module, data: Dataset, *, epochs: int, batch_size: int, lr: float,
                  momentum: float = 0.0, weight_decay: float = 0.0, device: torch.device | str = "cpu",
-                 seed: int = 0, progress=None) -> dict:
-    """E epochs of minibatch SGD; returns {"loss", "num_examples", "steps", "seconds"}."""
+                 seed: int = 0, progress=None, prox_mu: float = 0.0,
+                 prox_anchor: dict[str, torch.Tensor] | None = None) -> dict:
+    """E epochs of minibatch SGD; returns {"loss", "num_examples", "steps", "seconds"}.
+
+    ``prox_mu`` > 0 (FedProx): each step's gradient also gets mu (w - w_anchor) for every parameter
+    named in ``prox_anchor`` (the task's global factors; pFedPara's local half has no anchor and
+    is left alone). The loss reported is the task loss, without the proximal term."""
     device = torch.device(device)
     if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
         model.to(device)  # (a model already there: .to() would still walk and reassign every tensor)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    prox: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if prox_mu:
+        if not prox_anchor:
+            raise ValueError("prox_mu: FedProx needs the global factors to anchor to (prox_anchor)")
+        named = dict(model.named_parameters())
+        unknown = sorted(set(prox_anchor) - set(named))
+        if unknown:
+            raise ValueError(f"prox_anchor: not parameters of the model: {unknown[:5]}")
+        prox = [(named[k], a.detach().to(device)) for k, a in prox_anchor.items() if named[k].requires_grad]
     momentum_buffers: dict[int, torch.Tensor] = {}
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen, drop_last=False)
@@ -66,6 +92,8 @@ def train_epochs(model: nn.Module, data: Dataset, *, epochs: int, batch_size: in
             for p in params:
                 p.grad = None
             loss.backward()
+            if prox:
+                add_prox_grad(prox, prox_mu)
             sgd_step(params, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay)
             total += loss.item() * len(y)
             count += len(y)

@@ -54,6 +54,7 @@ class TrainParams:
     momentum: float = 0.0
     weight_decay: float = 0.0
     seed: int = 0
+    prox_mu: float = 0.0  # FedProx: (prox_mu / 2) ||w - w_global||^2 over the global factors (0: off)
 
     @classmethod
     def from_meta(cls, meta: Any) -> TrainParams:
@@ -64,10 +65,14 @@ class TrainParams:
                    lr=_field(k, m, "lr", check_number, min=0.0, max=1e3, min_open=True),
                    momentum=_field(k, m, "momentum", check_number, min=0.0, max=1.0, max_open=True, default=0.0),
                    weight_decay=_field(k, m, "weight_decay", check_number, min=0.0, max=1.0, default=0.0),
-                   seed=_field(k, m, "seed", check_int, min=0, max=(1 << 63) - 1, default=0))
+                   seed=_field(k, m, "seed", check_int, min=0, max=(1 << 63) - 1, default=0),
+                   prox_mu=_field(k, m, "prox_mu", check_number, min=0.0, max=1e3, default=0.0))
 
     def to_meta(self) -> dict:
-        return dataclasses.asdict(self)
+        meta = dataclasses.asdict(self)
+        if not self.prox_mu:  # off: the task reads as it did before FedProx (older clients take it as is)
+            del meta["prox_mu"]
+        return meta
 
 
 @dataclasses.dataclass(frozen=True)

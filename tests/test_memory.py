@@ -27,28 +27,35 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
 
 # a 61 MB model's message buffers (VGG16 dense): above glibc's highest mmap threshold (32 MB), so
-# with its defaults each one is a fresh mapping; built and dropped by the main and another thread
+# with its defaults each one is a fresh mapping; built and dropped by the main and another thread.
+# Prints the faults of the first pass (each arena's first touch) and of the 5 passes after it.
 BIG = """
 import resource, threading
 from fedpara.runtime.memory import tune_malloc
 print(tune_malloc())
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def message():
     buf = bytearray(61_020_000)
     buf[::4096] = b"x" * len(buf[::4096])
-for _ in range(6):
+def one_pass():
     message()
     t = threading.Thread(target=message)
     t.start()
     t.join()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+start = faults()
+one_pass()
+warm = faults()
+for _ in range(5):
+    one_pass()
+print(warm - start, faults() - warm)
 """
 
 
-def _faults(malloc: str, script: str = ROUNDS) -> tuple[str, int]:
+def _faults(malloc: str, script: str = ROUNDS):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "FEDPARA_MALLOC": malloc}).stdout.split()
-    return out[0], int(out[1])
+    return out[0], *map(int, out[1:])
 
 
 @glibc_linux
@@ -63,12 +70,15 @@ def test_freed_frames_are_reused_instead_of_faulted_in_again():
 
 @glibc_linux
 def test_buffers_beyond_the_mmap_threshold_are_reused_too():
-    tuned, tuned_faults = _faults("", BIG)
-    default, default_faults = _faults("default", BIG)
+    tuned, tuned_first, tuned_rest = _faults("", BIG)
+    default, default_first, default_rest = _faults("default", BIG)
     assert (tuned, default) == ("True", "False")
     per_buffer = 61_020_000 // 4096
-    assert default_faults > 10 * per_buffer  # 12 buffers: each a fresh mapping, faulted in again
-    assert tuned_faults < 3 * per_buffer  # the heap's pages, faulted in once per arena
+    assert default_rest > 8 * per_buffer  # 10 more buffers: each a fresh mapping, faulted in again
+    # tuned: the first pass faults each arena's pages in once (main + the thread's, 2 buffers' worth);
+    # the 10 buffers after it reuse them. (In a long pytest session glibc has once been seen to hand
+    # a thread a fresh arena: at most one more buffer's worth.)
+    assert tuned_first < 3 * per_buffer and tuned_rest < 1.5 * per_buffer
 
 
 def test_every_fedpara_command_applies_it(monkeypatch, tmp_path):

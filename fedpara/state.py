@@ -7,6 +7,7 @@ marked with :func:`mark_personal` (the classifier head) stays on the device.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import torch
@@ -78,3 +79,15 @@ def count_params(model_or_state: nn.Module | Mapping[str, Tensor]) -> int:
 def state_bytes(state: Mapping[str, Tensor]) -> int:
     """Raw bytes of a state dict at its current dtypes."""
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def state_digest(state: Mapping[str, Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes, in sorted name order: a state's identity
+    (checkpoints, the demo's final digest, delta coding's chained digests)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, not copied first
+    return h.hexdigest()

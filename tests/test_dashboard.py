@@ -7,7 +7,6 @@ import http.client
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -318,21 +317,9 @@ def test_tensorboard_logger_writes_round_scalars():
 # --- end to end -------------------------------------------------------------------------------------------
 def _browser(tmp_path):
     """Headless Debian chromium driven through its chromedriver (never a downloaded browser)."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver") or next((p for p in ("/usr/bin/chromedriver",) if Path(p).exists()), None)
-    if chromium is None or driver is None:
-        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver; "
-                    ".ci/setup does this as root)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
+    from web_support import chromium
 
-    opts = Options()
-    opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
-                "--window-size=1300,1800", f"--user-data-dir={tmp_path / 'chromium'}"):
-        opts.add_argument(arg)
-    return webdriver.Chrome(service=Service(driver), options=opts)
+    return chromium(tmp_path, "--window-size=1300,1800")
 
 
 @needs_fmnist

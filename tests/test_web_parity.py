@@ -12,11 +12,9 @@ import pytest
 import torch
 from conftest import fashion_mnist_available
 from torch.utils.data import DataLoader, TensorDataset
-from web_support import StaticServer, phone_browser
+from web_support import harness_page
 
 import fedpara
-from edge_client.web.site import stage_client
-from fedpara.runtime.webassets import WebAssetsMissing
 from fedpara.models import ModelSpec
 from fedpara.training import train_epochs
 from fedpara.wire import Message, decode, encode
@@ -27,19 +25,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.skipif(not fashion_mnist_availabl
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("webparity")
-    try:
-        site = stage_client(tmp / "site")
-    except WebAssetsMissing as exc:
-        pytest.skip(str(exc))
-    server = StaticServer(site)
-    driver = phone_browser(tmp, throttle=1)
-    try:
-        driver.get(server.url + "harness.html")
+    with harness_page(tmp_path_factory.mktemp("webparity")) as driver:
         yield driver
-    finally:
-        driver.quit()
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,8 @@ import json
 
 import pytest
 import torch
-from web_support import StaticServer, phone_browser
+from web_support import harness_page
 
-from edge_client.web.site import stage_client
-from fedpara.runtime.webassets import WebAssetsMissing
 from fedpara.runtime.signing import Signer, Verifier, load_private_key, load_public_key, new_key
 from fedpara.wire import Message, Reassembler, decode, encode, framed_bytes
 
@@ -21,19 +19,8 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("webwire")
-    try:
-        site = stage_client(tmp / "site")
-    except WebAssetsMissing as exc:
-        pytest.skip(str(exc))
-    server = StaticServer(site)
-    driver = phone_browser(tmp, throttle=1)
-    try:
-        driver.get(server.url + "harness.html")
+    with harness_page(tmp_path_factory.mktemp("webwire")) as driver:
         yield driver
-    finally:
-        driver.quit()
-        server.stop()
 
 
 def js(driver, body: str, *args):

@@ -2,15 +2,17 @@
 Debian's headless chromium with a phone's viewport and a throttled CPU, driven by selenium."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
+from support import wait_until
 
+from edge_client.web.site import stage_client
 from export.web import WebAssetsMissing, check_assets
 
 PHONE = {"deviceMetrics": {"width": 390, "height": 844, "pixelRatio": 3.0, "mobile": True, "touch": True},
@@ -56,12 +58,12 @@ class StaticServer:
         self.httpd.server_close()
 
 
-def phone_browser(tmp_path: Path, *, throttle: float = CPU_SLOWDOWN, args: tuple = ()):
-    """Headless Debian chromium (never a downloaded one) as a phone: 390x844 viewport, touch,
-    a mobile user agent, its CPU slowed ``throttle`` times by CDP."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if chromium is None or driver is None:
+def chromium(tmp_path: Path, *args: str, phone: bool = False):
+    """Headless Debian chromium (never a downloaded one) through its chromedriver; ``phone``: a
+    390x844 viewport, touch and a mobile user agent. Skips when chromium is not installed."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or next((p for p in ("/usr/bin/chromedriver",) if Path(p).exists()), None)
+    if binary is None or driver is None:
         pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver; "
                     ".ci/setup does this as root)")
     from selenium import webdriver
@@ -69,30 +71,50 @@ def phone_browser(tmp_path: Path, *, throttle: float = CPU_SLOWDOWN, args: tuple
     from selenium.webdriver.chrome.service import Service
 
     opts = Options()
-    opts.binary_location = chromium
+    opts.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
                 f"--user-data-dir={tmp_path / 'chromium'}", *args):
         opts.add_argument(arg)
-    opts.add_experimental_option("mobileEmulation", PHONE)
+    if phone:
+        opts.add_experimental_option("mobileEmulation", PHONE)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    d = webdriver.Chrome(service=Service(driver), options=opts)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def phone_browser(tmp_path: Path, *, throttle: float = CPU_SLOWDOWN, args: tuple = ()):
+    """:func:`chromium` as a phone, its CPU slowed ``throttle`` times by CDP."""
+    d = chromium(tmp_path, *args, phone=True)
     if throttle and throttle > 1:
         d.execute_cdp_cmd("Emulation.setCPUThrottlingRate", {"rate": throttle})
     return d
 
 
+@contextlib.contextmanager
+def harness_page(tmp: Path):
+    """The browser client's test harness page, served from a staged site, in a phone browser."""
+    try:
+        site = stage_client(tmp / "site")
+    except WebAssetsMissing as exc:
+        pytest.skip(str(exc))
+    server = StaticServer(site)
+    driver = phone_browser(tmp, throttle=1)
+    try:
+        driver.get(server.url + "harness.html")
+        yield driver
+    finally:
+        driver.quit()
+        server.stop()
+
+
 def wait_for(fn, what: str, timeout: float = 60.0, every: float = 0.1, driver=None):
-    """Poll ``fn`` until it returns something truthy; on timeout, fail with the page's console."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    logs = ""
-    if driver is not None:
-        try:
-            logs = "\n".join(e["message"] for e in driver.get_log("browser"))
-        except Exception:  # noqa: BLE001  (the log is a courtesy)
-            pass
-    raise AssertionError(f"timed out waiting for {what}\nbrowser console:\n{logs}")
+    """:func:`support.wait_until`; on timeout the failure also shows the page's console."""
+    try:
+        return wait_until(fn, timeout, interval=every, what=what)
+    except AssertionError as exc:
+        logs = ""
+        if driver is not None:
+            try:
+                logs = "\n".join(e["message"] for e in driver.get_log("browser"))
+            except Exception:  # noqa: BLE001  (the log is a courtesy)
+                pass
+        raise AssertionError(f"{exc}\nbrowser console:\n{logs}") from None

@@ -7,31 +7,21 @@ enough to resume, export or run inference. No pickle: safetensors only. Writes a
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fedpara.models import ModelSpec
+from fedpara.state import state_digest  # noqa: F401  (checkpoints are named by it; importers use this path)
 
 FORMAT = "fedpara-checkpoint/1"
 
 
-def state_digest(state: Mapping[str, Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and raw bytes, in sorted name order."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, not copied first
-    return h.hexdigest()
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Tensor], spec: ModelSpec,

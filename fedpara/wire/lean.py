@@ -20,12 +20,12 @@ reproducible from the policy alone (and error feedback makes rounding bias harml
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor
+
+from fedpara.state import state_digest  # noqa: F401  (re-exported: lean's chained digests)
 
 from .limits import WireError
 from .policy import CodecPolicy
@@ -52,15 +52,6 @@ def delta_policy(text: str, what: str = "policy") -> CodecPolicy:
     return pol
 
 
-def state_digest(state: Mapping[str, Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes in sorted name order (as checkpoints do)."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 def subtract(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:

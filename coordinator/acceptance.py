@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-from fedpara.runtime.messages import Failure, ProtocolError, Update, parse_reply
+from fedpara.runtime.messages import Failure, ProtocolError, Reply, Update, parse_reply
 from fedpara.wire import Message, MessageKind
 
 from .aggregate import check_compatible
@@ -57,7 +57,7 @@ class Verdict:
         return cls(False, reason, detail)
 
 
-def judge_update(msg: Message, topic_client: str, state: RoundState) -> Verdict:
+def judge_update(msg: Message, topic_client: str, state: RoundState, reply: Reply | None = None) -> Verdict:
     """Accept ``msg`` (received on ``update/<topic_client>``) for the current attempt, or say why not.
 
     Reasons: ``malformed`` (wrong kind or run, sender not the topic's client, bad meta, tensors
@@ -78,7 +78,8 @@ def judge_update(msg: Message, topic_client: str, state: RoundState) -> Verdict:
     if msg.meta.get("task_id") != state.task_id:
         return Verdict.refuse("stale", f"{topic_client} answered task {msg.meta.get('task_id')!r:.40}")
     try:
-        reply = parse_reply(msg.meta)
+        if reply is None:  # the caller may have parsed it already (messages.parse_reply)
+            reply = parse_reply(msg.meta)
         if isinstance(reply, Failure):
             return Verdict(False, "failed", failure=reply)
         if not isinstance(reply, Update):  # a follow-up report belongs to the ledger, never here

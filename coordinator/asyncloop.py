@@ -60,10 +60,9 @@ class AsyncWindow:
         self.in_flight: dict[str, InFlight] = {}
         self.accumulator = accumulator
         self.results: dict[str, FitResult] = {}   # this version's buffer (tensors folded in)
-        self.tasks: dict[str, str] = {}           # client -> the task id its buffered update answered
         self.staleness: dict[str, int] = {}
         self.failures: dict[str, str] = {}
-        self.answered: dict[str, RoundState] = {}  # this version's buffered clients: a redelivery is a duplicate
+        self.answered: dict[str, RoundState] = {}  # buffered clients -> their task (its id goes on the line; a redelivery is a duplicate)
         self.refused_stale = 0
         self.expired = 0
 
@@ -97,7 +96,6 @@ class AsyncWindow:
             v = v.to(base[k].dtype)
             state[k] = self.state[k] + staleness_weight(s) * (v - base[k]) if v.is_floating_point() and s else v
         self.results[result.client_id] = self.accumulator.add(dataclasses.replace(result, state=state))
-        self.tasks[result.client_id] = f.rules.task_id
         self.answered[result.client_id] = f.rules
         self.staleness[result.client_id] = s
         return None
@@ -125,7 +123,7 @@ class AsyncWindow:
         needed = {f.version for f in self.in_flight.values()} | {self.version}
         for v in [v for v in self.bases if v not in needed]:
             del self.bases[v]
-        self.results, self.tasks, self.staleness, self.failures, self.answered = {}, {}, {}, {}, {}
+        self.results, self.staleness, self.failures, self.answered = {}, {}, {}, {}
         self.refused_stale = self.expired = 0
 
 
@@ -208,7 +206,7 @@ class AsyncRounds:
                  "too_stale": w.refused_stale, "expired": w.expired}
         results = list(w.results.values())
         c._conclude(tally, w.accumulator, attempt=1, sampled=sorted(w.results), broadcast=False, results=results,
-                    tasks=dict(w.tasks), extra=extra)
+                    tasks={c: rules.task_id for c, rules in w.answered.items()}, extra=extra)
         w.release(c.state, c.strategy.accumulator(c.state))
         log.info("version %d released (%d updates, staleness %s, %d in flight)", w.version, len(results),
                  stale, len(w.in_flight))

@@ -188,7 +188,7 @@ class Inbound:
             self.ignored["stale"] += 1
             return
         rules = a.rules_for(client)  # the task this client is answering (async: each client its own)
-        verdict = judge_update(msg, client, rules)
+        verdict = judge_update(msg, client, rules, reply)  # reply None (unparsable): judged malformed
         if verdict.reason == "malformed" and msg.meta.get("task_id") == rules.task_id:
             self._broken_update(client, verdict.detail)
         if verdict.failure is not None:

@@ -1,7 +1,8 @@
 """Compression stacked on FedPara's factors: MQTT bytes and upload joules to a target accuracy.
 
     nice -n 10 .venv/bin/python benchmarks/bench_compress.py [--models mlp2,cnn28]
-        [--partitions iid,dirichlet:0.5] [--configs ...] [--seeds 3] [--runs runs/compress] [--out docs]
+        [--partitions iid,dirichlet:0.5] [--configs ...] [--seeds 3] [--lr-on iid|partition]
+        [--runs runs/compress] [--out docs/results]
 
 Method: docs/fidelity.md's, through its harness (``bench_repro.Suite``: one Mosquitto broker, per
 run one ``fedpara client --pool 10`` process and the coordinator in this process; the same data
@@ -10,6 +11,8 @@ caps, rounds, validation split and test evaluation of every round's checkpoint).
 1. **lr.** dense fp32 and FedPara fp32 keep the lr docs/fidelity.md chose on the validation split
    with this harness (mlp2 0.2 / 0.4, cnn28 0.1 / 0.3). Every other configuration chooses between
    two candidates (FedPara's lr and half of it) on the validation split, seed 0, IID: its own lr.
+   With ``--lr-on partition`` every configuration, the two anchors included, chooses between its
+   lr and half of it on the validation split of the partition it runs on (seed 0).
 2. **Seeds.** The chosen lr with seeds 0..N-1 on each partition (the IID seed-0 run is the sweep's).
 3. **Measures.** MQTT-framed bytes both directions (the coordinator's count), test accuracy per
    round, bytes to the targets, ratio to dense fp32; upload radio energy as docs/energy.md's
@@ -44,6 +47,9 @@ CONFIGS = {
     "delta-int4": ("fedpara", {"wire": "delta", "downlink": "int4+zstd:3", "uplink": "int4+zstd:3"}),
     "delta-int4-noef": ("fedpara", {"wire": "delta", "downlink": "int4+zstd:3", "uplink": "int4+zstd:3",
                                     "error_feedback": False}),
+    "delta-int2": ("fedpara", {"wire": "delta", "downlink": "int2+zstd:3", "uplink": "int2+zstd:3"}),
+    "delta-int2-noef": ("fedpara", {"wire": "delta", "downlink": "int2+zstd:3", "uplink": "int2+zstd:3",
+                                    "error_feedback": False}),
     "delta-top10-int4": ("fedpara", {"wire": "delta", "downlink": "int4+topk:0.1+zstd:3",
                                      "uplink": "int4+topk:0.1+zstd:3"}),
     "delta-top10-int4-noef": ("fedpara", {"wire": "delta", "downlink": "int4+topk:0.1+zstd:3",
@@ -53,7 +59,8 @@ CONFIGS = {
 }
 LABELS = {"dense": "dense FedAvg, fp32", "fedpara-fp32": "FedPara, fp32", "fedpara-fp16z": "FedPara, fp16+zstd",
           "delta-int8": "+ delta, int8, EF", "delta-int4": "+ delta, int4, EF",
-          "delta-int4-noef": "+ delta, int4, no EF", "delta-top10-int4": "+ delta, top-10% int4, EF",
+          "delta-int4-noef": "+ delta, int4, no EF", "delta-int2": "+ delta, int2, EF",
+          "delta-int2-noef": "+ delta, int2, no EF", "delta-top10-int4": "+ delta, top-10% int4, EF",
           "delta-top10-int4-noef": "+ delta, top-10% int4, no EF",
           "delta-top03-int4": "+ delta, top-3% int4, EF"}
 FIXED_LR = {"mlp2": {"dense": 0.2, "fedpara-fp32": 0.4}, "cnn28": {"dense": 0.1, "fedpara-fp32": 0.3}}
@@ -85,18 +92,19 @@ class Compress:
                                  batch_size=plan.get("batch_size"), deadline=min(plan["deadline"], DEADLINE_S),
                                  extra=extra)
 
-    def choose_lr(self, model: str, config: str, res: dict) -> float:
+    def choose_lr(self, model: str, config: str, part: str, res: dict) -> float:
         if self.args.lr_fixed and config != "dense":  # a second look at one lr (--lr-fixed)
             return self.args.lr_fixed
-        if config in FIXED_LR[model]:
+        on = part if self.args.lr_on == "partition" else "iid"
+        if config in FIXED_LR[model] and on == "iid":
             return FIXED_LR[model][config]
-        got = res.setdefault("sweep", {}).setdefault(model, {})
+        got = res.setdefault("sweep", {}).setdefault(model if on == "iid" else f"{model} @ {on}", {})
         if config in got:
             return got[config]["chosen_lr"]
-        base = FIXED_LR[model]["fedpara-fp32"]
+        base = FIXED_LR[model].get(config, FIXED_LR[model]["fedpara-fp32"])  # dense: around its own lr
         cands = []
         for lr in (base, base / 2):
-            run = self.run(model, config, "iid", lr, 0)
+            run = self.run(model, config, on, lr, 0)
             done = run["status"] == "completed" and run["rounds"] == run["planned_rounds"]
             cands.append({"lr": lr, "val_final": run["eval_accuracy"][-1] if done else 0.0, "diverged": not done})
             print(f"    val acc {cands[-1]['val_final']:.4f} (lr {lr})", flush=True)
@@ -107,9 +115,11 @@ class Compress:
     def group(self, model: str, part: str, configs: list[str], res: dict, save) -> None:
         plan, _, _, test = self.suite.model_meta(model)
         key = part + (f" @ lr {self.args.lr_fixed:g}" if self.args.lr_fixed else "")
+        if self.args.lr_on == "partition" and part != "iid" and not self.args.lr_fixed:
+            key += ", lr chosen on it"
         g = res.setdefault("raw", {}).setdefault(model, {}).setdefault(key, {})
         for config in configs:
-            lr = self.choose_lr(model, config, res)
+            lr = self.choose_lr(model, config, part, res)
             save()
             runs, diverged = [], []
             for seed in range(self.args.seeds):
@@ -168,6 +178,11 @@ def main(argv=None) -> int:
     p.add_argument("--lr-fixed", type=float, default=0.0,
                    help="every configuration but dense at this lr, no sweep; reported as '<partition> @ lr X' "
                         "(a second look where the chosen lr diverged)")
+    p.add_argument("--lr-on", choices=("iid", "partition"), default="iid",
+                   help="iid: every partition runs at the lr chosen on the IID validation split (dense and "
+                        "FedPara fp32 at docs/fidelity.md's); partition: each configuration, dense and FedPara "
+                        "fp32 included, chooses between its lr and half of it on that partition's validation "
+                        "split (reported as '<partition>, lr chosen on it')")
     args = p.parse_args(argv)
     args.quick = False
     import torch
@@ -182,15 +197,19 @@ def main(argv=None) -> int:
     targets = {m: c.suite.plans[m]["targets"] for m in c.suite.plans}
 
     def save():
-        res["command"] = "nice -n 10 .venv/bin/python benchmarks/bench_compress.py " + " ".join(
+        cmd = "nice -n 10 .venv/bin/python benchmarks/bench_compress.py " + " ".join(
             argv if argv is not None else sys.argv[1:])
+        done = res.get("command", "").split("; ")  # every invocation that added to these results
+        res["command"] = "; ".join(done + [cmd] if cmd not in done else done) if done != [""] else cmd
         res["machine"] = (f"{os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}, "
                           f"Python {platform.python_version()}")
         res["total_wall_s"] = wall_before + time.monotonic() - t0
         res["setting"] = {"clients": args.clients, "seeds": args.seeds, "ratio": args.ratio,
                           "batch_size": args.batch_size, "val": args.val,
-                          "plans": {m: c.suite.plans[m] for m in args.models.split(",")},
-                          "configs": {k: CONFIGS[k] for k in args.configs.split(",")}}
+                          "plans": {**res.get("setting", {}).get("plans", {}),
+                                    **{m: c.suite.plans[m] for m in args.models.split(",")}},
+                          "configs": {**res.get("setting", {}).get("configs", {}),
+                                      **{k: CONFIGS[k] for k in args.configs.split(",")}}}
         res["summary"] = summarise(res, targets)
         res_path.write_text(json.dumps(res, indent=1))
         write_report(res, out / "compression_results.md", LABELS)

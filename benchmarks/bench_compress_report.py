@@ -47,7 +47,7 @@ def write_report(res: dict, path: Path, labels: dict) -> None:
             lines.append("")
     sweep = res.get("sweep", {})
     if sweep:
-        lines += ["## lr choice (validation split, seed 0, IID)", "",
+        lines += ["## lr choice (validation split, seed 0; IID unless the model names a partition)", "",
                   "| model | configuration | validation accuracy per candidate | chosen |", "|---|---|---|---|"]
         for model, got in sweep.items():
             for config, s in got.items():

@@ -99,7 +99,8 @@ class CoordinatorConfig:
     local_epochs: int = option(1, "local epochs E per round")
     batch_size: int = option(64, "local batch size")
     lr: float = option(0.0, "local SGD learning rate; 0 = the default measured for the model and scheme "
-                       f"(fedpara/lr.py, docs/fidelity.md; batch 32): {lr_table()}")
+                       f"(fedpara/lr.py, docs/fidelity.md; batch 32): {lr_table()}; with a delta-coded wire "
+                       f"(docs/compression.md): {lr_table(delta=True)}")
     lr_decay: float = option(0.992, "learning rate multiplier per round (paper: 0.992)")
     momentum: float = option(0.0, "local SGD momentum (paper: 0)")
     weight_decay: float = option(0.0, "local SGD weight decay")
@@ -138,7 +139,7 @@ class CoordinatorConfig:
         check_id("run_id", self.run_id)
         self.spec  # validates model, num_classes, scheme, ratio, form  # noqa: B018
         if isinstance(self.lr, (int, float)) and self.lr == 0:
-            self.lr = default_lr(self.model, self.scheme)
+            self.lr = default_lr(self.model, self.scheme, self.wire)
         for name in ("rounds", "min_clients", "max_attempts", "local_epochs", "batch_size", "eval_batch_size",
                      "eval_every"):
             check_int(name, getattr(self, name), min=1)

@@ -28,6 +28,7 @@ from fedpara.wire.lean import (
     apply,
     delta_policy,
     digest_field,
+    policy_codecs,
     state_digest,
     status_holds,
     subtract,
@@ -65,6 +66,8 @@ class LeanServer:
     def __init__(self, cfg, spec, out_dir: str | Path, *, resume: bool = False) -> None:
         self.cfg, self.ef = cfg, cfg.error_feedback
         self.down = delta_policy(cfg.downlink, "downlink")
+        #: what a client must announce to be sent deltas under these policies (else: full fp32)
+        self.needs = policy_codecs(self.down, delta_policy(cfg.uplink, "uplink"))
         self.full = CodecPolicy.parse(FULL_POLICY)
         self.init = _float_state(global_state(spec.build(cfg.seed)))
         self.init_digest = state_digest(self.init)
@@ -159,7 +162,7 @@ class LeanServer:
     def saw_status(self, client: str, meta) -> bool:
         """Record what a client announces; True when it refused this attempt's delta (it names the
         task: a status older than the task cannot be taken for a refusal): send the full state."""
-        capable, holds, refused = status_holds(meta)
+        capable, holds, refused = status_holds(meta, self.needs)
         (self.capable.add if capable else self.capable.discard)(client)
         if client in self.receivers:  # a status older than the task must not undo what it was sent
             if client in self.sent_delta and refused is not None and refused == self.task_id:

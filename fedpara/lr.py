@@ -38,12 +38,18 @@ DEFAULT_LR: dict[tuple[str, str], float] = {
 # What the sweep did not cover (mlp FedPara and low-rank, vgg16, char_lstm) keeps the previous
 # single default, 0.1 (not measured; VGG16/CIFAR-10 cannot be downloaded here). mlp2's FedPara lr
 # 0.4 is not carried over to mlp: on a 2-client, 300-example demo it diverged in round 1.
+# Delta-coded wires (``wire = "delta"`` / ``"lean"``, docs/compression.md): on cnn28 every compressed
+# configuration chose half FedPara's lr on the validation split of benchmarks/bench_compress.py (at 0.3,
+# 4-bit deltas ended 5 pp lower); on mlp2 they chose FedPara's own. Used when the wire is delta coded.
+DELTA_LR: dict[tuple[str, str], float] = {("cnn28", "fedpara"): 0.15}
 SCHEME_LR: dict[str, float] = {"dense": 0.1, "lowrank": 0.1, "fedpara": 0.1, "pfedpara": 0.1, "fedper": 0.1}
 NEAREST: dict[str, str] = {}
 
 
-def default_lr(model: str, scheme: str) -> float:
-    """The lr the coordinator uses for ``model``/``scheme`` when none is given."""
+def default_lr(model: str, scheme: str, wire: str = "plain") -> float:
+    """The lr the coordinator uses for ``model``/``scheme`` (and its ``wire``) when none is given."""
+    if wire in ("delta", "lean") and (model, scheme) in DELTA_LR:
+        return DELTA_LR[(model, scheme)]
     if scheme not in SCHEME_LR:
         raise ValueError(f"no default lr for scheme {scheme!r}; known: {', '.join(SCHEME_LR)}")
     for m in (model, NEAREST.get(model)):
@@ -61,9 +67,9 @@ def default_lr(model: str, scheme: str) -> float:
     return SCHEME_LR[scheme]
 
 
-def lr_table() -> str:
-    """One line per measured default, for help texts and docs."""
-    return "; ".join(f"{m}/{s} {lr:g}" for (m, s), lr in sorted(DEFAULT_LR.items()))
+def lr_table(delta: bool = False) -> str:
+    """One line per measured default (``delta``: those for delta-coded wires), for help texts and docs."""
+    return "; ".join(f"{m}/{s} {lr:g}" for (m, s), lr in sorted((DELTA_LR if delta else DEFAULT_LR).items()))
 
 
 def _layer_movement(layer: FactorisedLayer, gen: torch.Generator) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""int4 and top-k codecs (fedpara/wire/quant.py): what they keep, and hostile input.
+"""int4, int2 and top-k codecs (fedpara/wire/quant.py): what they keep, and hostile input.
 
 Every corrupted or hostile sparse/quantised tensor must come out of the decoder as a WireError that
 says what was wrong, never an index error or an allocation beyond ``Limits``."""
@@ -15,7 +15,7 @@ from wire_support import rebuild, resign, split_envelope
 import fedpara.wire.envelope as envelope
 from fedpara.wire import CodecPolicy, CodecSpec, Limits, Message, WireError, decode, encode
 from fedpara.wire.codecs import encode_tensor, roundtrip
-from fedpara.wire.quant import INT4_BLOCK, topk_count
+from fedpara.wire.quant import BLOCK, topk_count
 
 torch.set_num_threads(1)
 
@@ -24,14 +24,15 @@ def _enc(tensors, policy):
     return encode(Message("update", "run-1", 3, "c1", tensors, {"num_examples": 1}), policy)
 
 
-@pytest.mark.parametrize("n", [32, 255, 256, 257, 1001])
-def test_int4_error_is_at_most_half_a_step_per_block(n):
+@pytest.mark.parametrize("dtype,levels", [("int4", 15), ("int2", 3)])
+@pytest.mark.parametrize("n", [32, 255, 256, 257, 1001, 1002, 1003])
+def test_blockwise_error_is_at_most_half_a_step_per_block(n, dtype, levels):
     x = torch.randn(n) * torch.linspace(0.1, 10, n)
-    y = decode(_enc({"x": x}, "int4+zstd:3").data).tensors["x"]
-    for b in range(0, n, INT4_BLOCK):
-        blk = x[b:b + INT4_BLOCK]
-        step = float(blk.max() - blk.min()) / 15
-        assert float((y[b:b + INT4_BLOCK] - blk).abs().max()) <= step / 2 + 1e-5 * float(blk.abs().max())
+    y = decode(_enc({"x": x}, f"{dtype}+zstd:3").data).tensors["x"]
+    for b in range(0, n, BLOCK):
+        blk = x[b:b + BLOCK]
+        step = float(blk.max() - blk.min()) / levels
+        assert float((y[b:b + BLOCK] - blk).abs().max()) <= step / 2 + 1e-5 * float(blk.abs().max())
 
 
 def test_int4_is_about_an_eighth_of_fp32_and_small_tensors_stay_fp32():
@@ -39,6 +40,12 @@ def test_int4_is_about_an_eighth_of_fp32_and_small_tensors_stay_fp32():
     enc = _enc(x, "int4")
     assert enc.stats.tensors["w"].encoded_bytes == 512 * 36 // 2 + 8 * 72  # codes + (scale, lo) per block
     assert enc.stats.tensors["tiny"].codec == "fp32"
+
+
+def test_int2_is_four_codes_a_byte():
+    enc = _enc({"w": torch.randn(512, 36), "odd": torch.randn(1001)}, "int2")
+    assert enc.stats.tensors["w"].encoded_bytes == 512 * 36 // 4 + 8 * 72
+    assert enc.stats.tensors["odd"].encoded_bytes == 251 + 8 * 4  # ceil(1001 / 4) codes + 4 blocks
 
 
 def test_topk_keeps_exactly_the_largest_magnitudes():
@@ -50,8 +57,8 @@ def test_topk_keeps_exactly_the_largest_magnitudes():
     assert float(x.abs()[kept].min()) >= float(x.abs()[~kept].max())
 
 
-@pytest.mark.parametrize("spec", ["int4", "int8", "fp16+topk:0.1", "int4+topk:0.02+zstd:3", "bf16+topk:1.0",
-                                  "fp32+topk:0.5"])
+@pytest.mark.parametrize("spec", ["int4", "int2", "int8", "fp16+topk:0.1", "int4+topk:0.02+zstd:3",
+                                  "int2+topk:0.3", "bf16+topk:1.0", "fp32+topk:0.5"])
 def test_roundtrip_is_what_the_envelope_decodes(spec):
     x = {"a": torch.randn(300, 70), "b": torch.randn(100000)}  # b: U32 gap coding
     got = decode(_enc(x, spec).data).tensors
@@ -106,25 +113,27 @@ def test_corrupt_topk_is_a_wire_error(monkeypatch, what, tamper, match):
         decode(data)
 
 
-@pytest.mark.parametrize("spec", ["int4", "int4+topk:0.2"])
+@pytest.mark.parametrize("spec", ["int4", "int4+topk:0.2", "int2", "int2+topk:0.3"])
 @pytest.mark.parametrize("what,tamper,match", [
     ("NaN scale", lambda p: _set(p, ":affine", np.full_like(p[":affine"][2], np.nan)), "not finite"),
     ("negative scale", lambda p: _set(p, ":affine", -np.abs(p[":affine"][2]) - 1), "negative"),
     ("short codes", lambda p: _set(p, "", p[""][2][:-1]), "does not match|expects|expected|fit"),
 ])
-def test_corrupt_int4_is_a_wire_error(monkeypatch, spec, what, tamper, match):
+def test_corrupt_blockwise_codes_are_a_wire_error(monkeypatch, spec, what, tamper, match):
     with pytest.raises(WireError, match=match):
         decode(_hostile(monkeypatch, spec, tamper))
 
 
-def test_int4_padding_nibble_must_be_zero(monkeypatch):
+@pytest.mark.parametrize("spec,n,bits", [("int4", 33, 0xF0), ("int2", 33, 0xC0), ("int2", 34, 0x30),
+                                         ("int2", 35, 0xC0)])
+def test_padding_codes_must_be_zero(monkeypatch, spec, n, bits):
     def tamper(p):
         codes = p[""][2]
-        codes[-1] |= 0xF0
+        codes[-1] |= bits
         return _set(p, "", codes)
 
-    with pytest.raises(WireError, match="padding nibble"):
-        decode(_hostile(monkeypatch, "int4", tamper, x=torch.randn(33)))
+    with pytest.raises(WireError, match="padding codes"):
+        decode(_hostile(monkeypatch, spec, tamper, x=torch.randn(n)))
 
 
 def test_a_sparse_tensor_declaring_a_huge_shape_is_refused_before_allocating():
@@ -139,7 +148,8 @@ def test_a_sparse_tensor_declaring_a_huge_shape_is_refused_before_allocating():
 
 
 SAMPLES = [bytes(_enc({"a": torch.randn(24, 11), "b": torch.randn(300)}, spec).data)
-           for spec in ("int4+zstd:3", "fp16+topk:0.1", "int4+topk:0.2+zstd:1", "bf16+topk:0.5")]
+           for spec in ("int4+zstd:3", "fp16+topk:0.1", "int4+topk:0.2+zstd:1", "bf16+topk:0.5", "int2+zstd:3",
+                        "int2+topk:0.3")]
 
 
 @settings(max_examples=400, deadline=None)

@@ -11,7 +11,7 @@ from fedpara.wire.feedback import ErrorFeedback
 
 torch.set_num_threads(1)
 
-SPECS = ["int4", "int8", "fp16+topk:0.1", "int4+topk:0.05", "int4+topk:0.3"]
+SPECS = ["int4", "int2", "int8", "fp16+topk:0.1", "int4+topk:0.05", "int4+topk:0.3", "int2+topk:0.3"]
 
 
 def _rounds(spec: str, deltas: list[dict], ef: bool = True):
@@ -41,7 +41,7 @@ def test_sent_sum_tracks_the_true_sum_up_to_one_bounded_residual(spec, rounds, s
     tol = 1e-4 * float(sum(d["w"].abs().sum() for d in deltas)) / deltas[0]["w"].numel() + 1e-5 * scale
     assert torch.allclose(gap, residual["w"], atol=tol * rounds)
     # the residual stays bounded however many rounds pass (a contraction: top-k keeps a fraction F
-    # of the energy, 4-bit keeps each element within 1/30 of its block's range), so the mean gap per
+    # of the energy, 4-bit (2-bit) keeps each element within 1/30 (1/6) of its block's range), so the mean gap per
     # round -> 0: the sum of what was sent converges to the sum of what should have been sent
     biggest = max(float(d["w"].norm()) for d in deltas)
     frac = CodecSpec.parse(spec).topk or 1.0

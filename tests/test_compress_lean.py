@@ -19,8 +19,8 @@ from fedpara.models import ModelSpec
 from fedpara.runtime.messages import Task, TrainParams
 from fedpara.runtime.mqtt import parse_broker_url
 from fedpara.runtime.rundir import RunDir
-from fedpara.wire import Message, WireError
-from fedpara.wire.lean import LEAN_DOWNLINK, LEAN_UPLINK, state_digest, subtract
+from fedpara.wire import CodecPolicy, Message, WireError
+from fedpara.wire.lean import CODECS, LEAN_DOWNLINK, LEAN_UPLINK, policy_codecs, state_digest, status_holds, subtract
 from fedpara.wire.lean_client import RESIDUAL_FILE, LeanClient
 
 torch.set_num_threads(1)
@@ -193,8 +193,24 @@ def test_a_resent_task_is_the_delta_unless_the_client_refused_it(tmp_path):
 
     assert server.resend_enc(Out, ["c0", "c1"])[0] == "delta"  # a reconnect: the delta again
     server.task_id = "s-3-1"
-    stale = {"codecs": ["delta"], "lean": {"holds": None}}  # sent before the task arrived: no refusal
+    stale = {"codecs": list(CODECS), "lean": {"holds": None}}  # sent before the task arrived: no refusal
     assert not server.saw_status("c1", stale) and not server.saw_status("c1", {**stale, "lean": {"refused": "s-2-1"}})
-    refused = {"codecs": ["delta"], "lean": {"holds": "0" * 64, "refused": "s-3-1"}}
+    refused = {"codecs": list(CODECS), "lean": {"holds": "0" * 64, "refused": "s-3-1"}}
     assert server.saw_status("c1", refused) and server.resend_enc(Out, ["c1"])[0] == "full"
-    assert not server.saw_status("c0", {"codecs": ["delta"], "lean": {"holds": server.digest}})
+    assert not server.saw_status("c0", {"codecs": list(CODECS), "lean": {"holds": server.digest}})
+
+
+def test_a_client_must_announce_every_codec_the_policies_use_to_be_sent_deltas(tmp_path):
+    """An older client that decodes deltas and int4 but not int2 gets full fp32 states (and answers
+    in fp32) under an int2 policy, instead of a task it cannot decode."""
+    from coordinator.leanwire import LeanServer
+
+    cfg = coord_cfg(tmp_path, wire="delta", downlink="int2+zstd:3", uplink="int4+topk:0.1+zstd:3")
+    server = LeanServer(cfg, cfg.spec, tmp_path)
+    assert server.needs == {"delta", "int2", "int4", "topk"}
+    older = [c for c in CODECS if c != "int2"]
+    server.saw_status("new", {"codecs": list(CODECS), "lean": {"holds": None}})
+    server.saw_status("old", {"codecs": older, "lean": {"holds": None}})
+    assert server.capable == {"new"}
+    assert policy_codecs(CodecPolicy.parse("fp16+zstd:3; *.bias=raw")) == {"delta", "fp16"}
+    assert status_holds({"codecs": ["delta", 3, None]})[0] and not status_holds({"codecs": "delta"})[0]

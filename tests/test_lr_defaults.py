@@ -11,11 +11,12 @@ import torch
 
 from coordinator.config import CoordinatorConfig
 from fedpara import kernels
-from fedpara.lr import DEFAULT_LR, SCHEME_LR, default_lr, lr_table, movement
+from fedpara.lr import DEFAULT_LR, DELTA_LR, SCHEME_LR, default_lr, lr_table, movement
 from fedpara.models import SCHEMES, ModelSpec
 
 torch.set_num_threads(1)
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "repro_results.json"
+COMPRESS = RESULTS.with_name("compress_results.json")
 
 
 def test_every_scheme_has_a_default_and_the_table_is_in_the_help():
@@ -33,6 +34,27 @@ def test_coordinator_uses_the_measured_default_unless_given(model, scheme):
     cfg = CoordinatorConfig(insecure=True, model=model, scheme=scheme)
     assert cfg.lr == DEFAULT_LR[(model, scheme)] == default_lr(model, scheme)
     assert CoordinatorConfig(insecure=True, model=model, scheme=scheme, lr=0.123).lr == 0.123
+
+
+def test_a_delta_coded_wire_gets_the_lr_its_configurations_chose():
+    """cnn28's compressed configurations chose half FedPara's lr; a plain wire keeps the other."""
+    for wire in ("delta", "lean"):
+        cfg = CoordinatorConfig(insecure=True, model="cnn28", scheme="fedpara", wire=wire)
+        assert cfg.lr == DELTA_LR[("cnn28", "fedpara")] == DEFAULT_LR[("cnn28", "fedpara")] / 2
+        assert CoordinatorConfig(insecure=True, model="cnn28", wire=wire, lr=0.3).lr == 0.3
+    assert CoordinatorConfig(insecure=True, model="cnn28", wire="plain").lr == DEFAULT_LR[("cnn28", "fedpara")]
+    assert CoordinatorConfig(insecure=True, model="mlp2", wire="lean").lr == DEFAULT_LR[("mlp2", "fedpara")]
+    help_text = CoordinatorConfig.__dataclass_fields__["lr"].metadata["help"]
+    assert lr_table(delta=True) in help_text and "cnn28/fedpara 0.15" in help_text
+
+
+@pytest.mark.skipif(not COMPRESS.exists(), reason="no docs/results/compress_results.json")
+def test_delta_lrs_are_what_every_compressed_configuration_chose():
+    """Measured: on cnn28 (IID) every delta-coded configuration chose DELTA_LR on the validation split."""
+    sweep = json.loads(COMPRESS.read_text())["sweep"]
+    for (model, scheme), lr in DELTA_LR.items():
+        chosen = {c: s["chosen_lr"] for c, s in sweep[model].items() if c.startswith("delta-")}
+        assert chosen and set(chosen.values()) == {lr}, chosen
 
 
 def test_schemes_without_their_own_measurement_borrow_the_nearest():

@@ -34,7 +34,7 @@ FP16_MAX = 65504.0
 
 Parts = dict[str, tuple[str, tuple[int, ...], np.ndarray]]
 
-_MAIN_CODE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "int8": "U8", "int4": "U8"}
+_MAIN_CODE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16", "int8": "U8", "int4": "U8", "int2": "U8"}
 
 
 def is_float(dtype_name: str) -> bool:
@@ -83,11 +83,11 @@ def _int8(x: torch.Tensor, stochastic: bool, generator: torch.Generator | None) 
     return {"": ("U8", tuple(x.shape), to_numpy(q)), ":affine": ("F32", (x.shape[0], 2), to_numpy(affine))}
 
 
-def _int4(x: torch.Tensor, stochastic: bool, generator: torch.Generator | None) -> Parts | None:
-    """Blockwise 4-bit codes (quant.py), or None for a tiny or non-finite tensor (-> fp32)."""
-    if x.numel() < quant.INT4_MIN_ELEMENTS:
+def _blockwise(x: torch.Tensor, bits: int, stochastic: bool, generator: torch.Generator | None) -> Parts | None:
+    """Blockwise 4- or 2-bit codes (quant.py), or None for a tiny or non-finite tensor (-> fp32)."""
+    if x.numel() < quant.BLOCK_MIN_ELEMENTS:
         return None
-    got = quant.int4_encode(x.reshape(-1), stochastic, generator)
+    got = quant.block_encode(x.reshape(-1), bits, stochastic, generator)
     if got is None:
         return None
     packed, affine = got
@@ -105,10 +105,11 @@ def _topk(x: torch.Tensor, spec: CodecSpec, generator: torch.Generator | None) -
     idx, values = quant.topk_select(flat, k)
     gaps = quant.gaps_encode(idx, n)
     parts: Parts = {":idx": (quant.index_code(n), (k,), gaps)}
-    if spec.dtype == "int4":
-        got = quant.int4_encode(values, spec.stochastic, generator) if k else None
+    bits = quant.BLOCK_BITS.get(spec.dtype)
+    if bits:
+        got = quant.block_encode(values, bits, spec.stochastic, generator) if k else None
         if got is None:  # no values: nothing to quantise; keep the layout fixed anyway
-            got = (np.zeros((k + 1) // 2, np.uint8), np.zeros((quant.int4_blocks(k), 2), np.float32))
+            got = (np.zeros(quant.packed_len(k, bits), np.uint8), np.zeros((quant.blocks(k), 2), np.float32))
         parts[""] = ("U8", got[0].shape, got[0])
         parts[":affine"] = ("F32", got[1].shape, got[1])
     elif spec.dtype == "fp32":
@@ -138,8 +139,8 @@ def encode_tensor(
     if spec.topk is not None:
         return _topk(x, spec, generator)
     parts = None
-    if spec.dtype == "int4":
-        parts = _int4(x, spec.stochastic, generator)
+    if spec.dtype in quant.BLOCK_BITS:
+        parts = _blockwise(x, quant.BLOCK_BITS[spec.dtype], spec.stochastic, generator)
     elif spec.dtype == "fp16":
         parts = _cast(x, torch.float16, "F16")
     elif spec.dtype == "bf16":
@@ -163,16 +164,22 @@ def expected_parts(
     if codec.topk is not None:
         k = quant.topk_count(n, codec.topk)
         out = {":idx": (quant.index_code(n), (k,))}
-        if codec.dtype == "int4":
-            return {**out, "": ("U8", ((k + 1) // 2,)), ":affine": ("F32", (quant.int4_blocks(k), 2))}
-        return {**out, "": (_MAIN_CODE[codec.dtype], (k,))}
-    if codec.dtype == "int4":
-        return {"": ("U8", ((n + 1) // 2,)), ":affine": ("F32", (quant.int4_blocks(n), 2))}
+        return {**out, **_value_parts(codec, k)}
+    if codec.dtype in quant.BLOCK_BITS:
+        return _value_parts(codec, n)
     if codec.dtype == "int8":
         if len(shape) < 1:
             raise WireError("codec int8 needs a tensor with at least one dimension")
         return {"": ("U8", shape), ":affine": ("F32", (shape[0], 2))}
     return {"": (_MAIN_CODE[codec.dtype], shape)}
+
+
+def _value_parts(codec: CodecSpec, n: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The parts carrying n values under a top-k or blockwise codec."""
+    bits = quant.BLOCK_BITS.get(codec.dtype)
+    if bits:
+        return {"": ("U8", (quant.packed_len(n, bits),)), ":affine": ("F32", (quant.blocks(n), 2))}
+    return {"": (_MAIN_CODE[codec.dtype], (n,))}
 
 
 def decoded_dtype(codec: CodecSpec, dtype_name: str) -> torch.dtype:
@@ -184,9 +191,9 @@ def decode_tensor(codec: CodecSpec, dtype_name: str, parts: Mapping[str, np.ndar
                   alias: bool = False, shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """Inverse of encode_tensor, from the validated arrays (views into the message; copied here
     unless ``alias`` and the view is writable and aligned: then the tensor shares its memory).
-    ``shape``: the manifest's (needed by int4 and topk, whose parts do not have it)."""
+    ``shape``: the manifest's (needed by int4/int2 and topk, whose parts do not have it)."""
     main = parts[""]
-    if codec.topk is not None or codec.dtype == "int4":
+    if codec.topk is not None or codec.dtype in quant.BLOCK_BITS:
         if shape is None:
             raise WireError(f"codec {codec} needs the tensor's shape to decode")
         return _decode_compact(codec, parts, shape)
@@ -216,8 +223,8 @@ def decode_tensor(codec: CodecSpec, dtype_name: str, parts: Mapping[str, np.ndar
 
 def _values(codec: CodecSpec, parts: Mapping[str, np.ndarray], n: int) -> torch.Tensor:
     main = parts[""]
-    if codec.dtype == "int4":
-        return quant.int4_decode(main, parts[":affine"], n)
+    if codec.dtype in quant.BLOCK_BITS:
+        return quant.block_decode(main, parts[":affine"], n, quant.BLOCK_BITS[codec.dtype])
     if codec.dtype == "fp32":
         return torch.from_numpy(main.copy())
     if codec.dtype == "fp16":
@@ -226,7 +233,7 @@ def _values(codec: CodecSpec, parts: Mapping[str, np.ndarray], n: int) -> torch.
 
 
 def _decode_compact(codec: CodecSpec, parts: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> torch.Tensor:
-    """int4 and topk: float32 of ``shape``; every index and scale checked (WireError)."""
+    """int4/int2 and topk: float32 of ``shape``; every index and scale checked (WireError)."""
     n = math.prod(shape)
     if codec.topk is None:
         return _values(codec, parts, n).reshape(shape)

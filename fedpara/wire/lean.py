@@ -38,7 +38,7 @@ LEAN_DOWNLINK = "int4+zstd:3"  # bench_compress.py "delta-int4": the measured ch
 LEAN_UPLINK = "int4+zstd:3"
 FULL_POLICY = "fp32+zstd:1"  # a full state must arrive exactly (the mirror's digest)
 #: what this installation decodes, announced in a client's status (docs/compression.md)
-CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "topk", "delta")
+CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "int2", "topk", "delta")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
@@ -100,11 +100,24 @@ def task_lean(meta: Mapping) -> dict | None:
     return out
 
 
-def status_holds(meta: Mapping) -> tuple[bool, str | None, str | None]:
-    """(announces delta coding, the digest it holds or None, the task id whose delta it refused or
-    None) from a client's status meta; malformed values read as None."""
+def policy_codecs(*policies: CodecPolicy) -> set[str]:
+    """The ``codecs`` names a client must announce to decode and encode under these policies, with
+    delta coding (an older client announcing fewer gets full fp32 states, as one announcing none)."""
+    out = {"delta"}
+    for pol in policies:
+        for spec in [pol.default] + [s for _, s in pol.overrides]:
+            out.add(spec.dtype)
+            if spec.topk is not None:
+                out.add("topk")
+    out.discard("raw")  # every version carries non-float tensors raw
+    return out
+
+
+def status_holds(meta: Mapping, needs: set[str] = frozenset({"delta"})) -> tuple[bool, str | None, str | None]:
+    """(announces delta coding and every codec in ``needs``, the digest it holds or None, the task
+    id whose delta it refused or None) from a client's status meta; malformed values read as None."""
     codecs = meta.get("codecs")
-    capable = isinstance(codecs, list) and "delta" in codecs
+    capable = isinstance(codecs, list) and needs <= {c for c in codecs if isinstance(c, str)}
     lean = meta.get("lean")
     lean = lean if isinstance(lean, Mapping) else {}
     holds, refused = lean.get("holds"), lean.get("refused")

@@ -3,12 +3,12 @@
 Grammar (whitespace ignored)::
 
     spec    := dtype ["+sr"] ["+topk:" F] ["+zstd" [":" level]]
-                                 dtype in fp32 | fp16 | bf16 | int8 | int4 | raw; 0 < F <= 1
+                                 dtype in fp32 | fp16 | bf16 | int8 | int4 | int2 | raw; 0 < F <= 1
     policy  := [spec] (";" pattern "=" spec)*           first matching fnmatch pattern wins
 
 Examples: ``"fp32"``, ``"fp16+zstd:3"``, ``"int8+sr+zstd"`` (zstd level 3), and
-``"fp16+zstd:3; *.bias=fp32"``. ``raw`` keeps the tensor's own dtype bit-exactly. ``int4`` and
-``topk:F`` (the fraction F of largest-magnitude elements; values fp32/fp16/bf16/int4) are for
+``"fp16+zstd:3; *.bias=fp32"``. ``raw`` keeps the tensor's own dtype bit-exactly. ``int4``, ``int2`` and
+``topk:F`` (the fraction F of largest-magnitude elements; values fp32/fp16/bf16/int4/int2) are for
 update deltas sent with error feedback (:mod:`fedpara.wire.quant`, :mod:`fedpara.wire.lean`).
 
 Rules the encoder applies on top of the policy (documented in docs/wire.md):
@@ -32,8 +32,8 @@ from typing import Mapping, Union
 
 from .limits import MessageKind
 
-DTYPES = ("fp32", "fp16", "bf16", "int8", "int4", "raw")
-TOPK_DTYPES = ("fp32", "fp16", "bf16", "int4")  # value formats top-k can carry
+DTYPES = ("fp32", "fp16", "bf16", "int8", "int4", "int2", "raw")
+TOPK_DTYPES = ("fp32", "fp16", "bf16", "int4", "int2")  # value formats top-k can carry
 ZSTD_DEFAULT_LEVEL = 3
 ZSTD_MIN_LEVEL, ZSTD_MAX_LEVEL = 1, 22
 
@@ -42,9 +42,9 @@ ZSTD_MIN_LEVEL, ZSTD_MAX_LEVEL = 1, 22
 class CodecSpec:
     """One tensor codec: a number format, optionally followed by zstd."""
 
-    dtype: str = field(default="fp32", metadata={"help": "fp32 | fp16 | bf16 | int8 | int4 | raw"})
+    dtype: str = field(default="fp32", metadata={"help": "fp32 | fp16 | bf16 | int8 | int4 | int2 | raw"})
     zstd_level: int | None = field(default=None, metadata={"help": "None = no zstd, else 1..22"})
-    stochastic: bool = field(default=False, metadata={"help": "int8/int4: stochastic rounding"})
+    stochastic: bool = field(default=False, metadata={"help": "int8/int4/int2: stochastic rounding"})
     topk: float | None = field(default=None, metadata={"help": "None = dense, else the fraction "
                                                        "0 < F <= 1 of largest-magnitude elements "
                                                        "kept (deltas only)"})
@@ -63,8 +63,8 @@ class CodecSpec:
             )
         if not isinstance(self.stochastic, bool):
             raise ValueError(f"CodecSpec.stochastic must be a bool, got {self.stochastic!r}")
-        if self.stochastic and self.dtype not in ("int8", "int4"):
-            raise ValueError(f"CodecSpec.stochastic applies to int8 and int4 only, not {self.dtype}")
+        if self.stochastic and self.dtype not in ("int8", "int4", "int2"):
+            raise ValueError(f"CodecSpec.stochastic applies to int8, int4 and int2 only, not {self.dtype}")
         f = self.topk
         if f is not None:
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:

@@ -1,19 +1,20 @@
-"""Compact codecs for update *deltas*: blockwise 4-bit quantisation and top-k sparsification.
+"""Compact codecs for update *deltas*: blockwise 4- and 2-bit quantisation, top-k sparsification.
 
 Both are meant for what changes between rounds (a client's delta to the model it trained from,
 the coordinator's delta to the model its clients hold), sent with error feedback
 (:mod:`fedpara.wire.feedback`) so that nothing is lost for good, only late. Applied to a whole
 model state, top-k would zero most of it: :mod:`fedpara.wire.lean` only uses it on deltas.
 
-- ``int4``: the tensor, flattened, is cut into blocks of ``INT4_BLOCK`` elements; block b gets
-  lo_b = min, s_b = (max - min) / 15 and codes q = round((x - lo_b) / s_b) in 0..15, two per byte
-  (element 2i in the low nibble of byte i). Parts: ``""`` U8 (ceil(n / 2),) and ``":affine"``
-  F32 (ceil(n / INT4_BLOCK), 2) = (s_b, lo_b). Error per element <= s_b / 2 (``+sr``: unbiased,
-  < s_b). An odd element count leaves the last high nibble 0 (a decoder refuses anything else).
+- ``int4`` / ``int2``: the tensor, flattened, is cut into blocks of ``BLOCK`` elements; block b
+  gets lo_b = min, s_b = (max - min) / L (L = 15 / 3) and codes q = round((x - lo_b) / s_b) in
+  0..L, two (int4) or four (int2) per byte, element i of a byte's group in bits
+  [bits * i, bits * (i + 1)). Parts: ``""`` U8 (ceil(n / codes per byte),) and ``":affine"`` F32
+  (ceil(n / BLOCK), 2) = (s_b, lo_b). Error per element <= s_b / 2 (``+sr``: unbiased, < s_b).
+  The codes after the last element of the last byte are 0 (a decoder refuses anything else).
 - ``topk:F``: the k = max(1, ceil(F * n)) elements of largest magnitude; their positions travel
   as gaps between sorted flat indices (the first is the index itself), U16 when n <= 65,536 else
-  U32, which zstd packs well; their values under the spec's dtype (fp32 / fp16 / bf16 / int4).
-  Parts: ``""`` the values (k,) (int4: packed, plus ``":affine"``) and ``":idx"`` (k,).
+  U32, which zstd packs well; their values under the spec's dtype (fp32 / fp16 / bf16 / int4 / int2).
+  Parts: ``""`` the values (k,) (int4/int2: packed, plus ``":affine"``) and ``":idx"`` (k,).
 
 Every decoder here checks what a hostile peer controls (index range and order, padding, scale
 values) and raises :class:`~fedpara.wire.limits.WireError`; the sizes themselves follow from the
@@ -29,59 +30,73 @@ import torch
 
 from .limits import WireError
 
-INT4_BLOCK = 256
-#: a tensor smaller than this goes as fp32 under int4 (block header + padding would not pay)
-INT4_MIN_ELEMENTS = 32
+BLOCK = 256
+#: bits per code of each blockwise dtype
+BLOCK_BITS = {"int4": 4, "int2": 2}
+#: a tensor smaller than this goes as fp32 under int4/int2 (block header + padding would not pay)
+BLOCK_MIN_ELEMENTS = 32
 U16_MAX_ELEMENTS = 1 << 16
 
 
-def int4_blocks(n: int) -> int:
-    return -(-n // INT4_BLOCK)
+def blocks(n: int) -> int:
+    return -(-n // BLOCK)
 
 
-def int4_encode(flat: torch.Tensor, stochastic: bool = False,
-                generator: torch.Generator | None = None) -> tuple[np.ndarray, np.ndarray] | None:
-    """(packed codes uint8 (ceil(n/2),), affine float32 (blocks, 2)) of a flat float32 tensor, or
-    None when a value is not finite (the caller falls back to fp32)."""
+def packed_len(n: int, bits: int) -> int:
+    """Bytes holding n codes of ``bits`` bits (8 // bits codes a byte)."""
+    return -(-n // (8 // bits))
+
+
+def block_encode(flat: torch.Tensor, bits: int, stochastic: bool = False,
+                 generator: torch.Generator | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(packed codes uint8 (packed_len(n, bits),), affine float32 (blocks, 2)) of a flat float32
+    tensor, or None when a value is not finite (the caller falls back to fp32)."""
     n = flat.numel()
-    nb = int4_blocks(n)
-    pad = nb * INT4_BLOCK - n
+    nb = blocks(n)
+    levels = (1 << bits) - 1
+    pad = nb * BLOCK - n
     x = flat
     if pad:  # pad the last block with its own first value: it does not widen the block's range
-        x = torch.cat([flat, flat[(nb - 1) * INT4_BLOCK:][:1].expand(pad)])
-    blocks = x.reshape(nb, INT4_BLOCK)
-    lo, hi = torch.aminmax(blocks, dim=1)
-    scale = (hi - lo) / 15.0
+        x = torch.cat([flat, flat[(nb - 1) * BLOCK:][:1].expand(pad)])
+    blk = x.reshape(nb, BLOCK)
+    lo, hi = torch.aminmax(blk, dim=1)
+    scale = (hi - lo) / levels
     if not bool(torch.isfinite(scale).all()):
         return None
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    v = (blocks - lo[:, None]) / safe[:, None]
+    v = (blk - lo[:, None]) / safe[:, None]
     if stochastic:
         v.add_(torch.rand(v.shape, generator=generator, dtype=v.dtype)).floor_()
     else:
         v.round_()
-    q = v.clamp_(0, 15).to(torch.uint8).reshape(-1)[:n]
-    if n % 2:
-        q = torch.cat([q, q.new_zeros(1)])
-    pairs = q.reshape(-1, 2)
-    packed = (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous()
+    q = v.clamp_(0, levels).to(torch.uint8).reshape(-1)[:n]
+    per = 8 // bits
+    if n % per:
+        q = torch.cat([q, q.new_zeros(per - n % per)])
+    groups = q.reshape(-1, per)
+    packed = groups[:, 0].clone()
+    for j in range(1, per):
+        packed |= groups[:, j] << (bits * j)
     affine = torch.stack([scale, lo], dim=1).contiguous()
-    return packed.numpy(), affine.numpy()
+    return packed.contiguous().numpy(), affine.numpy()
 
 
-def int4_decode(packed: np.ndarray, affine: np.ndarray, n: int) -> torch.Tensor:
-    """Inverse of :func:`int4_encode`: float32 (n,). WireError for a bad length, a non-zero
-    padding nibble, or a scale that is negative or not finite."""
-    if packed.shape != ((n + 1) // 2,) or affine.shape != (int4_blocks(n), 2):
-        raise WireError(f"int4: {packed.shape} codes / {affine.shape} scales do not fit {n} elements")
+def block_decode(packed: np.ndarray, affine: np.ndarray, n: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`block_encode`: float32 (n,). WireError for a bad length, a non-zero
+    padding code, or a scale that is negative or not finite."""
+    name = f"int{bits}"
+    if packed.shape != (packed_len(n, bits),) or affine.shape != (blocks(n), 2):
+        raise WireError(f"{name}: {packed.shape} codes / {affine.shape} scales do not fit {n} elements")
     aff = torch.from_numpy(np.array(affine, dtype=np.float32))
     if not bool(torch.isfinite(aff).all()) or bool((aff[:, 0] < 0).any()):
-        raise WireError("int4: a block scale or offset is negative or not finite")
+        raise WireError(f"{name}: a block scale or offset is negative or not finite")
     b = torch.from_numpy(np.array(packed, dtype=np.uint8))
-    if n % 2 and n and int(b[-1]) >> 4:
-        raise WireError("int4: the padding nibble of an odd element count is not 0")
-    q = torch.stack([b & 0x0F, b >> 4], dim=1).reshape(-1)[:n].to(torch.float32)
-    rep = aff.repeat_interleave(INT4_BLOCK, dim=0)[:n]
+    per, mask = 8 // bits, (1 << bits) - 1
+    used = n % per
+    if used and n and int(b[-1]) >> (bits * used):
+        raise WireError(f"{name}: the padding codes after the last element are not 0")
+    q = torch.stack([(b >> (bits * j)) & mask for j in range(per)], dim=1).reshape(-1)[:n].to(torch.float32)
+    rep = aff.repeat_interleave(BLOCK, dim=0)[:n]
     return torch.addcmul(rep[:, 1], q, rep[:, 0])
 
 

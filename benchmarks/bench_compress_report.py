@@ -47,12 +47,15 @@ def write_report(res: dict, path: Path, labels: dict) -> None:
             lines.append("")
     sweep = res.get("sweep", {})
     if sweep:
-        lines += ["## lr choice (validation split, seed 0; IID unless the model names a partition)", "",
+        lines += ["## lr choice (final validation accuracy; IID: seed 0; a named partition: the mean over the "
+                  "seeds in brackets, a diverged seed scoring 0)", "",
                   "| model | configuration | validation accuracy per candidate | chosen |", "|---|---|---|---|"]
         for model, got in sweep.items():
             for config, s in got.items():
-                cands = ", ".join(f"{c['lr']:g}: {100 * c['val_final']:.2f}%" + (" (diverged)" if c["diverged"] else "")
-                                  for c in s["candidates"])
+                cands = ", ".join(f"{c['lr']:g}: {100 * c['val_final']:.2f}%"
+                                  + (" [" + " / ".join(f"{100 * v:.1f}" for v in c["val_per_seed"]) + "]"
+                                     if len(c.get("val_per_seed", [])) > 1 else "")
+                                  + (" (diverged)" if c["diverged"] else "") for c in s["candidates"])
                 lines.append(f"| {model} | {labels.get(config, config)} | {cands} | {s['chosen_lr']:g} |")
         lines.append("")
     path.write_text("\n".join(lines))

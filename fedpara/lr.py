@@ -39,8 +39,8 @@ DEFAULT_LR: dict[tuple[str, str], float] = {
 # single default, 0.1 (not measured; VGG16/CIFAR-10 cannot be downloaded here). mlp2's FedPara lr
 # 0.4 is not carried over to mlp: on a 2-client, 300-example demo it diverged in round 1.
 # Delta-coded wires (``wire = "delta"`` / ``"lean"``, docs/compression.md): on cnn28 every compressed
-# configuration chose half FedPara's lr on the validation split of benchmarks/bench_compress.py (at 0.3,
-# 4-bit deltas ended 5 pp lower); on mlp2 they chose FedPara's own. Used when the wire is delta coded.
+# configuration with error feedback chose half FedPara's lr on the validation split of
+# benchmarks/bench_compress.py (at 0.3, 4-bit deltas ended 5 pp lower); on mlp2 they chose FedPara's own.
 DELTA_LR: dict[tuple[str, str], float] = {("cnn28", "fedpara"): 0.15}
 SCHEME_LR: dict[str, float] = {"dense": 0.1, "lowrank": 0.1, "fedpara": 0.1, "pfedpara": 0.1, "fedper": 0.1}
 NEAREST: dict[str, str] = {}

@@ -5,6 +5,7 @@ on a wrong one, and the uplink residual survives a client restart."""
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,6 +176,25 @@ def test_lean_sets_the_measured_preset(tmp_path):
     cfg = coord_cfg(tmp_path, wire="lean")
     assert (cfg.downlink, cfg.uplink) == (LEAN_DOWNLINK, LEAN_UPLINK)
     assert CoordinatorConfig(insecure=True).wire == "plain" and json.dumps(cfg.to_dict())
+
+
+COMPRESS = Path(__file__).resolve().parents[1] / "docs" / "results" / "compress_results.json"
+
+
+@pytest.mark.skipif(not COMPRESS.exists(), reason="no docs/results/compress_results.json")
+def test_lean_is_the_measured_choice_and_meets_the_goal():
+    """LEAN_* are the policies of the configuration with error feedback that has the fewest bytes a
+    round among those ending within 1 pp of FedPara fp32 in every setting measured
+    (benchmarks/bench_compress.py), and it is >= 30x fewer bytes than dense fp32 to a target in each."""
+    res = json.loads(COMPRESS.read_text())
+    groups = [g for parts in res["summary"].values() for g in parts.values()]
+    extra = {c: e for c, (_, e) in res["setting"]["configs"].items()}
+    compressed = [c for c, e in extra.items() if e.get("wire") == "delta" and e.get("error_feedback", True)]
+    within = [c for c in compressed if all(c in g and g[c]["vs_fedpara_fp32_pp"] >= -1.0 for g in groups)]
+    best = min(within, key=lambda c: sum(g[c]["mb_per_round"] for g in groups))
+    assert (extra[best]["downlink"], extra[best]["uplink"]) == (LEAN_DOWNLINK, LEAN_UPLINK), within
+    for g in groups:
+        assert max(x or 0 for x in g[best]["to_target_vs_dense"].values()) >= 30, g[best]["to_target_vs_dense"]
 
 
 def test_a_resent_task_is_the_delta_unless_the_client_refused_it(tmp_path):

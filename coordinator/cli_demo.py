@@ -235,6 +235,7 @@ class DemoProgress:
 
     def __init__(self, bar) -> None:
         self.bar, self.acc, self.sampled, self.started = bar, "-", 0, False
+        self.mb = 0.0  # MQTT MB both directions since the start (the figure the summary ends with)
 
     def __call__(self, event) -> None:
         bar = self.bar
@@ -253,7 +254,8 @@ class DemoProgress:
             row = event.row
             if isinstance(row.get("accuracy"), float):  # None in a round that was not evaluated
                 self.acc = f"{row['accuracy']:.3f}"
-            bar.set_postfix(acc=self.acc, MB=f"{(row['mqtt_bytes_down'] + row['mqtt_bytes_up']) / 1e6:.2f}")
+            self.mb += (row["mqtt_bytes_down"] + row["mqtt_bytes_up"]) / 1e6
+            bar.set_postfix_str(f"acc {self.acc} | {self.mb:.2f} MB sent")
             bar.update(1)
 
 

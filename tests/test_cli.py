@@ -44,13 +44,16 @@ def test_demo_runs_end_to_end(tmp_path):
 
 def test_demo_progress_text_follows_the_run():
     from coordinator.cli_demo import DemoProgress
-    from coordinator.events import ClientStatusChanged, TaskSent
+    from coordinator.events import ClientStatusChanged, RoundCompleted, TaskSent
 
     class Bar:
         n, text = 0, ""
 
         def set_postfix_str(self, text):
             self.text = text
+
+        def update(self, k):
+            self.n += k
 
     bar = Bar()
     progress = DemoProgress(bar)
@@ -62,6 +65,9 @@ def test_demo_progress_text_follows_the_run():
     assert bar.text == "acc - | round 1: training on 2 clients"
     progress(ClientStatusChanged("c1", False))
     assert bar.text == "acc - | c1 offline"
+    for r, acc in ((1, 0.8123), (2, None)):  # the MB are the run's so far, not the round's
+        progress(RoundCompleted(r, {"accuracy": acc, "mqtt_bytes_down": 60_000, "mqtt_bytes_up": 10_000}))
+    assert bar.text == "acc 0.812 | 0.14 MB sent" and bar.n == 2
 
 
 def test_repeated_sigterm_stops_a_client_cleanly(amqtt_broker, tmp_path):

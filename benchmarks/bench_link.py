@@ -1,4 +1,4 @@
-"""Round time under a shaped link: dense vs FedPara (ratio 0.1) vs FedPara + fp16+zstd.
+"""Round time under a shaped link: dense vs FedPara (ratio 0.1) vs FedPara + fp16+zstd vs ``lean``.
 
 Each client runs in its own network namespace behind a veth pair shaped with ``tc tbf`` (default
 2 Mbit/s each way); the broker (Mosquitto, or the embedded amqtt) and the coordinator run in a hub
@@ -33,6 +33,7 @@ if __package__ in (None, ""):
 
 from benchmarks.netns import LinkLab, parse_rate, ss_bytes  # noqa: E402
 from fedpara.runtime.rundir import RunDir  # noqa: E402
+from fedpara.wire.lean import LEAN_DOWNLINK, LEAN_UPLINK  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support import MOSQUITTO, mosquitto_conf  # noqa: E402
@@ -45,6 +46,9 @@ CASES = {
     "fedpara": {"scheme": "fedpara", "ratio": 0.1, "downlink": "fp32", "uplink": "fp32"},
     "fedpara-fp16zstd": {"scheme": "fedpara", "ratio": 0.1, "downlink": "fp16+zstd:3",
                          "uplink": "fp16+zstd:3"},
+    # wire = "lean": 2-bit deltas both ways with error feedback (docs/compression.md)
+    "fedpara-lean": {"scheme": "fedpara", "ratio": 0.1, "downlink": LEAN_DOWNLINK, "uplink": LEAN_UPLINK,
+                     "wire": "lean"},
 }
 BEGIN, END = "<!-- bench_link:begin -->", "<!-- bench_link:end -->"
 
@@ -124,7 +128,7 @@ def run_case(lab: LinkLab, name: str, case: dict, args, port: int, work: Path) -
         "--model", args.model, "--scheme", case["scheme"], "--downlink", case["downlink"],
         "--uplink", case["uplink"], "--test-data", test, "--min-clients", str(args.clients),
         "--deadline", str(args.deadline), "--batch-size", str(args.batch_size), "--lr", "0.05",
-        "--out", str(cdir / "run"), "--insecure"]
+        "--out", str(cdir / "run"), "--insecure", "--wire", case.get("wire", "plain")]
     if case["ratio"] is not None:
         coord_argv += ["--ratio", str(case["ratio"])]
     t0 = time.monotonic()
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uplink-rate", help="client -> broker rate if different (default --rate)")
     p.add_argument("--model", default="cnn28", choices=["cnn28", "vgg16", "mlp"])
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--cases", default="dense,fedpara,fedpara-fp16zstd",
+    p.add_argument("--cases", default="dense,fedpara,fedpara-fp16zstd,fedpara-lean",
                    help=f"comma list of {', '.join(CASES)}")
     p.add_argument("--limit", type=int, default=32, help="training examples per client (tiny on purpose)")
     p.add_argument("--batch-size", type=int, default=16)

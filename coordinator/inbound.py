@@ -160,7 +160,8 @@ class Inbound:
             reassembler = self._reassemblers[topic] = Reassembler(
                 timeout_s=max(60.0, self.cfg.round_deadline_s), max_partial_bytes=self.partial_cap, max_messages=4,
                 authenticate=self.opener.chunk_authenticator(client))
-        data = reassembler.add(payload)
+        data = reassembler.add(payload)  # WireError: a frame it refused (signed runs: not the client's)
+        self.registry.touch(client)  # its heartbeats may be queued behind this update: it is alive
         if data is None:
             return
         try:

@@ -63,6 +63,15 @@ class ClientRegistry:
             return "ok"
         return "replayed" if fresh else "stale"
 
+    def touch(self, client_id: str) -> None:
+        """``client_id`` was heard from other than by a status (a frame of its update arrived): it
+        is alive. On a narrow uplink a heartbeat waits behind the update in the same connection,
+        for as long as the update takes (a dense VGG16 at 2 Mbit/s: minutes)."""
+        with self._lock:
+            info = self._clients.get(client_id)
+            if info is not None and info.online:
+                self._clients[client_id] = dataclasses.replace(info, last_seen=self._clock())
+
     def mark_offline(self, client_id: str) -> None:
         with self._lock:
             if client_id in self._clients:

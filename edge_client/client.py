@@ -14,7 +14,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 from fedpara.runtime.messages import Control, ProtocolError, Status, Task
@@ -57,6 +57,7 @@ def trust(cfg: ClientConfig):
 
 
 NO_COORDINATOR_WARNING_S = 60.0  # warn once when nothing of our run's coordinator was seen by then
+OWN_STATUSES_KEPT = 64  # our last statuses, told apart from a stranger's (10 min of 10 s heartbeats)
 
 
 # --- work items for the training thread (a task: runner.TaskItem) ---------------------------
@@ -85,7 +86,9 @@ class EdgeClient:
             log.info("%s: the blake3 package is not installed: envelopes use SHA-256 (docs/wire.md, Digests)",
                      cfg.client_id)
         self._session_seq = 0
-        self._last_status = b""
+        # the statuses we published lately: their echo on our own status topic can arrive late (behind
+        # a task on a narrow downlink), after a newer heartbeat; an old one of ours is not a stranger's
+        self._own_statuses: deque[bytes] = deque(maxlen=OWN_STATUSES_KEPT)
         self._reasserted = 0.0
         # in a pool one client hashes a broadcast task as it arrives; the others compare bytes
         # signed runs: only frames whose header the coordinator signed take a slot (docs/security.md)
@@ -139,7 +142,7 @@ class EdgeClient:
 
     def _announce(self, session: MqttSession) -> None:  # on every (re)connect, and as heartbeat
         payload = self._status("online")
-        self._last_status = payload
+        self._own_statuses.append(payload)
         session.publish(self.topics.status(self.cfg.client_id), payload, retain=True)
 
     def start(self) -> None:
@@ -248,7 +251,8 @@ class EdgeClient:
     def _handle(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.status(self.cfg.client_id):
             # someone cleared or overwrote our retained status: say again who we are (at most 1/s)
-            if payload != self._last_status and not self.finished.is_set() and time.monotonic() - self._reasserted > 1:
+            if (payload not in self._own_statuses and not self.finished.is_set()
+                    and time.monotonic() - self._reasserted > 1):
                 self._reasserted = time.monotonic()
                 self.counters["status_reasserted"] += 1
                 self._announce(self.session)

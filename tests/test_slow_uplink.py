@@ -1,4 +1,5 @@
-"""A client on a narrow uplink stays live while its update is arriving.
+"""Narrow links: a client on a narrow uplink stays live while its update is arriving, and a late
+echo of its own status (behind a task on a narrow downlink) is not taken for tampering.
 
 An update and the client's heartbeats share one MQTT connection, one TCP stream: on a narrow
 uplink a heartbeat published during the upload reaches the broker only after the update's last
@@ -93,3 +94,39 @@ def test_frames_keep_a_client_live_but_not_an_offline_one():
     reg.touch("c1")  # a frame after its last will: still offline
     reg.touch("stranger")  # never announced: not invented
     assert reg.live() == ["c0"] and reg.get("stranger") is None
+
+
+def test_a_late_echo_of_our_own_status_is_not_a_strangers(tmp_path):
+    """On a narrow downlink the broker's echo of a heartbeat arrives behind the task, after newer
+    heartbeats went out: it is ours, not a replacement to answer (it used to be re-asserted at up to
+    once a second, and counted as `status_reasserted`, the counter of a stranger's tampering)."""
+    from edge_client.client import EdgeClient
+    from edge_client.config import ClientConfig
+    from fedpara.runtime.mqtt import parse_broker_url
+
+    class Session:
+        connects = 1
+
+        def __init__(self):
+            self.sent = []
+
+        def publish(self, topic, payload, qos=1, retain=False):
+            self.sent.append(payload)
+
+    from fedpara.runtime.signing import new_key
+
+    for name, folder in (("coordinator", tmp_path), ("c0", tmp_path / "clients")):
+        new_key(name, folder)
+    client = EdgeClient(ClientConfig(client_id="c0", run_id="echo", data="synthetic,n=64", energy="off",
+                                     state_dir=str(tmp_path / "s"), key=str(tmp_path / "clients"),
+                                     coordinator_pub=str(tmp_path / "coordinator.pub")),
+                        parse_broker_url("mqtt://127.0.0.1:1"))  # never connects; signed: each status differs
+    client.session = Session()
+    for _ in range(5):  # heartbeats while the task downloads
+        client._announce(client.session)
+    oldest, topic = client.session.sent[0], client.topics.status("c0")
+    assert len({bytes(s) for s in client.session.sent}) == 5  # signed: each heartbeat has its own seq
+    client._handle(topic, oldest)  # its echo, late
+    assert client.counters["status_reasserted"] == 0 and len(client.session.sent) == 5
+    client._handle(topic, b"")  # a stranger cleared it: say again who we are
+    assert client.counters["status_reasserted"] == 1 and len(client.session.sent) == 6

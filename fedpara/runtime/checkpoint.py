@@ -22,8 +22,6 @@ from fedpara.state import state_digest  # noqa: F401  (checkpoints are named by 
 FORMAT = "fedpara-checkpoint/1"
 
 
-
-
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Tensor], spec: ModelSpec,
                     **info) -> Path:
     """Atomically write ``state`` with the model spec and JSON-serialisable ``info`` (round, ...)."""

@@ -54,8 +54,6 @@ def delta_policy(text: str, what: str = "policy") -> CodecPolicy:
     return pol
 
 
-
-
 def subtract(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """a - b for float tensors (float32); other tensors (counters) travel whole: a's."""
     return {k: (v.float() - b[k].float()) if v.is_floating_point() else v for k, v in a.items()}

@@ -93,7 +93,7 @@ def block_decode(packed: np.ndarray, affine: np.ndarray, n: int, bits: int) -> t
     b = torch.from_numpy(np.array(packed, dtype=np.uint8))
     per, mask = 8 // bits, (1 << bits) - 1
     used = n % per
-    if used and n and int(b[-1]) >> (bits * used):
+    if used and int(b[-1]) >> (bits * used):
         raise WireError(f"{name}: the padding codes after the last element are not 0")
     q = torch.stack([(b >> (bits * j)) & mask for j in range(per)], dim=1).reshape(-1)[:n].to(torch.float32)
     rep = aff.repeat_interleave(BLOCK, dim=0)[:n]
